@@ -1,0 +1,109 @@
+"""Typed errors. Each carries its HTTP status, OpenAI error type/code and retry advice.
+
+They are turned into responses in exactly one place (`activator.http_errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ActivatorError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+            # Lets clients and gateways tell our errors from the engine's.
+            "source": "activator",
+        }
+        error.update(self.extra)
+        return {"error": error}
+
+
+class BadRequest(ActivatorError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BodyTooLarge(ActivatorError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Unauthorized(ActivatorError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ActivatorError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class QueueFull(ActivatorError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retryable = True
+
+
+class ModelUnavailable(ActivatorError):
+    """The model could not be made ready for this request (start failed, timed out...)."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+    retryable = True
+
+
+class StartFailed(ModelUnavailable):
+    code = "model_start_failed"
+
+
+class HoldTimeout(ModelUnavailable):
+    code = "model_start_timeout"
+
+
+class ShuttingDown(ModelUnavailable):
+    code = "shutting_down"
+
+
+class UpstreamError(ActivatorError):
+    status = 502
+    type = "server_error"
+    code = "upstream_connection_error"
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
