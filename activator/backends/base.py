@@ -1,0 +1,74 @@
+"""The seam between a model's lifecycle and the thing that runs its engine.
+
+A backend owns one model's engine (a local process, or a Kubernetes workload) and nothing
+else: it does not decide when to start or stop, it does not probe readiness through the
+proxy path and it never sees a client request. `activator.lifecycle.Model` owns those
+decisions and drives the backend through this interface; the backend reports what it
+sees on its own (the engine died, someone scaled it by hand, the API is unreachable)
+through a `BackendListener` given to it at construction.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class BackendListener(Protocol):
+    """Implemented by the model lifecycle. Calls are synchronous and must not block."""
+
+    def backend_phase(self, phase: str) -> None:
+        """A wake phase was reached ("spawned", "scheduled", "image_pulled", "started"...).
+
+        Used for the wake_phase_duration metric and the admin API.
+        """
+
+    def backend_failed(self, reason: str) -> None:
+        """The engine died or cannot come up (exit, CrashLoopBackOff, ImagePullBackOff...).
+
+        `reason` is one human-readable line; the caller attaches `log_tail()`. Calling it
+        while the model is starting fails the start at once (held requests get a 503).
+        """
+
+    def backend_appeared(self) -> None:
+        """An engine we did not start is running (manual scale-up): adopt it."""
+
+    def backend_reverted(self) -> None:
+        """Someone else scaled the engine to zero while it was wanted (a GitOps revert);
+        the backend is scaling it up again. Logged with the fix and counted."""
+
+    def backend_unknown(self, unknown: bool) -> None:
+        """True while the backend cannot observe the engine (API unreachable).
+
+        A model in unknown state is never stopped for idleness.
+        """
+
+
+class Backend(Protocol):
+    """One model's engine. Only `activator.lifecycle.Model` calls these, one at a time."""
+
+    kind: str  # "process" or "kubernetes": a metrics label
+
+    async def discover(self) -> str | None:
+        """At activator start: return the upstream URL if the engine is already running
+        (it is then adopted as running, and must still pass the readiness probe), else
+        None. May raise BackendError."""
+
+    async def start(self) -> str:
+        """Begin running the engine and return the base URL requests will be sent to
+        (scheme://host:port, no trailing slash). Returns once the engine is launched,
+        not when it is ready: readiness is probed by the caller. Idempotent when the
+        engine already runs. Cancel-safe: a cancelled start is followed by `stop()`."""
+
+    async def stop(self) -> None:
+        """Stop the engine and return only when it is really gone (process exited, pods
+        deleted: the GPU is free). Idempotent; bounded by the backend's own grace."""
+
+    def log_tail(self) -> list[str]:
+        """The last lines the engine printed (or the last events seen), oldest first."""
+
+    async def aclose(self) -> None:
+        """Release watches and clients. Does not stop the engine."""
+
+
+class BackendError(Exception):
+    """A backend operation failed for a reason a person should read (RBAC, bad spec...)."""
