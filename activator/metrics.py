@@ -1,0 +1,147 @@
+"""Prometheus metrics, owned by one app (no global registry).
+
+Label values are bounded: model and pool names come from config; a request for an
+unknown model is counted under UNKNOWN_MODEL, never under the name the client sent.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from activator import __version__
+
+UNKNOWN_MODEL = "__unknown__"
+
+# Cold starts are not outliers: buckets run from 50 ms (a warm local engine) to 30 min
+# (a GPU node provisioned from zero plus an image pull).
+WAKE_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240,
+    300, 420, 600, 900, 1200, 1800,
+)  # fmt: skip
+# Request latency spans sub-millisecond warm answers to held requests of many minutes.
+REQUEST_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+    300, 600, 1200, 1800,
+)  # fmt: skip
+MODEL_STATES = ("stopped", "starting", "ready", "draining", "stopping", "failed", "unknown")
+
+
+class Metrics:
+    """Every metric activator exports. One instance per app, with its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "activator_requests",
+            "Proxied requests by model, endpoint, HTTP status and whether they were held "
+            "for a wake (cold).",
+            ["model", "endpoint", "code", "cold"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "activator_request_duration_seconds",
+            "Time from request arrival to the last byte of the response, hold included.",
+            ["model", "endpoint", "cold"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "activator_time_to_first_byte_seconds",
+            "Time from request arrival to the first byte of the upstream's response body.",
+            ["model", "endpoint", "cold"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.held = Gauge(
+            "activator_held_requests",
+            "Requests held right now, by why they wait: starting (the model is waking), "
+            "waiting_for_gpu (its pool is full), draining (the model is being swapped out).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.hold_duration = Histogram(
+            "activator_hold_duration_seconds",
+            "How long requests were held, by outcome: released, failed, timeout, "
+            "disconnected, shutdown.",
+            ["model", "outcome"],
+            buckets=WAKE_BUCKETS,
+            registry=r,
+        )
+        self.queue_capacity = Gauge(
+            "activator_queue_capacity",
+            "The most requests that may be held for a model (max_queued).",
+            ["model"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "activator_in_flight_requests",
+            "Requests being answered by the model's engine right now (open streams count).",
+            ["model"],
+            registry=r,
+        )
+        self.wake_duration = Histogram(
+            "activator_wake_duration_seconds",
+            "Time from the decision to start a model to it passing readiness, by outcome: "
+            "ready, failed, timeout, cancelled.",
+            ["model", "backend", "outcome"],
+            buckets=WAKE_BUCKETS,
+            registry=r,
+        )
+        self.wake_phase_duration = Histogram(
+            "activator_wake_phase_duration_seconds",
+            "Time from the start of a wake to each phase it reached (process: spawned, "
+            "healthy, ready; kubernetes: scale_requested, scheduled, image_pulled, "
+            "started, healthy, ready).",
+            ["model", "phase"],
+            buckets=WAKE_BUCKETS,
+            registry=r,
+        )
+        self.model_state = Gauge(
+            "activator_model_state",
+            "1 for the model's current lifecycle state, 0 for the others.",
+            ["model", "state"],
+            registry=r,
+        )
+        self.scale_events = Counter(
+            "activator_scale_events",
+            "Starts (up) and stops (down) by reason: request, idle, swap, admin, revert, "
+            "adopt, shutdown, failure.",
+            ["model", "direction", "reason"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "activator_swaps",
+            "Model swaps in a GPU pool: from_model was stopped to make room for to_model.",
+            ["pool", "from_model", "to_model"],
+            registry=r,
+        )
+        self.drain_duration = Histogram(
+            "activator_drain_duration_seconds",
+            "Time spent letting in-flight requests finish before a model was stopped.",
+            ["model", "outcome"],
+            buckets=WAKE_BUCKETS,
+            registry=r,
+        )
+        self.pool_gpus_in_use = Gauge(
+            "activator_pool_gpus_in_use",
+            "GPUs of the pool held by models that are starting, running or stopping.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_gpus = Gauge(
+            "activator_pool_gpus", "GPU capacity of the pool.", ["pool"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "activator_upstream_errors",
+            "Failures talking to an engine: connect, timeout, disconnect (mid-response), "
+            "cut (stream cut by a drain timeout or shutdown).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.build_info = Info("activator_build", "activator build information.", registry=r)
+        self.build_info.info({"version": __version__})
+
+    def set_state(self, model: str, state: str) -> None:
+        for s in MODEL_STATES:
+            self.model_state.labels(model=model, state=s).set(1 if s == state else 0)
