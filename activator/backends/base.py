@@ -22,6 +22,11 @@ class BackendListener(Protocol):
         Used for the wake_phase_duration metric and the admin API.
         """
 
+    def backend_progress(self) -> None:
+        """Something happened that may mean the engine just became ready (it printed a
+        line, a pod condition changed): the readiness probe runs now instead of waiting
+        for its next interval. Cheap; may be called often."""
+
     def backend_failed(self, reason: str) -> None:
         """The engine died or cannot come up (exit, CrashLoopBackOff, ImagePullBackOff...).
 
