@@ -1,0 +1,527 @@
+"""A stand-in for vLLM's OpenAI-compatible server, exact where the activator depends on it.
+
+Run as ``python -m activator.testing.fake_engine --port P [options]``. It reproduces the
+behaviour the activator is built around (see the upstream notes): the port stays closed
+while "loading", /health answers 200 with an empty body once up, /v1/* is guarded by an
+optional API key while /health, /metrics and the dev endpoints stay open, errors use
+vLLM's envelope, streams are SSE written chunk by chunk, and a client disconnect aborts
+the generation at once. Failure modes (crash while loading, a stuck engine, death after
+some time, a SIGTERM-deaf process) are switched on by flags.
+
+Output protocol: once ready it prints exactly ``READY port=<port>`` on stdout. With
+``--never-ready`` it prints ``LISTENING port=<port>`` instead (the port is bound but it
+never becomes ready). Log lines, one per request included, go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Sent by vLLM's OpenAI server on every 401 (a flat string, unlike its other errors).
+UNAUTHORIZED_BODY: JsonObject = {"error": "Unauthorized"}
+DEV_PATHS = ("/sleep", "/wake_up", "/collective_rpc", "/load_lora_adapter", "/unload_lora_adapter")
+STARTUP_PHASES = ("Initializing engine", "Loading weights...", "Capturing CUDA graphs...")
+EMBEDDING_DIM = 8
+# How long shutdown waits for cancelled handlers to unwind before closing their sockets:
+# SIGTERM must end the process promptly even with streams open.
+SHUTDOWN_GRACE_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    port: int
+    host: str = "127.0.0.1"
+    served_model_name: str = "fake-model"
+    max_model_len: int = 2048
+    startup_delay: float = 0.0
+    crash_during_startup: bool = False
+    never_ready: bool = False
+    stream_delay: float = 0.0
+    response_delay: float = 0.0
+    chunks: int = 16  # tokens generated when a request sets no max_tokens
+    api_key: str | None = None
+    ignore_sigterm: bool = False
+    exit_after: float | None = None
+    access_log: bool = True
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters behind /metrics; owned by one app, changed only by `generation`."""
+
+    running: int = 0
+    aborted: int = 0
+    success: dict[str, int] = field(default_factory=dict)  # by finished_reason
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers generating now
+
+
+OPTIONS = web.AppKey("options", EngineOptions)
+STATS = web.AppKey("stats", EngineStats)
+
+
+class EngineError(Exception):
+    """An error answered in vLLM's envelope."""
+
+    def __init__(self, message: str, *, status: int, type_: str, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.type, self.param = message, status, type_, param
+
+    def response(self) -> web.Response:
+        error = {"message": self.message, "type": self.type, "param": self.param,
+                 "code": self.status}
+        return web.json_response({"error": error}, status=self.status)
+
+
+def bad_request(message: str, *, param: str | None = None) -> EngineError:
+    return EngineError(message, status=400, type_="BadRequestError", param=param)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What one request will produce: decided before the first byte is written."""
+
+    tokens: list[str]
+    prompt_tokens: int
+    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    def usage(self) -> JsonObject:
+        n = len(self.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                "total_tokens": self.prompt_tokens + n}
+
+
+# ---- request parsing (pure) ----
+
+def text_of(value: Any) -> str:
+    """Flatten a prompt, a message content or a list of content parts into plain text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return " ".join(text_of(part) for part in value)
+    if isinstance(value, dict):
+        return text_of(value.get("text", value.get("content", "")))
+    return "" if value is None else str(value)
+
+
+def plan_generation(prompt: str, *, max_tokens: Any, options: EngineOptions) -> Generation:
+    """Deterministic output: the prompt's words echoed in turn, one token each.
+
+    Raises EngineError with vLLM's messages for a bad or too large max_tokens.
+    """
+    words = prompt.split() or ["tok"]
+    prompt_tokens = len(prompt.split())
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
+    limit = options.max_model_len
+    if prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your request "
+            f"has {prompt_tokens} input tokens. Please reduce the length of the input messages.")
+    if max_tokens is not None and max_tokens > limit - prompt_tokens:
+        raise bad_request(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {limit} tokens and your request has {prompt_tokens} "
+            f"input tokens ({max_tokens} > {limit} - {prompt_tokens}).", param="max_tokens")
+    count = options.chunks if max_tokens is None else max_tokens
+    tokens = [("" if i == 0 else " ") + words[i % len(words)] for i in range(count)]
+    return Generation(tokens, prompt_tokens, "stop" if max_tokens is None else "length")
+
+
+async def read_body(request: web.Request, *, options: EngineOptions) -> JsonObject:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"Invalid JSON body: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is not None and model != options.served_model_name:
+        raise EngineError(f"The model `{model}` does not exist.", status=404,
+                          type_="NotFoundError", param="model")
+    return body
+
+
+def max_tokens_of(body: JsonObject, *keys: str) -> Any:
+    return next((body[key] for key in keys if body.get(key) is not None), None)
+
+
+# ---- generation bookkeeping ----
+
+@asynccontextmanager
+async def generation(request: web.Request) -> AsyncIterator[EngineStats]:
+    """Counts the request as running for its whole life and as aborted if the client left.
+
+    The handler task is registered so shutdown can cancel it; cancellation also arrives
+    here when the client disconnects (the server runs with handler_cancellation).
+    """
+    stats = request.app[STATS]
+    task = asyncio.current_task()
+    assert task is not None
+    stats.running += 1
+    stats.tasks.add(task)
+    try:
+        yield stats
+    except (asyncio.CancelledError, ConnectionResetError):
+        stats.aborted += 1
+        logger.info("request aborted: %s %s", request.method, request.path)
+        raise
+    finally:
+        stats.running -= 1
+        stats.tasks.discard(task)
+
+
+def count_success(stats: EngineStats, gen: Generation) -> None:
+    stats.success[gen.finish_reason] = stats.success.get(gen.finish_reason, 0) + 1
+
+
+async def answer(request: web.Request, gen: Generation, body: JsonObject) -> web.Response:
+    async with generation(request) as stats:
+        await asyncio.sleep(request.app[OPTIONS].response_delay)
+        count_success(stats, gen)
+    return web.json_response(body)
+
+
+async def stream(request: web.Request, gen: Generation, events: Iterator[JsonObject]
+                 ) -> web.StreamResponse:
+    """Writes one SSE event per chunk as it is produced, then [DONE]."""
+    options = request.app[OPTIONS]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    with suppress(ConnectionResetError):  # already counted as aborted by `generation`
+        async with generation(request) as stats:
+            await response.prepare(request)
+            await asyncio.sleep(options.response_delay)
+            for index, event in enumerate(events):
+                if index and options.stream_delay:
+                    await asyncio.sleep(options.stream_delay)
+                await response.write(b"data: " + dumps(event) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
+            count_success(stats, gen)
+            await response.write_eof()
+    return response
+
+
+def dumps(value: JsonObject) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def include_usage(body: JsonObject) -> bool:
+    stream_options = body.get("stream_options")
+    return isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+
+
+# ---- chunk shapes ----
+
+def chat_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iterator[JsonObject]:
+    def chunk(delta: JsonObject, finish_reason: str | None = None) -> JsonObject:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    for token in gen.tokens:
+        yield chunk({"content": token})
+    yield chunk({}, gen.finish_reason)
+    if usage:
+        yield {**head, "choices": [], "usage": gen.usage()}
+
+
+def completion_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iterator[JsonObject]:
+    def chunk(text: str, finish_reason: str | None = None) -> JsonObject:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    for token in gen.tokens:
+        yield chunk(token)
+    yield chunk("", gen.finish_reason)
+    if usage:
+        yield {**head, "choices": [], "usage": gen.usage()}
+
+
+# ---- handlers ----
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    options = request.app[OPTIONS]
+    body = await read_body(request, options=options)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list.", param="messages")
+    prompt = " ".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
+    gen = plan_generation(prompt, options=options,
+                          max_tokens=max_tokens_of(body, "max_completion_tokens", "max_tokens"))
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": options.served_model_name}
+    if body.get("stream"):
+        events = chat_events(gen, head={**head, "object": "chat.completion.chunk"},
+                             usage=include_usage(body))
+        return await stream(request, gen, events)
+    message = {"role": "assistant", "content": gen.text, "tool_calls": []}
+    choice = {"index": 0, "message": message, "logprobs": None,
+              "finish_reason": gen.finish_reason}
+    return await answer(request, gen, {**head, "object": "chat.completion", "choices": [choice],
+                                       "usage": gen.usage()})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    options = request.app[OPTIONS]
+    body = await read_body(request, options=options)
+    if body.get("prompt") is None:
+        raise bad_request("prompt is required.", param="prompt")
+    gen = plan_generation(text_of(body["prompt"]), options=options,
+                          max_tokens=max_tokens_of(body, "max_tokens"))
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+            "created": int(time.time()), "model": options.served_model_name}
+    if body.get("stream"):
+        return await stream(request, gen, completion_events(gen, head=head,
+                                                            usage=include_usage(body)))
+    choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
+    return await answer(request, gen, {**head, "choices": [choice], "usage": gen.usage()})
+
+
+def embedding_of(text: str) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round(byte / 127.5 - 1.0, 6) for byte in digest[:EMBEDDING_DIM]]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    options = request.app[OPTIONS]
+    body = await read_body(request, options=options)
+    raw = body.get("input")
+    inputs = [text_of(item) for item in raw] if isinstance(raw, list) else [text_of(raw)]
+    data = [{"object": "embedding", "index": i, "embedding": embedding_of(text)}
+            for i, text in enumerate(inputs)]
+    tokens = sum(len(text.split()) for text in inputs)
+    return web.json_response({
+        "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+        "model": options.served_model_name, "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """A minimal non-streaming Responses API object."""
+    options = request.app[OPTIONS]
+    body = await read_body(request, options=options)
+    if body.get("stream"):
+        raise bad_request("Streaming is not supported by the fake engine's /v1/responses.",
+                          param="stream")
+    prompt = text_of(body.get("instructions")) + " " + text_of(body.get("input"))
+    gen = plan_generation(prompt, options=options,
+                          max_tokens=max_tokens_of(body, "max_output_tokens"))
+    content = {"type": "output_text", "text": gen.text, "annotations": []}
+    message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed",
+               "role": "assistant", "content": [content]}
+    usage = {"input_tokens": gen.prompt_tokens, "output_tokens": len(gen.tokens),
+             "total_tokens": gen.prompt_tokens + len(gen.tokens)}
+    return await answer(request, gen, {
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
+        "status": "completed", "model": options.served_model_name, "output": [message],
+        "usage": usage})
+
+
+async def models(request: web.Request) -> web.Response:
+    options = request.app[OPTIONS]
+    name = options.served_model_name
+    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+            "root": name, "parent": None, "max_model_len": options.max_model_len}
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=503 if request.app[OPTIONS].never_ready else 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    stats, name = request.app[STATS], request.app[OPTIONS].served_model_name
+    labels = f'engine="0",model_name="{name}"'
+    lines = [
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{{{labels}}} {float(stats.running)}",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{{{labels}}} 0.0",
+        "# TYPE vllm:request_success_total counter",
+        *(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(n)}'
+          for reason, n in sorted(stats.success.items())),
+        "# TYPE fake_engine_aborted_requests_total counter",
+        f"fake_engine_aborted_requests_total{{{labels}}} {float(stats.aborted)}",
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def dev_endpoint(request: web.Request) -> web.Response:
+    # Real vLLM serves these unauthenticated; a 200 here shows a proxy let one through.
+    if request.path == "/is_sleeping":
+        return web.json_response({"ok": True, "is_sleeping": False})
+    return web.json_response({"ok": True})
+
+
+# ---- app ----
+
+@web.middleware
+async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """vLLM's rules for /v1/*: 503 while stuck (--never-ready), then the API key, then errors."""
+    options = request.app[OPTIONS]
+    if request.path.startswith("/v1/"):
+        if options.never_ready:
+            return EngineError("Engine is not ready (simulated).", status=503,
+                               type_="ServiceUnavailableError").response()
+        expected = f"Bearer {options.api_key}"
+        if options.api_key and request.headers.get("Authorization") != expected:
+            return web.json_response(UNAUTHORIZED_BODY, status=401)
+    try:
+        return await handler(request)
+    except EngineError as exc:
+        return exc.response()
+
+
+async def mark_response(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["x-fake-engine"] = "1"
+
+
+def build_app(options: EngineOptions) -> web.Application:
+    app = web.Application(middlewares=[gate])
+    app[OPTIONS] = options
+    app[STATS] = EngineStats()
+    app.on_response_prepare.append(mark_response)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/is_sleeping", dev_endpoint)
+    for path in DEV_PATHS:
+        app.router.add_post(path, dev_endpoint)
+    return app
+
+
+# ---- process lifetime ----
+
+def install_signal_handlers(stop: asyncio.Event, *, options: EngineOptions) -> None:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if options.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for a stop signal; True if it came."""
+    with suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+async def load(stop: asyncio.Event, *, options: EngineOptions) -> bool:
+    """The simulated cold start, port closed throughout. False if stopped meanwhile."""
+    step = options.startup_delay / len(STARTUP_PHASES)
+    for phase in STARTUP_PHASES:
+        logger.info("%s (simulated)", phase)
+        if await stopped_within(stop, step):
+            return False
+    return True
+
+
+async def serve(options: EngineOptions) -> int:
+    """Runs the engine until a signal or --exit-after; returns the process exit code."""
+    stop = asyncio.Event()
+    install_signal_handlers(stop, options=options)
+    if not await load(stop, options=options):
+        return 0
+    if options.crash_during_startup:
+        print("RuntimeError: CUDA out of memory (simulated)", file=sys.stderr, flush=True)
+        return 1
+    app = build_app(options)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S,
+                           access_log=logger if options.access_log else None,
+                           access_log_format='%a "%r" %s %b %Tf')
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, options.host, options.port).start()
+        port = runner.addresses[0][1]
+        word = "LISTENING" if options.never_ready else "READY"
+        print(f"{word} port={port}", flush=True)
+        logger.info("serving %s on %s:%d", options.served_model_name, options.host, port)
+        if options.exit_after is None:
+            await stop.wait()
+        elif not await stopped_within(stop, options.exit_after):
+            print("engine died (simulated)", file=sys.stderr, flush=True)
+            return 3
+        return 0
+    finally:
+        # Abort open generations, as vLLM does on SIGTERM, so shutdown never waits on them.
+        for task in list(app[STATS].tasks):
+            task.cancel()
+        await runner.cleanup()
+
+
+def parse_args(argv: Sequence[str] | None) -> EngineOptions:
+    parser = argparse.ArgumentParser(prog="python -m activator.testing.fake_engine",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    add = parser.add_argument
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, required=True, help="0 picks a free port (see the READY line)")
+    add("--served-model-name", default="fake-model")
+    add("--max-model-len", type=int, default=2048)
+    add("--startup-delay", type=float, default=0.0, help="seconds with the port closed")
+    add("--crash-during-startup", action="store_true", help="exit 1 after the startup delay")
+    add("--never-ready", action="store_true",
+        help="bind, but answer 503 on /health and /v1/* forever (a stuck engine; real vLLM "
+             "would keep its port closed)")
+    add("--stream-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    add("--response-delay", type=float, default=0.0,
+        help="seconds before a non-streamed answer or the first chunk")
+    add("--chunks", type=int, default=16, help="tokens generated when max_tokens is not set")
+    add("--api-key", default=os.environ.get("VLLM_API_KEY") or None)
+    add("--ignore-sigterm", action="store_true")
+    add("--exit-after", type=float, default=None, help="exit 3 this many seconds after ready")
+    add("--disable-access-log", action="store_true")
+    args = parser.parse_args(argv)
+    return EngineOptions(
+        port=args.port, host=args.host, served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len, startup_delay=args.startup_delay,
+        crash_during_startup=args.crash_during_startup, never_ready=args.never_ready,
+        stream_delay=args.stream_delay, response_delay=args.response_delay, chunks=args.chunks,
+        api_key=args.api_key, ignore_sigterm=args.ignore_sigterm, exit_after=args.exit_after,
+        access_log=not args.disable_access_log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(asctime)s [fake-engine] %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(options))
+    return uvloop.run(serve(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
