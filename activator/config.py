@@ -199,6 +199,8 @@ def _list_of(convert: Converter) -> Converter:
             raise ValueError(f"expected a list, got {_kind(value)}")
         items, problems = [], []
         for index, item in enumerate(value):
+            if isinstance(item, _Unresolved):
+                continue  # already reported by substitution
             try:
                 items.append(convert(item))
             except ValueError as exc:
@@ -222,6 +224,8 @@ def _env_map(value: object) -> Mapping[str, str]:
         raise ValueError(f"expected a mapping, got {_kind(value)}")
     env, problems = {}, []
     for key, item in value.items():
+        if isinstance(item, _Unresolved):
+            continue  # already reported by substitution
         if isinstance(item, int | float | str) and not isinstance(item, bool):
             env[str(key)] = str(item)  # numbers are stringified: env values are text
         else:
@@ -232,10 +236,10 @@ def _env_map(value: object) -> Mapping[str, str]:
 
 
 def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)  # fmt: skip
+    """What a value is, for messages (never the value itself: it may be a secret)."""
+    kinds = [(bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+             (list, "a list"), (dict, "a mapping"), (type(None), "null")]  # fmt: skip
+    return next((name for kind, name in kinds if isinstance(value, kind)), type(value).__name__)
 
 
 # --- schema ----------------------------------------------------------------------------
