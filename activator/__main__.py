@@ -1,0 +1,5 @@
+import sys
+
+from activator.cli import main
+
+sys.exit(main())

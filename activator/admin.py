@@ -1,0 +1,81 @@
+"""Admin API (JSON), health endpoints and /metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from activator.errors import NotFound
+from activator.lifecycle import Model
+from activator.metrics import Metrics
+from activator.registry import ModelRegistry
+
+ADMIN_MODELS_PATH = "/admin/models"
+
+
+def admin_routes(
+    *, registry: ModelRegistry, metrics: Metrics, is_ready: ReadyFlag
+) -> list[web.RouteDef]:
+    def model_of(request: web.Request) -> Model:
+        name = request.match_info["name"]
+        model = registry.models.get(name)
+        if model is None:
+            raise NotFound(f"no model named {name!r}", param="name")
+        return model
+
+    async def list_models(request: web.Request) -> web.Response:
+        return web.json_response({"models": [m.describe() for m in registry]})
+
+    async def get_model(request: web.Request) -> web.Response:
+        return web.json_response(model_of(request).describe())
+
+    async def get_logs(request: web.Request) -> web.Response:
+        model = model_of(request)
+        return web.json_response({"model": model.name, "lines": model.backend.log_tail()})
+
+    async def wake(request: web.Request) -> web.Response:
+        model = model_of(request)
+        model.request_wake()
+        return web.json_response(model.describe(), status=202)
+
+    async def stop(request: web.Request) -> web.Response:
+        model = model_of(request)
+        stopping = model.begin_stop(reason="admin")
+        body = model.describe()
+        body["stopping"] = stopping
+        return web.json_response(body, status=202)
+
+    async def pools(request: web.Request) -> web.Response:
+        return web.json_response({"pools": [p.describe() for p in registry.pools()]})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if not is_ready.value:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics_view(request: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(metrics.registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    return [
+        web.get(ADMIN_MODELS_PATH, list_models),
+        web.get(ADMIN_MODELS_PATH + "/{name}", get_model),
+        web.get(ADMIN_MODELS_PATH + "/{name}/logs", get_logs),
+        web.post(ADMIN_MODELS_PATH + "/{name}/wake", wake),
+        web.post(ADMIN_MODELS_PATH + "/{name}/stop", stop),
+        web.get("/admin/pools", pools),
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_view),
+    ]
+
+
+class ReadyFlag:
+    """Ready once start-up reconciliation is done, until shutdown begins."""
+
+    def __init__(self) -> None:
+        self.value = False

@@ -1,0 +1,201 @@
+"""Wiring: settings in, an aiohttp Application out. Lifetimes live in one cleanup context."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from activator.admin import ReadyFlag, admin_routes
+from activator.backends.base import Backend
+from activator.errors import NotFound, Unauthorized
+from activator.http_client import HttpClient
+from activator.http_errors import error_response, errors_middleware
+from activator.lifecycle import HoldCounter, Model
+from activator.metrics import Metrics
+from activator.pool import PoolScheduler
+from activator.proxy import ENDPOINTS, Proxy
+from activator.registry import ModelRegistry
+from activator.settings import ModelSettings, Settings
+from activator.tasks import TaskGroup
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+REGISTRY = web.AppKey("registry", ModelRegistry)
+READY = web.AppKey("ready", ReadyFlag)
+
+BackendFactory = Callable[[ModelSettings, Model], Backend]
+
+
+def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """The whole server. Engines and clients exist only while the app runs."""
+    metrics = metrics or Metrics()
+    http = HttpClient()
+    tasks = TaskGroup()
+    holds = HoldCounter(settings.server.max_queued_total)
+    models = [
+        Model(ms, http=http, metrics=metrics, holds=holds, tasks=tasks)
+        for ms in settings.models.values()
+    ]
+    schedulers = [
+        PoolScheduler(
+            pool.name,
+            capacity=pool.gpus,
+            models=[m for m in models if m.settings.pool == pool.name],
+            metrics=metrics,
+        )
+        for pool in settings.pools.values()
+    ]
+    schedulers += [
+        PoolScheduler(m.name, capacity=None, models=[m], metrics=metrics)
+        for m in models
+        if m.settings.pool is None
+    ]
+    registry = ModelRegistry(models, schedulers)
+    proxy = Proxy(
+        registry=registry,
+        http=http,
+        metrics=metrics,
+        max_body_bytes=settings.server.max_body_bytes,
+        strip_client_auth=bool(settings.server.api_keys),
+        access_log=settings.server.access_log,
+    )
+    ready = ReadyFlag()
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[errors_middleware, _auth_middleware(settings)],
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[REGISTRY] = registry
+    app[READY] = ready
+    for path in ENDPOINTS:
+        app.router.add_post(path, proxy.handle)
+    app.router.add_get("/v1/models", _list_models(registry))
+    app.router.add_routes(admin_routes(registry=registry, metrics=metrics, is_ready=ready))
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await http.open()
+        make_backend, connect = default_backend_factory(settings)
+        cluster = await connect()
+        for m in models:
+            m.attach_backend(make_backend(m.settings, m))
+        loops = TaskGroup()
+        for scheduler in schedulers:
+            loops.spawn(scheduler.run(), name=f"pool:{scheduler.name}")
+        tasks.spawn(_reconcile(registry, ready), name="reconcile")
+        try:
+            yield
+        finally:
+            ready.value = False
+            await loops.aclose()
+            results = await asyncio.gather(*(m.shutdown() for m in models), return_exceptions=True)
+            for model, result in zip(models, results, strict=True):
+                if isinstance(result, BaseException):
+                    logger.error("model=%s shutdown failed: %r", model.name, result)
+            await tasks.aclose()
+            if cluster is not None:
+                await cluster.aclose()
+            await http.close()
+
+    app.cleanup_ctx.append(lifetime)
+    app.on_shutdown.append(_reject_held)
+    return app
+
+
+def _auth_middleware(settings: Settings) -> Any:
+    api_keys = [k.encode() for k in settings.server.api_keys]
+    admin_key = settings.server.admin_api_key
+    admin_keys = [admin_key.encode()] if admin_key else []
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/v1/") and api_keys:
+            _check(request, api_keys)
+        elif path.startswith("/admin/") and admin_keys:
+            _check(request, admin_keys)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return auth
+
+
+def _check(request: web.Request, keys: list[bytes]) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    # Compare against every key, in constant time each: no early exit to time.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    if not matched:
+        raise Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
+
+
+def default_backend_factory(settings: Settings) -> tuple[BackendFactory, Callable[[], Any]]:
+    """Backends by target kind. Kubernetes code is imported only when a model uses it."""
+    cluster: Any = None
+
+    def make(model: ModelSettings, listener: Model) -> Backend:
+        if model.kubernetes is not None:
+            from activator.backends.kubernetes import KubernetesBackend
+
+            return KubernetesBackend(model, cluster=cluster, listener=listener)
+        from activator.backends.process import ProcessBackend
+
+        return ProcessBackend(model, listener=listener)
+
+    async def connect() -> Any:
+        nonlocal cluster
+        if any(m.kubernetes is not None for m in settings.models.values()):
+            from activator.backends.kubernetes import KubeCluster
+
+            cluster = await KubeCluster.connect(settings.kubernetes)
+        return cluster
+
+    return make, connect
+
+
+async def _reconcile(registry: ModelRegistry, ready: ReadyFlag) -> None:
+    """Adopt engines that already run (a restarted activator, a hand-scaled Deployment).
+
+    Pool capacity is then enforced by the pool schedulers like any other decision."""
+
+    async def one(model: Model) -> None:
+        try:
+            url = await model.backend.discover()
+        except Exception as exc:  # an unreachable API must not stop the others
+            logger.warning("model=%s discovery failed: %s", model.name, exc)
+            return
+        if url is not None:
+            logger.info("model=%s found running at start-up: adopting it", model.name)
+            model.begin_adopt(url)
+
+    await asyncio.gather(*(one(m) for m in registry))
+    ready.value = True
+
+
+async def _reject_held(app: web.Application) -> None:
+    app[READY].value = False
+    for model in app[REGISTRY]:
+        model.reject_waiters()
+
+
+def _list_models(registry: ModelRegistry) -> Any:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(registry.openai_models())
+
+    return handler
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return error_response(NotFound(f"no route for {request.method} {request.path}"))

@@ -1,0 +1,158 @@
+"""Local backend: the engine is a child process on this machine.
+
+The process runs in its own process group (so stopping it also stops what it forked:
+vLLM starts worker processes), its output is kept in a bounded ring for errors and the
+admin API, and its exit is noticed at once by a waiter task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+from activator.backends.base import BackendListener
+from activator.settings import ModelSettings, ProcessTarget
+from activator.tasks import TaskGroup
+
+logger = logging.getLogger(__name__)
+
+# Engines print long lines (tracebacks, JSON); a line past this is split, never buffered
+# without bound.
+MAX_LINE = 8192
+
+
+def free_port(host: str) -> int:
+    """A port that was free a moment ago. The engine binds it soon after; the window in
+    which another process could take it is small, and a clash fails the start cleanly."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def build_command(target: ProcessTarget, *, port: int) -> list[str]:
+    """Fill in `{port}`; a leading `python` means this interpreter (venvs need not be on
+    PATH when activator is started by its full path)."""
+    argv = [arg.replace("{port}", str(port)) for arg in target.command]
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
+class ProcessBackend:
+    kind = "process"
+
+    def __init__(self, model: ModelSettings, *, listener: BackendListener) -> None:
+        assert model.process is not None
+        self._model = model
+        self._target: ProcessTarget = model.process
+        self._listener = listener
+        self._log: collections.deque[str] = collections.deque(maxlen=self._target.log_lines)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks = TaskGroup()
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def discover(self) -> str | None:
+        # We only ever run engines we started: an engine left by an earlier activator
+        # that was killed with SIGKILL lives in its own process group and is not ours to
+        # guess at (see docs: run activator under a supervisor that kills the group).
+        return None
+
+    async def start(self) -> str:
+        if self._proc is not None and self._proc.returncode is None:
+            return self._url
+        port = self._target.port or free_port(self._target.host)
+        argv = build_command(self._target, port=port)
+        env = {**os.environ, **self._target.env}
+        self._port = port
+        self._stopping = False
+        self._log.clear()
+        logger.info("model=%s spawning %s", self._model.name, argv)
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            cwd=self._target.cwd,
+            start_new_session=True,  # own process group: stop() signals the whole tree
+        )
+        self._listener.backend_phase("spawned")
+        proc = self._proc
+        reader = self._tasks.spawn(self._read_output(proc), name=f"engine-log:{self._model.name}")
+        self._tasks.spawn(self._watch_exit(proc, reader), name=f"engine-exit:{self._model.name}")
+        return self._url
+
+    @property
+    def _url(self) -> str:
+        host = f"[{self._target.host}]" if ":" in self._target.host else self._target.host
+        return f"http://{host}:{self._port}"
+
+    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        pending = b""
+        while chunk := await proc.stdout.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > MAX_LINE:
+                lines.append(pending)
+                pending = b""
+            for raw in lines:
+                line = raw[:MAX_LINE].decode("utf-8", "replace").rstrip()
+                self._log.append(line)
+                logger.debug("model=%s engine: %s", self._model.name, line)
+            self._listener.backend_progress()
+        if pending:
+            self._log.append(pending[:MAX_LINE].decode("utf-8", "replace").rstrip())
+
+    async def _watch_exit(
+        self, proc: asyncio.subprocess.Process, reader: asyncio.Task[None]
+    ) -> None:
+        code = await proc.wait()
+        if not self._stopping:
+            # Let the reader collect the last lines the engine printed (its pipe may be
+            # held open by a grandchild, hence the bound).
+            await asyncio.wait({reader}, timeout=0.5)
+            self._listener.backend_failed(f"engine process exited with code {code}")
+
+    async def stop(self) -> None:
+        proc, self._stopping = self._proc, True
+        if proc is None:
+            return
+        if proc.returncode is None:
+            self._signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=self._target.stop_grace)
+            except TimeoutError:
+                logger.warning(
+                    "model=%s engine ignored SIGTERM for %.0fs; killing its process group",
+                    self._model.name,
+                    self._target.stop_grace,
+                )
+        # Children may outlive the leader; the group goes in any case.
+        self._signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        await self._tasks.aclose()
+        self._proc = None
+        logger.info("model=%s engine stopped (exit code %s)", self._model.name, proc.returncode)
+
+    @staticmethod
+    def _signal_group(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    def log_tail(self) -> list[str]:
+        return list(self._log)
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()

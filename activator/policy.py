@@ -1,0 +1,206 @@
+"""Pure scheduling policy: which models start, which stop, and when to look again.
+
+Everything here is a function of plain data (`ModelView`s and a clock reading), so it is
+tested with tables. `activator.pool.PoolScheduler` gathers the views, calls `decide` and
+carries out the decision; it is the only caller.
+
+The rules, in the order `decide` applies them:
+1. Idle: a ready model with nothing in flight, nothing held and no activity for its
+   `idle_timeout` is stopped. A model whose state is unknown is never idle.
+2. While any model of the pool is draining or stopping, no start and no new eviction is
+   decided: swaps are sequenced, never interleaved (its GPUs are not free yet).
+3. Over capacity (engines adopted at start-up, or scaled by hand): evict down to the
+   capacity with the victim rule below.
+4. Demand is served oldest-first: the waiting model whose oldest held request has waited
+   longest goes next. If it fits in the free GPUs, it starts (and the next one is
+   considered). If not, victims are chosen among the ready models; if none may go yet,
+   nothing behind it jumps the queue (no starvation), and the decision says when to look
+   again.
+Victims: a model may be evicted unless it is inside its `min_residency` while it has
+traffic, or the waiting model has waited `max_wait`. Among the sets of victims that make
+room, prefer those with fewer busy models, then fewer models, then the longest resident.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+RUNNING_STATES = frozenset({"starting", "ready", "draining", "stopping"})
+TRANSIT_STATES = frozenset({"draining", "stopping"})
+STARTABLE_STATES = frozenset({"stopped", "failed"})
+# Subsets of victims are enumerated; pools hold a handful of models. Past this many
+# candidates only the best-ranked are considered (keeps `decide` cheap and bounded).
+MAX_VICTIM_CANDIDATES = 12
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelView:
+    name: str
+    state: str  # one of activator.metrics.MODEL_STATES, minus "unknown"
+    gpus: int = 1
+    in_flight: int = 0
+    queued: int = 0  # requests held for this model (plus an admin wake)
+    oldest_wait: float | None = None  # clock time the oldest held request arrived
+    last_activity: float = 0.0
+    ready_since: float | None = None
+    unknown: bool = False  # the backend cannot observe the engine right now
+    idle_timeout: float = 600.0
+    min_residency: float = 30.0
+    max_wait: float = 300.0
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0 or self.queued > 0
+
+    @property
+    def holds_gpus(self) -> bool:
+        return self.state in RUNNING_STATES or self.unknown
+
+
+@dataclass(frozen=True)
+class Stop:
+    model: str
+    reason: str  # "idle", "swap" or "capacity"
+    for_model: str | None = None  # the model it makes room for (swaps)
+
+
+@dataclass(frozen=True)
+class Decision:
+    start: tuple[str, ...] = ()
+    stop: tuple[Stop, ...] = ()
+    # When to decide again if nothing happens before (clock time), or None.
+    wake_at: float | None = None
+    waiting: tuple[str, ...] = field(default=())  # models held for a GPU, in turn order
+
+
+def idle_deadline(m: ModelView) -> float | None:
+    """Clock time at which a ready model becomes idle, or None if it cannot be."""
+    if m.state != "ready" or m.unknown or m.busy:
+        return None
+    return m.last_activity + m.idle_timeout
+
+
+def gpus_in_use(models: Sequence[ModelView]) -> int:
+    return sum(m.gpus for m in models if m.holds_gpus)
+
+
+def _evictable(m: ModelView, *, now: float, waited: float) -> bool:
+    if m.state != "ready" or m.unknown:
+        return False
+    resident = now - (m.ready_since if m.ready_since is not None else now)
+    return not (m.busy and resident < m.min_residency and waited < m.max_wait)
+
+
+def choose_victims(
+    candidates: Sequence[ModelView], *, need: int, now: float
+) -> tuple[ModelView, ...] | None:
+    """The best set of candidates freeing at least `need` GPUs, or None if none does."""
+    if need <= 0:
+        return ()
+
+    def resident(m: ModelView) -> float:
+        return now - (m.ready_since if m.ready_since is not None else now)
+
+    ranked = sorted(candidates, key=lambda m: (m.busy, -resident(m), m.name))
+    ranked = ranked[:MAX_VICTIM_CANDIDATES]
+    best: tuple[ModelView, ...] | None = None
+    best_key: tuple[int, int, float, tuple[str, ...]] | None = None
+    for size in range(1, len(ranked) + 1):
+        for combo in itertools.combinations(ranked, size):
+            if sum(m.gpus for m in combo) < need:
+                continue
+            key = (
+                sum(m.busy for m in combo),
+                size,
+                -sum(resident(m) for m in combo),
+                tuple(m.name for m in combo),
+            )
+            if best_key is None or key < best_key:
+                best, best_key = combo, key
+    return best
+
+
+def _next_eligibility(
+    running: Sequence[ModelView], *, now: float, oldest_wait: float, max_wait: float
+) -> float:
+    """Earliest time a currently protected model may become a victim."""
+    times = [oldest_wait + max_wait]
+    for m in running:
+        if m.state == "ready" and not m.unknown and m.ready_since is not None:
+            end = m.ready_since + m.min_residency
+            if end > now:
+                times.append(end)
+    return min(times)
+
+
+def decide(capacity: int | None, models: Sequence[ModelView], *, now: float) -> Decision:
+    """Decide starts and stops for one pool. `capacity` None means unconstrained."""
+    stops: list[Stop] = []
+    wake: list[float] = []
+    stopping: set[str] = set()
+
+    for m in models:
+        deadline = idle_deadline(m)
+        if deadline is None:
+            continue
+        if deadline <= now:
+            stops.append(Stop(m.name, "idle"))
+            stopping.add(m.name)
+        else:
+            wake.append(deadline)
+
+    demand = sorted(
+        (m for m in models if m.state in STARTABLE_STATES and m.queued > 0 and not m.unknown),
+        key=lambda m: (m.oldest_wait if m.oldest_wait is not None else now, m.name),
+    )
+    waiting = tuple(m.name for m in demand)
+
+    def done(start: Sequence[str] = ()) -> Decision:
+        return Decision(
+            start=tuple(start),
+            stop=tuple(stops),
+            wake_at=min(wake) if wake else None,
+            waiting=tuple(n for n in waiting if n not in start),
+        )
+
+    if capacity is None:
+        return done([m.name for m in demand])
+
+    if any(m.state in TRANSIT_STATES for m in models) or stopping:
+        return done()
+
+    used = gpus_in_use(models)
+    ready = [m for m in models if m.state == "ready" and not m.unknown]
+    if used > capacity:
+        victims = choose_victims(ready, need=used - capacity, now=now)
+        for v in victims or ():
+            stops.append(Stop(v.name, "capacity"))
+        return done()
+
+    starts: list[str] = []
+    free = capacity - used
+    for m in demand:
+        if m.gpus <= free:
+            starts.append(m.name)
+            free -= m.gpus
+            continue
+        if starts:
+            break  # let the starts land before evicting anything for the next in line
+        waited = now - (m.oldest_wait if m.oldest_wait is not None else now)
+        eligible = [r for r in ready if _evictable(r, now=now, waited=waited)]
+        victims = choose_victims(eligible, need=m.gpus - free, now=now)
+        if victims:
+            stops.extend(Stop(v.name, "swap", for_model=m.name) for v in victims)
+        else:
+            wake.append(
+                _next_eligibility(
+                    ready,
+                    now=now,
+                    oldest_wait=m.oldest_wait if m.oldest_wait is not None else now,
+                    max_wait=m.max_wait,
+                )
+            )
+        break
+    return done(starts)

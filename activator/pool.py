@@ -1,0 +1,108 @@
+"""The one owner of start/stop decisions for a group of models sharing GPUs.
+
+Every model belongs to exactly one scheduler: a configured pool, or a pool of its own
+with no capacity limit (an unconstrained model). The scheduler runs one loop: gather the
+models' views, ask the pure policy (`activator.policy.decide`), carry out the decision,
+then sleep until kicked (a request was held, a start or stop finished, a stream ended)
+or until the policy's next deadline (idle timeout, end of a min_residency). Decisions
+within a pool are therefore made by one task, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from activator.lifecycle import Model
+from activator.metrics import Metrics
+from activator.policy import Decision, decide, gpus_in_use
+
+logger = logging.getLogger(__name__)
+
+
+class PoolScheduler:
+    def __init__(
+        self,
+        name: str,
+        *,
+        capacity: int | None,
+        models: Sequence[Model],
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.capacity = capacity
+        self.models = list(models)
+        self._by_name = {m.name: m for m in self.models}
+        self._metrics = metrics
+        self._clock = clock
+        self._kicked = asyncio.Event()
+        self.last_decision = Decision()
+        for m in self.models:
+            m.scheduler = self
+        if capacity is not None:
+            metrics.pool_gpus.labels(pool=name).set(capacity)
+
+    def kick(self) -> None:
+        self._kicked.set()
+
+    async def run(self) -> None:
+        """Decide until cancelled. Never returns; a failing decision is logged and retried
+        on the next kick so one bad step cannot wedge the pool."""
+        while True:
+            self._kicked.clear()
+            wake_at: float | None = None
+            try:
+                wake_at = self.step()
+            except Exception:
+                logger.exception("pool=%s decision failed", self.name)
+                wake_at = self._clock() + 1.0
+            timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
+            try:
+                await asyncio.wait_for(self._kicked.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+
+    def step(self) -> float | None:
+        now = self._clock()
+        views = [m.view() for m in self.models]
+        decision = decide(self.capacity, views, now=now)
+        self.last_decision = decision
+        for stop in decision.stop:
+            model = self._by_name[stop.model]
+            if model.begin_stop(reason=stop.reason) and stop.for_model is not None:
+                logger.info("pool=%s swap %s -> %s", self.name, stop.model, stop.for_model)
+                self._metrics.swaps.labels(
+                    pool=self.name, from_model=stop.model, to_model=stop.for_model
+                ).inc()
+        for name in decision.start:
+            self._by_name[name].begin_start(reason="request")
+        if self.capacity is not None:
+            in_use = gpus_in_use([m.view() for m in self.models])
+            self._metrics.pool_gpus_in_use.labels(pool=self.name).set(in_use)
+        return decision.wake_at
+
+    def describe(self) -> dict[str, Any]:
+        now = self._clock()
+        views = [m.view() for m in self.models]
+        by_name = {v.name: v for v in views}
+        return {
+            "name": self.name,
+            "gpus": self.capacity,
+            "gpus_in_use": gpus_in_use(views),
+            "models": [
+                {"name": v.name, "state": v.state, "gpus": v.gpus} for v in views if v.holds_gpus
+            ],
+            "waiting": [
+                {
+                    "name": n,
+                    "queued": by_name[n].queued,
+                    "oldest_wait_seconds": round(now - (by_name[n].oldest_wait or now), 3),
+                }
+                for n in self.last_decision.waiting
+                if n in by_name
+            ],
+        }

@@ -1,0 +1,339 @@
+"""The OpenAI-compatible request path: route by model, hold while it wakes, relay.
+
+The handler sees a narrow seam: `ModelRegistry.resolve(name)` and `Model.acquire()`,
+which returns a Lease on a ready upstream. It never looks at a model's state and never
+imports a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from activator.errors import (
+    ActivatorError,
+    BadRequest,
+    BodyTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from activator.http_client import HttpClient
+from activator.http_errors import error_response, sse_error_event
+from activator.lifecycle import Lease, Model
+from activator.metrics import UNKNOWN_MODEL, Metrics
+from activator.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("activator.access")
+
+# The allow-list: only these paths reach an engine. vLLM leaves /sleep, /wake_up,
+# /collective_rpc and the adapter endpoints open; a client must never reach them.
+ENDPOINTS = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/responses": "responses",
+}
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+REQUEST_ID = "X-Request-Id"
+
+
+@dataclass
+class Exchange:
+    """What we learn about one request, for metrics and the access log."""
+
+    request_id: str
+    endpoint: str
+    started: float
+    model: str = UNKNOWN_MODEL
+    cold: bool = False
+    held: float = 0.0
+    ttfb: float | None = None
+    status: int = 0
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        http: HttpClient,
+        metrics: Metrics,
+        max_body_bytes: int,
+        strip_client_auth: bool,
+        access_log: str,
+    ) -> None:
+        self._registry = registry
+        self._http = http
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+        # The client's Authorization is activator's own key when api_keys is set: it is
+        # a secret of ours and never goes to an engine.
+        self._strip_client_auth = strip_client_auth
+        self._access_log = access_log
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ex = Exchange(
+            request_id=_request_id(request),
+            endpoint=ENDPOINTS[request.path],
+            started=time.monotonic(),
+        )
+        try:
+            response = await self._handle(request, ex)
+        except ActivatorError as error:
+            response = error_response(error)
+        except (asyncio.CancelledError, ConnectionResetError):
+            ex.status = 499  # the client went away (nginx's convention)
+            self._finish(ex)
+            raise
+        if not response.prepared:
+            response.headers.update(self._headers(ex))
+        ex.status = ex.status or response.status
+        self._finish(ex)
+        return response
+
+    async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
+        body = await self._read_body(request)
+        payload = _parse(body)
+        model = self._registry.resolve(payload.get("model"))
+        ex.model = model.name
+        served = model.settings.served_model_name
+        if payload["model"] != served:
+            payload["model"] = served
+            body = json.dumps(payload).encode()
+        streaming = payload.get("stream") is True
+        keepalive = model.settings.stream_keepalive
+        if streaming and keepalive:
+            return await self._held_stream(request, ex, model, body, keepalive)
+        lease = await model.acquire()
+        return await self._forward(request, ex, lease, body, None)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise BodyTooLarge(f"request body over {self._max_body} bytes")
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body over {self._max_body} bytes") from None
+
+    async def _held_stream(
+        self, request: web.Request, ex: Exchange, model: Model, body: bytes, interval: float
+    ) -> web.StreamResponse:
+        """Hold a streaming request, sending SSE comments so nothing times out.
+
+        Headers are sent only once the hold lasts longer than one interval: a warm model
+        answers with the engine's own status and headers. Never emits `id:` fields (the
+        OpenAI SDK would start to track them).
+        """
+        acquiring = asyncio.ensure_future(model.acquire())
+        response: web.StreamResponse | None = None
+        started = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({acquiring}, timeout=interval)
+                if done:
+                    break
+                if response is None:
+                    response = web.StreamResponse(
+                        status=200,
+                        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                    )
+                    response.headers.update(self._headers(ex, cold=True))
+                    await response.prepare(request)
+                waited = time.monotonic() - started
+                note = f": waiting for {model.name} to start ({waited:.0f}s)\n\n"
+                await response.write(note.encode())
+        finally:
+            if not acquiring.done():
+                acquiring.cancel()
+                await asyncio.wait({acquiring})
+        try:
+            lease = acquiring.result()
+        except ActivatorError as error:
+            if response is None:
+                raise
+            ex.status = error.status
+            await response.write(sse_error_event(error))
+            await response.write_eof()
+            return response
+        return await self._forward(request, ex, lease, body, response)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        lease: Lease,
+        body: bytes,
+        response: web.StreamResponse | None,
+    ) -> web.StreamResponse:
+        ex.cold, ex.held = lease.cold, lease.held_seconds
+        model = lease.model
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=model.settings.upstream_read_timeout
+        )
+        try:
+            async with self._http.session.post(
+                lease.url + request.path,
+                data=body,
+                headers=self._upstream_headers(request, ex, model),
+                timeout=timeout,
+            ) as upstream:
+                lease.on_cut(upstream.close)
+                if upstream.content_type != "text/event-stream":
+                    data = await upstream.read()
+                    ex.ttfb = time.monotonic() - ex.started
+                    if response is not None:  # headers went out while held
+                        await response.write(_as_sse(upstream.status, data))
+                        await response.write_eof()
+                        return response
+                    return web.Response(
+                        status=upstream.status, body=data, headers=_relay_headers(upstream)
+                    )
+                return await self._relay_stream(request, ex, lease, upstream, response)
+        except aiohttp.ClientPayloadError as exc:
+            raise self._upstream_error(model, "disconnect", lease, exc) from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise self._upstream_error(model, "connect", lease, exc) from exc
+        except TimeoutError as exc:
+            self._metrics.upstream_errors.labels(model=model.name, kind="timeout").inc()
+            raise UpstreamTimeout(f"model {model.name!r} did not answer in time") from exc
+        finally:
+            lease.release()
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        lease: Lease,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse | None,
+    ) -> web.StreamResponse:
+        if response is None:
+            response = web.StreamResponse(status=upstream.status, headers=_relay_headers(upstream))
+            response.headers.update(self._headers(ex))
+            await response.prepare(request)
+        ex.status = upstream.status
+        try:
+            async for chunk in upstream.content.iter_any():
+                if ex.ttfb is None:
+                    ex.ttfb = time.monotonic() - ex.started
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone: the error travels inside the stream, and the stream ends.
+            kind = "cut" if lease.cut_reason else "disconnect"
+            error = self._upstream_error(lease.model, kind, lease, exc)
+            ex.status = error.status
+            await response.write(sse_error_event(error))
+        await response.write_eof()
+        return response
+
+    def _upstream_error(
+        self, model: Model, kind: str, lease: Lease, exc: BaseException
+    ) -> UpstreamError:
+        self._metrics.upstream_errors.labels(model=model.name, kind=kind).inc()
+        if lease.cut_reason:
+            return UpstreamError(lease.cut_reason)
+        logger.warning("model=%s upstream %s error: %r", model.name, kind, exc)
+        return UpstreamError(f"connection to model {model.name!r} failed ({kind})")
+
+    def _upstream_headers(self, request: web.Request, ex: Exchange, model: Model) -> dict[str, str]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if self._strip_client_auth or model.settings.upstream_api_key:
+            headers.pop("Authorization", None)
+            headers.pop("authorization", None)
+        if model.settings.upstream_api_key:
+            headers["Authorization"] = f"Bearer {model.settings.upstream_api_key}"
+        headers[REQUEST_ID] = ex.request_id
+        return headers
+
+    @staticmethod
+    def _headers(ex: Exchange, *, cold: bool | None = None) -> dict[str, str]:
+        return {
+            "X-Activator-Cold-Start": "true" if (ex.cold if cold is None else cold) else "false",
+            "X-Activator-Held-Ms": str(round(ex.held * 1000)),
+            REQUEST_ID: ex.request_id,
+        }
+
+    def _finish(self, ex: Exchange) -> None:
+        duration = time.monotonic() - ex.started
+        cold = "true" if ex.cold else "false"
+        m = self._metrics
+        m.requests.labels(
+            model=ex.model, endpoint=ex.endpoint, code=str(ex.status), cold=cold
+        ).inc()
+        m.request_duration.labels(model=ex.model, endpoint=ex.endpoint, cold=cold).observe(duration)
+        if ex.ttfb is not None:
+            m.ttfb.labels(model=ex.model, endpoint=ex.endpoint, cold=cold).observe(ex.ttfb)
+        if self._access_log == "off":
+            return
+        record: dict[str, Any] = {
+            "model": ex.model,
+            "endpoint": ex.endpoint,
+            "status": ex.status,
+            "cold": ex.cold,
+            "held_ms": round(ex.held * 1000, 1),
+            "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 1),
+            "duration_ms": round(duration * 1000, 1),
+            "request_id": ex.request_id,
+        }
+        if self._access_log == "json":
+            access_logger.info("%s", json.dumps(record))
+        else:
+            access_logger.info("%s", " ".join(f"{k}={v}" for k, v in record.items()))
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID, "")
+    # Accept a client's id only if it is short and printable: it goes into logs.
+    if 0 < len(given) <= 128 and given.isprintable() and " " not in given:
+        return given
+    return uuid.uuid4().hex
+
+
+def _parse(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("request body must be a JSON object")
+    if not isinstance(payload.get("model"), str) or not payload["model"]:
+        raise BadRequest("missing required field 'model'", param="model")
+    return payload
+
+
+def _relay_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+
+
+def _as_sse(status: int, data: bytes) -> bytes:
+    """A non-stream upstream answer (an error) for a client whose stream already began."""
+    if status < 400:
+        return b"data: " + data + b"\n\ndata: [DONE]\n\n"
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = {"error": {"message": data.decode("utf-8", "replace"), "code": status}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
