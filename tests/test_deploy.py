@@ -1,0 +1,389 @@
+"""deploy/: every kustomization builds, validates against the Kubernetes schemas offline,
+and keeps the invariants the activator relies on (models at replicas 0 with Recreate,
+least-privilege RBAC, a hardened activator pod, a config that loads).
+
+Needs `kubectl` (or `kustomize`) and the PyPI package kubernetes-validate; `.ci/tools.sh`
+installs both. Without them these tests skip, and fail when CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from activator.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+KUSTOMIZATIONS = ("base", "examples/vllm-model", "observability")
+ARGOCD_APP = DEPLOY / "examples" / "argocd-application.yaml"
+
+# Custom resources: kubernetes-validate ships schemas for built-in kinds only. These are
+# checked by the invariant tests below instead; any other kind without a schema fails.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("argoproj.io/v1alpha1", "Application"),
+}
+# The oldest Kubernetes minor the manifests promise to work on, and the newest schemas
+# the validator ships.
+OLDEST_KUBERNETES = "1.29"
+
+# What the Kubernetes backend does and nothing more: read workloads, pods and events
+# (watches), and change replicas only through the scale subresource.
+EXPECTED_GRANTS = {
+    *(("apps", r, v) for r in ("deployments", "statefulsets") for v in ("get", "list", "watch")),
+    *(
+        ("apps", r, v)
+        for r in ("deployments/scale", "statefulsets/scale")
+        for v in ("get", "patch", "update")
+    ),
+    *(("", r, v) for r in ("pods", "events") for v in ("get", "list", "watch")),
+}
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what}; CI must have it (bash .ci/tools.sh installs it)")
+    pytest.skip(f"{what} (bash .ci/tools.sh installs it)")
+
+
+def _executable(name: str) -> str | None:
+    """`name` on PATH, or beside this interpreter (tools pip-installed into the venv)."""
+    found = shutil.which(name)
+    if found is None:
+        found = shutil.which(name, path=str(Path(sys.executable).parent))
+    return found
+
+
+def _kustomize_command() -> list[str]:
+    kubectl = _executable("kubectl")
+    if kubectl is not None:
+        return [kubectl, "kustomize"]
+    kustomize = _executable("kustomize")
+    if kustomize is not None:
+        return [kustomize, "build"]
+    _missing("neither kubectl nor kustomize is installed")
+    raise AssertionError("unreachable")
+
+
+def _build(folder: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [*_kustomize_command(), str(DEPLOY / folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"kustomize build of deploy/{folder} failed:\n{result.stderr}"
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+    assert docs, f"deploy/{folder} built no resources"
+    return docs
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[dict[str, Any]]]:
+    return {folder: _build(folder) for folder in KUSTOMIZATIONS}
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _all(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _containers(deployment: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    spec = deployment["spec"]["template"]["spec"]
+    yield from spec.get("initContainers", [])
+    yield from spec["containers"]
+
+
+def _container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    matches = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    assert len(matches) == 1, f"no container {name} in {deployment['metadata']['name']}"
+    return matches[0]
+
+
+def _port_number(container: dict[str, Any], port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    numbers = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
+    assert numbers, f"container {container['name']} has no port named {port}"
+    return int(numbers[0])
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+@pytest.mark.parametrize("version", [OLDEST_KUBERNETES, "latest"])
+def test_kustomization_output_validates_strictly(
+    built: dict[str, list[dict[str, Any]]], folder: str, version: str
+) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("the PyPI package kubernetes-validate is not installed")
+        raise
+    if version == "latest":
+        version = kubernetes_validate.latest_version()
+    not_validated = set()
+    for doc in built[folder]:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            key = (doc["apiVersion"], doc["kind"])
+            assert key in CRD_KINDS, f"no schema for {key} and it is not a known CRD kind"
+            not_validated.add(key)
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(str(p) for p in exc.absolute_path)
+            pytest.fail(
+                f"deploy/{folder}: {doc['kind']}/{doc['metadata']['name']} at {path}: "
+                f"{exc.message} (Kubernetes {version})"
+            )
+    # Only custom resources go unvalidated, and the tests below check those by hand.
+    assert not_validated <= CRD_KINDS
+
+
+def test_argocd_application_is_a_known_crd_kind() -> None:
+    docs = list(yaml.safe_load_all(ARGOCD_APP.read_text(encoding="utf-8")))
+    assert {(d["apiVersion"], d["kind"]) for d in docs} <= CRD_KINDS
+
+
+def test_model_deployments_ship_at_zero_with_recreate(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    deployments = _all(built["examples/vllm-model"], "Deployment")
+    assert deployments
+    for deployment in deployments:
+        assert deployment["spec"]["replicas"] == 0
+        # With one GPU a surge pod can never schedule: the old pod must go first.
+        assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_model_follows_the_cold_start_levers(built: dict[str, list[dict[str, Any]]]) -> None:
+    docs = built["examples/vllm-model"]
+    deployment = _one(docs, "Deployment", "coder-chat")
+    pod = deployment["spec"]["template"]["spec"]
+    engine = _container(deployment, "vllm")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in engine["volumeMounts"]}
+
+    # /root/.cache (HF weights and vLLM's compile cache) lives on the model's own PVC.
+    cache = volumes[mounts["/root/.cache"]]
+    claim = cache["persistentVolumeClaim"]["claimName"]
+    pvc = _one(docs, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+    # /dev/shm is a tmpfs: the container default is too small for NCCL.
+    shm = volumes[mounts["/dev/shm"]]
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["TRANSFORMERS_OFFLINE"] == "1"
+
+    assert engine["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    # GPU-type agnostic: nothing pins an accelerator, so the autoscaler may fall back to
+    # any GPU pool with stock.
+    placement = yaml.safe_dump({k: pod.get(k) for k in ("nodeSelector", "affinity", "nodeName")})
+    assert "accelerator" not in placement
+    assert pod.get("nodeName") is None
+
+    assert engine["readinessProbe"]["httpGet"]["path"] == "/health"
+    for container in _containers(deployment):
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+def test_model_service_routes_port_8000_to_the_engine(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = built["examples/vllm-model"]
+    deployment = _one(docs, "Deployment", "coder-chat")
+    service = _one(docs, "Service", "coder-chat")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 8000
+    assert _port_number(_container(deployment, "vllm"), port["targetPort"]) == 8000
+
+
+def test_role_grants_exactly_the_needed_verbs(built: dict[str, list[dict[str, Any]]]) -> None:
+    docs = built["base"]
+    roles = _all(docs, "Role")
+    assert len(roles) == 1
+    assert not _all(docs, "ClusterRole")
+    assert not _all(docs, "ClusterRoleBinding")
+    granted = {
+        (group, resource, verb)
+        for rule in roles[0]["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted == EXPECTED_GRANTS
+    assert not any("resourceNames" in rule for rule in roles[0]["rules"])
+
+
+def test_role_is_bound_to_activator_in_the_models_namespace(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = built["base"]
+    role = _one(docs, "Role")
+    binding = _one(docs, "RoleBinding")
+    account = _one(docs, "ServiceAccount")
+    deployment = _one(docs, "Deployment", "activator")
+    model_namespaces = {
+        d["metadata"]["namespace"] for d in _all(built["examples/vllm-model"], "Deployment")
+    }
+    assert {role["metadata"]["namespace"]} == model_namespaces
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert deployment["metadata"]["namespace"] == account["metadata"]["namespace"]
+
+
+def test_activator_runs_non_root_with_read_only_root_filesystem(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    deployment = _one(built["base"], "Deployment", "activator")
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(deployment, "activator")
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert security.get("privileged", False) is False
+
+
+def test_activator_probes_resources_and_command(built: dict[str, list[dict[str, Any]]]) -> None:
+    deployment = _one(built["base"], "Deployment", "activator")
+    container = _container(deployment, "activator")
+    assert container["command"] == [
+        "activator", "serve", "--config", "/etc/activator/config.yaml",
+    ]  # fmt: skip
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert _port_number(container, get["port"]) == 8080
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= resources["requests"].keys()
+    assert "memory" in resources["limits"]
+
+    service = _one(built["base"], "Service", "activator")
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == 8080
+    assert _port_number(container, port["targetPort"]) == 8080
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_configmap_config_loads_and_points_at_the_example_model(
+    built: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    docs = built["base"]
+    deployment = _one(docs, "Deployment", "activator")
+    pod = deployment["spec"]["template"]["spec"]
+    mount = next(
+        m for m in _container(deployment, "activator")["volumeMounts"]
+        if m["mountPath"] == "/etc/activator"
+    )  # fmt: skip
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    # The mounted name is the generated one (with its content hash), so a config edit
+    # rolls the pod.
+    configmap = _one(docs, "ConfigMap", volume["configMap"]["name"])
+    path = tmp_path / "config.yaml"
+    path.write_text(configmap["data"]["config.yaml"], encoding="utf-8")
+
+    settings = load_config(path, environ={})
+
+    assert settings.server.host == "0.0.0.0"
+    assert settings.server.port == 8080
+    model_docs = built["examples/vllm-model"]
+    targets = [m.kubernetes for m in settings.models.values() if m.kubernetes is not None]
+    assert targets, "the example config has no Kubernetes-backed model"
+    for target in targets:
+        model = _one(model_docs, target.kind, target.name)
+        assert model["metadata"]["namespace"] == target.namespace
+        labels = model["spec"]["template"]["metadata"]["labels"]
+        # The url is the in-cluster DNS name of a Service in front of that workload.
+        routes = {
+            f"http://{s['metadata']['name']}.{s['metadata']['namespace']}"
+            f".svc.cluster.local:{p['port']}"
+            for s in _all(model_docs, "Service")
+            if s["spec"]["selector"].items() <= labels.items()
+            for p in s["spec"]["ports"]
+        }
+        assert target.url in routes
+
+
+def test_servicemonitor_scrapes_the_activator_service(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = built["base"]
+    monitor = _one(docs, "ServiceMonitor")
+    service = _one(docs, "Service", "activator")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= (
+        service["metadata"]["labels"].items()
+    )
+    assert service["metadata"]["namespace"] in monitor["spec"]["namespaceSelector"]["matchNames"]
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in port_names
+    assert endpoint["path"] == "/metrics"
+
+
+def test_prometheus_rule_lives_beside_activator(built: dict[str, list[dict[str, Any]]]) -> None:
+    rule = _one(built["observability"], "PrometheusRule")
+    assert rule["spec"]["groups"]
+    dashboard = _one(built["observability"], "ConfigMap", "activator-grafana-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "grafana-dashboard.json" in dashboard["data"]
+
+
+def test_argocd_application_respects_ignored_replicas(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    (app,) = list(yaml.safe_load_all(ARGOCD_APP.read_text(encoding="utf-8")))
+    spec = app["spec"]
+    # ignoreDifferences alone only hides the diff; without this option a sync still
+    # writes replicas: 0 back and undoes every wake.
+    assert "RespectIgnoreDifferences=true" in spec["syncPolicy"]["syncOptions"]
+    assert (REPO / spec["source"]["path"] / "kustomization.yaml").is_file()
+    for deployment in _all(built["examples/vllm-model"], "Deployment"):
+        name = deployment["metadata"]["name"]
+        ignored = [
+            entry for entry in spec["ignoreDifferences"]
+            if entry.get("group") == "apps"
+            and entry["kind"] == "Deployment"
+            and entry.get("name") in (None, name)
+        ]  # fmt: skip
+        assert any("/spec/replicas" in entry.get("jsonPointers", []) for entry in ignored), name
