@@ -62,7 +62,7 @@ class EngineOptions:
     api_key: str | None = None
     ignore_sigterm: bool = False
     exit_after: float | None = None
-    access_log: bool = True
+    disable_access_log: bool = False  # benchmarks: per-request log lines cost time
 
 
 @dataclass(slots=True)
@@ -87,8 +87,12 @@ class EngineError(Exception):
         self.message, self.status, self.type, self.param = message, status, type_, param
 
     def response(self) -> web.Response:
-        error = {"message": self.message, "type": self.type, "param": self.param,
-                 "code": self.status}
+        error = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.status,
+        }
         return web.json_response({"error": error}, status=self.status)
 
 
@@ -110,11 +114,15 @@ class Generation:
 
     def usage(self) -> JsonObject:
         n = len(self.tokens)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
-                "total_tokens": self.prompt_tokens + n}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": self.prompt_tokens + n,
+        }
 
 
 # ---- request parsing (pure) ----
+
 
 def text_of(value: Any) -> str:
     """Flatten a prompt, a message content or a list of content parts into plain text."""
@@ -142,12 +150,15 @@ def plan_generation(prompt: str, *, max_tokens: Any, options: EngineOptions) -> 
     if prompt_tokens >= limit:
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, your request "
-            f"has {prompt_tokens} input tokens. Please reduce the length of the input messages.")
+            f"has {prompt_tokens} input tokens. Please reduce the length of the input messages."
+        )
     if max_tokens is not None and max_tokens > limit - prompt_tokens:
         raise bad_request(
             f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
             f"maximum context length is {limit} tokens and your request has {prompt_tokens} "
-            f"input tokens ({max_tokens} > {limit} - {prompt_tokens}).", param="max_tokens")
+            f"input tokens ({max_tokens} > {limit} - {prompt_tokens}).",
+            param="max_tokens",
+        )
     count = options.chunks if max_tokens is None else max_tokens
     tokens = [("" if i == 0 else " ") + words[i % len(words)] for i in range(count)]
     return Generation(tokens, prompt_tokens, "stop" if max_tokens is None else "length")
@@ -162,8 +173,9 @@ async def read_body(request: web.Request, *, options: EngineOptions) -> JsonObje
         raise bad_request("The request body must be a JSON object.")
     model = body.get("model")
     if model is not None and model != options.served_model_name:
-        raise EngineError(f"The model `{model}` does not exist.", status=404,
-                          type_="NotFoundError", param="model")
+        raise EngineError(
+            f"The model `{model}` does not exist.", status=404, type_="NotFoundError", param="model"
+        )
     return body
 
 
@@ -172,6 +184,7 @@ def max_tokens_of(body: JsonObject, *keys: str) -> Any:
 
 
 # ---- generation bookkeeping ----
+
 
 @asynccontextmanager
 async def generation(request: web.Request) -> AsyncIterator[EngineStats]:
@@ -207,8 +220,9 @@ async def answer(request: web.Request, gen: Generation, body: JsonObject) -> web
     return web.json_response(body)
 
 
-async def stream(request: web.Request, gen: Generation, events: Iterator[JsonObject]
-                 ) -> web.StreamResponse:
+async def stream(
+    request: web.Request, gen: Generation, events: Iterator[JsonObject]
+) -> web.StreamResponse:
     """Writes one SSE event per chunk as it is produced, then [DONE]."""
     options = request.app[OPTIONS]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
@@ -237,6 +251,7 @@ def include_usage(body: JsonObject) -> bool:
 
 # ---- chunk shapes ----
 
+
 def chat_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iterator[JsonObject]:
     def chunk(delta: JsonObject, finish_reason: str | None = None) -> JsonObject:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -264,6 +279,7 @@ def completion_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iter
 
 # ---- handlers ----
 
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     options = request.app[OPTIONS]
     body = await read_body(request, options=options)
@@ -271,19 +287,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list.", param="messages")
     prompt = " ".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
-    gen = plan_generation(prompt, options=options,
-                          max_tokens=max_tokens_of(body, "max_completion_tokens", "max_tokens"))
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": options.served_model_name}
+    gen = plan_generation(
+        prompt,
+        options=options,
+        max_tokens=max_tokens_of(body, "max_completion_tokens", "max_tokens"),
+    )
+    head = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(time.time()),
+        "model": options.served_model_name,
+    }
     if body.get("stream"):
-        events = chat_events(gen, head={**head, "object": "chat.completion.chunk"},
-                             usage=include_usage(body))
+        events = chat_events(
+            gen, head={**head, "object": "chat.completion.chunk"}, usage=include_usage(body)
+        )
         return await stream(request, gen, events)
     message = {"role": "assistant", "content": gen.text, "tool_calls": []}
-    choice = {"index": 0, "message": message, "logprobs": None,
-              "finish_reason": gen.finish_reason}
-    return await answer(request, gen, {**head, "object": "chat.completion", "choices": [choice],
-                                       "usage": gen.usage()})
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}
+    return await answer(
+        request,
+        gen,
+        {**head, "object": "chat.completion", "choices": [choice], "usage": gen.usage()},
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -291,13 +316,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, options=options)
     if body.get("prompt") is None:
         raise bad_request("prompt is required.", param="prompt")
-    gen = plan_generation(text_of(body["prompt"]), options=options,
-                          max_tokens=max_tokens_of(body, "max_tokens"))
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-            "created": int(time.time()), "model": options.served_model_name}
+    gen = plan_generation(
+        text_of(body["prompt"]), options=options, max_tokens=max_tokens_of(body, "max_tokens")
+    )
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": options.served_model_name,
+    }
     if body.get("stream"):
-        return await stream(request, gen, completion_events(gen, head=head,
-                                                            usage=include_usage(body)))
+        return await stream(
+            request, gen, completion_events(gen, head=head, usage=include_usage(body))
+        )
     choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
     return await answer(request, gen, {**head, "choices": [choice], "usage": gen.usage()})
 
@@ -312,13 +343,21 @@ async def embeddings(request: web.Request) -> web.Response:
     body = await read_body(request, options=options)
     raw = body.get("input")
     inputs = [text_of(item) for item in raw] if isinstance(raw, list) else [text_of(raw)]
-    data = [{"object": "embedding", "index": i, "embedding": embedding_of(text)}
-            for i, text in enumerate(inputs)]
+    data = [
+        {"object": "embedding", "index": i, "embedding": embedding_of(text)}
+        for i, text in enumerate(inputs)
+    ]
     tokens = sum(len(text.split()) for text in inputs)
-    return web.json_response({
-        "id": f"embd-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
-        "model": options.served_model_name, "data": data,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return web.json_response(
+        {
+            "id": f"embd-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": options.served_model_name,
+            "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -326,27 +365,53 @@ async def responses(request: web.Request) -> web.StreamResponse:
     options = request.app[OPTIONS]
     body = await read_body(request, options=options)
     if body.get("stream"):
-        raise bad_request("Streaming is not supported by the fake engine's /v1/responses.",
-                          param="stream")
+        raise bad_request(
+            "Streaming is not supported by the fake engine's /v1/responses.", param="stream"
+        )
     prompt = text_of(body.get("instructions")) + " " + text_of(body.get("input"))
-    gen = plan_generation(prompt, options=options,
-                          max_tokens=max_tokens_of(body, "max_output_tokens"))
+    gen = plan_generation(
+        prompt, options=options, max_tokens=max_tokens_of(body, "max_output_tokens")
+    )
     content = {"type": "output_text", "text": gen.text, "annotations": []}
-    message = {"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed",
-               "role": "assistant", "content": [content]}
-    usage = {"input_tokens": gen.prompt_tokens, "output_tokens": len(gen.tokens),
-             "total_tokens": gen.prompt_tokens + len(gen.tokens)}
-    return await answer(request, gen, {
-        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
-        "status": "completed", "model": options.served_model_name, "output": [message],
-        "usage": usage})
+    message = {
+        "type": "message",
+        "id": f"msg_{uuid.uuid4().hex}",
+        "status": "completed",
+        "role": "assistant",
+        "content": [content],
+    }
+    usage = {
+        "input_tokens": gen.prompt_tokens,
+        "output_tokens": len(gen.tokens),
+        "total_tokens": gen.prompt_tokens + len(gen.tokens),
+    }
+    return await answer(
+        request,
+        gen,
+        {
+            "id": f"resp_{uuid.uuid4().hex}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": options.served_model_name,
+            "output": [message],
+            "usage": usage,
+        },
+    )
 
 
 async def models(request: web.Request) -> web.Response:
     options = request.app[OPTIONS]
     name = options.served_model_name
-    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-            "root": name, "parent": None, "max_model_len": options.max_model_len}
+    card = {
+        "id": name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "vllm",
+        "root": name,
+        "parent": None,
+        "max_model_len": options.max_model_len,
+    }
     return web.json_response({"object": "list", "data": [card]})
 
 
@@ -363,8 +428,10 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE vllm:num_requests_waiting gauge",
         f"vllm:num_requests_waiting{{{labels}}} 0.0",
         "# TYPE vllm:request_success_total counter",
-        *(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(n)}'
-          for reason, n in sorted(stats.success.items())),
+        *(
+            f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(n)}'
+            for reason, n in sorted(stats.success.items())
+        ),
         "# TYPE fake_engine_aborted_requests_total counter",
         f"fake_engine_aborted_requests_total{{{labels}}} {float(stats.aborted)}",
     ]
@@ -380,14 +447,16 @@ async def dev_endpoint(request: web.Request) -> web.Response:
 
 # ---- app ----
 
+
 @web.middleware
 async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """vLLM's rules for /v1/*: 503 while stuck (--never-ready), then the API key, then errors."""
     options = request.app[OPTIONS]
     if request.path.startswith("/v1/"):
         if options.never_ready:
-            return EngineError("Engine is not ready (simulated).", status=503,
-                               type_="ServiceUnavailableError").response()
+            return EngineError(
+                "Engine is not ready (simulated).", status=503, type_="ServiceUnavailableError"
+            ).response()
         expected = f"Bearer {options.api_key}"
         if options.api_key and request.headers.get("Authorization") != expected:
             return web.json_response(UNAUTHORIZED_BODY, status=401)
@@ -421,6 +490,7 @@ def build_app(options: EngineOptions) -> web.Application:
 
 
 # ---- process lifetime ----
+
 
 def install_signal_handlers(stop: asyncio.Event, *, options: EngineOptions) -> None:
     loop = asyncio.get_running_loop()
@@ -458,9 +528,13 @@ async def serve(options: EngineOptions) -> int:
         print("RuntimeError: CUDA out of memory (simulated)", file=sys.stderr, flush=True)
         return 1
     app = build_app(options)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S,
-                           access_log=logger if options.access_log else None,
-                           access_log_format='%a "%r" %s %b %Tf')
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=SHUTDOWN_GRACE_S,
+        access_log=None if options.disable_access_log else logger,
+        access_log_format='%a "%r" %s %b %Tf',
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, options.host, options.port).start()
@@ -482,8 +556,10 @@ async def serve(options: EngineOptions) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> EngineOptions:
-    parser = argparse.ArgumentParser(prog="python -m activator.testing.fake_engine",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m activator.testing.fake_engine",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     add = parser.add_argument
     add("--host", default="127.0.0.1")
     add("--port", type=int, required=True, help="0 picks a free port (see the READY line)")
@@ -491,31 +567,35 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     add("--max-model-len", type=int, default=2048)
     add("--startup-delay", type=float, default=0.0, help="seconds with the port closed")
     add("--crash-during-startup", action="store_true", help="exit 1 after the startup delay")
-    add("--never-ready", action="store_true",
+    add(
+        "--never-ready",
+        action="store_true",
         help="bind, but answer 503 on /health and /v1/* forever (a stuck engine; real vLLM "
-             "would keep its port closed)")
+        "would keep its port closed)",
+    )
     add("--stream-delay", type=float, default=0.0, help="seconds between streamed chunks")
-    add("--response-delay", type=float, default=0.0,
-        help="seconds before a non-streamed answer or the first chunk")
+    add(
+        "--response-delay",
+        type=float,
+        default=0.0,
+        help="seconds before a non-streamed answer or the first chunk",
+    )
     add("--chunks", type=int, default=16, help="tokens generated when max_tokens is not set")
     add("--api-key", default=os.environ.get("VLLM_API_KEY") or None)
     add("--ignore-sigterm", action="store_true")
     add("--exit-after", type=float, default=None, help="exit 3 this many seconds after ready")
     add("--disable-access-log", action="store_true")
-    args = parser.parse_args(argv)
-    return EngineOptions(
-        port=args.port, host=args.host, served_model_name=args.served_model_name,
-        max_model_len=args.max_model_len, startup_delay=args.startup_delay,
-        crash_during_startup=args.crash_during_startup, never_ready=args.never_ready,
-        stream_delay=args.stream_delay, response_delay=args.response_delay, chunks=args.chunks,
-        api_key=args.api_key, ignore_sigterm=args.ignore_sigterm, exit_after=args.exit_after,
-        access_log=not args.disable_access_log)
+    # Every option's dest is the name of an EngineOptions field.
+    return EngineOptions(**vars(parser.parse_args(argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(asctime)s [fake-engine] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(levelname)s %(asctime)s [fake-engine] %(message)s",
+    )
     try:
         import uvloop
     except ImportError:
