@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,6 +26,7 @@ from activator.settings import (
     ProcessTarget,
     ServerSettings,
     Settings,
+    WorkloadKind,
 )
 
 __all__ = ["ConfigError", "load_config", "parse_config", "parse_duration", "parse_size"]
@@ -37,9 +38,6 @@ class ConfigError(Exception):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
-
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
 
 
 # --- scalars ---------------------------------------------------------------------------
@@ -101,6 +99,7 @@ def _from_env(value: object) -> object:
 # --- converters: value -> typed value, raising ValueError with the problem -------------
 
 Converter = Callable[[object], Any]
+_Number = TypeVar("_Number", int, float)
 
 
 class _Invalid(ValueError):
@@ -132,18 +131,16 @@ def _integer(*, minimum: int, maximum: int | None = None) -> Converter:
     return convert
 
 
-def _duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError("must be greater than 0")
-    return seconds
+def _positive(parse: Callable[[object], _Number]) -> Callable[[object], _Number]:
+    def convert(value: object) -> _Number:
+        if (number := parse(value)) <= 0:
+            raise ValueError("must be greater than 0")
+        return number
+
+    return convert
 
 
-def _size(value: object) -> int:
-    size = parse_size(value)
-    if size <= 0:
-        raise ValueError("must be greater than 0")
-    return size
+_duration, _size = _positive(parse_duration), _positive(parse_size)
 
 
 def _optional(convert: Converter) -> Converter:
@@ -195,6 +192,8 @@ def _url(value: object) -> str:
 
 def _list_of(convert: Converter) -> Converter:
     def convert_list(value: object) -> tuple[Any, ...]:
+        if value is None:
+            return ()  # `aliases:` left empty
         if not isinstance(value, list):
             raise ValueError(f"expected a list, got {_kind(value)}")
         items, problems = [], []
@@ -220,6 +219,7 @@ def _command(value: object) -> tuple[str, ...]:
 
 
 def _env_map(value: object) -> Mapping[str, str]:
+    value = {} if value is None else value
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping, got {_kind(value)}")
     env, problems = {}, []
@@ -314,18 +314,23 @@ class _Reader:
     def add(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
 
-    def mapping(self, data: object, path: str, *, allowed: Mapping[str, object]) -> dict[str, Any]:
-        """The raw entries of a section, after reporting a non-mapping and unknown keys."""
-        if data is None:
+    def mapping(
+        self, data: object, path: str, *, allowed: Mapping[str, object] | None
+    ) -> dict[Any, Any]:
+        """The raw entries of a section, after reporting a non-mapping and unknown keys
+        (`allowed=None`: the keys are names the user chooses, as under `models:`)."""
+        if data is None or isinstance(data, _Unresolved):
             return {}
         if not isinstance(data, dict):
             self.add(path, f"expected a mapping, got {_kind(data)}")
             return {}
-        for key in data:
-            if key not in allowed:
-                close = difflib.get_close_matches(str(key), list(allowed), n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self.add(_join(path, key), f"unknown key{hint}")
+        if allowed is None:
+            return data
+        for key in data.keys() - allowed.keys():
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            self.add(
+                _join(path, key), "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+            )
         return {key: value for key, value in data.items() if key in allowed}
 
     def convert(self, data: object, path: str, keys: Mapping[str, Converter]) -> dict[str, Any]:
@@ -366,29 +371,26 @@ def _substitute(data: object, path: str, *, environ: Mapping[str, str], reader: 
                 for i, v in enumerate(data)]  # fmt: skip
     if not isinstance(data, str) or "$" not in data:
         return data
-    missing: list[str] = []
+    problems: list[str] = []
 
     def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
+        whole, name, default = match.group(0, 1, 2)
+        if whole == "$$":
             return "$"
-        name, default = match.group(1), match.group(2)
         if name is None:
-            missing.append("")
-            return ""
-        if name in environ:
+            problems.append("malformed ${...} reference (expected ${VAR} or ${VAR:-default})")
+        elif name in environ:
             return environ[name]
-        if default is not None:
+        elif default is not None:
             return default
-        missing.append(name)
+        else:
+            problems.append(f"environment variable {name} is not set (use ${{{name}:-default}})")
         return ""
 
     result = _REFERENCE.sub(replace, data)
-    for name in missing:
-        if name:
-            reader.add(path, f"environment variable {name} is not set (use ${{{name}:-default}})")
-        else:
-            reader.add(path, "malformed ${...} reference (expected ${VAR} or ${VAR:-default})")
-    if missing:
+    for problem in problems:
+        reader.add(path, problem)
+    if problems:
         return _Unresolved()
     return _EnvStr(result) if result != data else result
 
@@ -396,21 +398,22 @@ def _substitute(data: object, path: str, *, environ: Mapping[str, str], reader: 
 # --- sections --------------------------------------------------------------------------
 
 
-class _AnyKey(dict[str, object]):
-    """`allowed` for maps whose keys are names chosen by the user (models, pools)."""
-
-    def __contains__(self, key: object) -> bool:
-        return True
-
-
 def _lacks(data: object, key: str) -> bool:
     """True when a required key is absent (a non-mapping section is reported elsewhere)."""
     return data is None or (isinstance(data, dict) and key not in data)
 
 
+def _exactly_one(data: object, keys: Sequence[str], path: str, reader: _Reader) -> str | None:
+    """The one of `keys` a section sets, or None (reported) when it sets none or several."""
+    present = [key for key in keys if isinstance(data, dict) and key in data]
+    if isinstance(data, dict) and len(present) != 1:
+        reader.add(path, f"needs exactly one of {' or '.join(keys)}")
+    return present[0] if len(present) == 1 else None
+
+
 def _pools(data: object, reader: _Reader) -> dict[str, PoolSettings]:
     pools: dict[str, PoolSettings] = {}
-    for name, body in reader.mapping(data, "pools", allowed=_AnyKey()).items():
+    for name, body in reader.mapping(data, "pools", allowed=None).items():
         path = _join("pools", name)
         values = reader.convert(body, path, POOL_KEYS)
         if "gpus" in values:
@@ -436,19 +439,11 @@ def _kubernetes_target(data: object, path: str, reader: _Reader) -> KubernetesTa
     for key in ("namespace", "url"):
         if _lacks(data, key):
             reader.add(_join(path, key), "required")
-    workloads = [
-        key for key in ("deployment", "statefulset") if isinstance(data, dict) and key in data
-    ]
-    if isinstance(data, dict) and len(workloads) != 1:
-        reader.add(path, "needs exactly one of deployment or statefulset")
-    if len(workloads) != 1 or not {workloads[0], "namespace", "url"} <= values.keys():
+    kinds: dict[str, WorkloadKind] = {"deployment": "Deployment", "statefulset": "StatefulSet"}
+    workload = _exactly_one(data, list(kinds), path, reader)
+    if workload is None or not {workload, "namespace", "url"} <= values.keys():
         return None
-    return KubernetesTarget(
-        namespace=values["namespace"],
-        name=values[workloads[0]],
-        url=values["url"],
-        kind="Deployment" if workloads[0] == "deployment" else "StatefulSet",
-    )
+    return KubernetesTarget(name=values.pop(workload), kind=kinds[workload], **values)
 
 
 def _defaults(data: object, reader: _Reader) -> dict[str, Any]:
@@ -471,9 +466,7 @@ def _model(
     path = _join("models", name)
     data = {} if data is None else data  # `name:` alone still needs a target
     values = reader.convert(data, path, MODEL_KEYS)
-    targets = [key for key in ("process", "kubernetes") if isinstance(data, dict) and key in data]
-    if isinstance(data, dict) and len(targets) != 1:
-        reader.add(path, "needs exactly one of process or kubernetes")
+    target = _exactly_one(data, ["process", "kubernetes"], path, reader)
     if "process" in values:
         values["process"] = _process(values["process"], _join(path, "process"), reader)
     if "kubernetes" in values:
@@ -489,7 +482,7 @@ def _model(
             _join(path, "gpus"), f"{gpus} exceeds pool {pool} capacity of {pools[pool].gpus}"
         )
     aliases: tuple[str, ...] = values.get("aliases", ())
-    if len(targets) != 1 or values.get(targets[0]) is None:
+    if target is None or values.get(target) is None:
         return aliases, None
     values.setdefault("served_model_name", name)
     return aliases, ModelSettings(name=name, **{**defaults, **values})
@@ -506,7 +499,7 @@ def _models(
         reader.add("models", "required: define at least one model")
         return {}
     entries: dict[str, object] = {}
-    for name, body in reader.mapping(data, "models", allowed=_AnyKey()).items():
+    for name, body in reader.mapping(data, "models", allowed=None).items():
         if isinstance(name, str) and name and not re.search(r"\s", name):
             entries[name] = body
         else:

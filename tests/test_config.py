@@ -282,6 +282,23 @@ def test_defaults_apply_to_every_model_and_models_override_them() -> None:
     assert models["a"].max_queued == models["b"].max_queued == 7
 
 
+def test_empty_lists_and_maps_may_be_left_blank() -> None:
+    data = yaml.safe_load("server: {api_keys: }\nmodels:\n  a: {aliases: , process: {env: }}")
+    data["models"]["a"]["process"]["command"] = COMMAND
+
+    settings = parse_config(data, environ={})
+
+    assert settings.server.api_keys == ()
+    assert settings.models["a"].aliases == ()
+    assert settings.models["a"].process == ProcessTarget(command=tuple(COMMAND))
+
+
+def test_unresolved_section_is_reported_once() -> None:
+    assert problems_of(patched("server", "${SERVER}")) == [
+        "server: environment variable SERVER is not set (use ${SERVER:-default})"
+    ]
+
+
 def test_unquoted_off_means_off() -> None:
     # YAML 1.1 reads a bare `off` as the boolean false.
     data = yaml.safe_load("server: {access_log: off}\ndefaults: {stream_keepalive: off}")
