@@ -60,7 +60,7 @@ async def read_line_starting(stream: asyncio.StreamReader | None, prefix: str) -
 async def start(*args: str, ready_word: str = "READY", env: dict[str, str] | None = None) -> Engine:
     process = await spawn("--port", "0", *args, env=env)
     line = await read_line_starting(process.stdout, f"{ready_word} port=")
-    return Engine(process, int(line.split("=")[1]))
+    return Engine(process=process, port=int(line.split("=")[1]))
 
 
 async def stop(process: asyncio.subprocess.Process) -> None:

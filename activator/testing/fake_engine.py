@@ -10,7 +10,8 @@ some time, a SIGTERM-deaf process) are switched on by flags.
 
 Output protocol: once ready it prints exactly ``READY port=<port>`` on stdout. With
 ``--never-ready`` it prints ``LISTENING port=<port>`` instead (the port is bound but it
-never becomes ready). Log lines, one per request included, go to stderr.
+never becomes ready). Nothing else goes to stdout. Log lines, one per request included,
+go to stderr: a parent must read or redirect it (``--disable-access-log`` under load).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class EngineOptions:
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters behind /metrics; owned by one app, changed only by `generation`."""
+    """Counters behind /metrics: one per app, changed only by `generation`."""
 
     running: int = 0
     aborted: int = 0
@@ -161,13 +162,14 @@ def plan_generation(prompt: str, *, max_tokens: Any, options: EngineOptions) -> 
         )
     count = options.chunks if max_tokens is None else max_tokens
     tokens = [("" if i == 0 else " ") + words[i % len(words)] for i in range(count)]
-    return Generation(tokens, prompt_tokens, "stop" if max_tokens is None else "length")
+    finish_reason = "stop" if max_tokens is None else "length"
+    return Generation(tokens=tokens, prompt_tokens=prompt_tokens, finish_reason=finish_reason)
 
 
 async def read_body(request: web.Request, *, options: EngineOptions) -> JsonObject:
     try:
         body = await request.json()
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # malformed JSON or not UTF-8
         raise bad_request(f"Invalid JSON body: {exc}") from exc
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
@@ -187,47 +189,49 @@ def max_tokens_of(body: JsonObject, *keys: str) -> Any:
 
 
 @asynccontextmanager
-async def generation(request: web.Request) -> AsyncIterator[EngineStats]:
-    """Counts the request as running for its whole life and as aborted if the client left.
+async def generation(request: web.Request, *, gen: Generation) -> AsyncIterator[None]:
+    """Counts the request as running while the block runs, then as a success or an abort.
 
     The handler task is registered so shutdown can cancel it; cancellation also arrives
-    here when the client disconnects (the server runs with handler_cancellation).
+    here when the client disconnects (the server runs with handler_cancellation), and a
+    write to a closed connection raises ConnectionResetError.
     """
     stats = request.app[STATS]
     task = asyncio.current_task()
-    assert task is not None
+    assert task is not None, "called from a request handler"
     stats.running += 1
     stats.tasks.add(task)
     try:
-        yield stats
+        yield
     except (asyncio.CancelledError, ConnectionResetError):
         stats.aborted += 1
         logger.info("request aborted: %s %s", request.method, request.path)
         raise
+    else:
+        stats.success[gen.finish_reason] = stats.success.get(gen.finish_reason, 0) + 1
     finally:
         stats.running -= 1
         stats.tasks.discard(task)
 
 
-def count_success(stats: EngineStats, gen: Generation) -> None:
-    stats.success[gen.finish_reason] = stats.success.get(gen.finish_reason, 0) + 1
-
-
-async def answer(request: web.Request, gen: Generation, body: JsonObject) -> web.Response:
-    async with generation(request) as stats:
+async def answer(request: web.Request, *, gen: Generation, body: JsonObject) -> web.Response:
+    async with generation(request, gen=gen):
         await asyncio.sleep(request.app[OPTIONS].response_delay)
-        count_success(stats, gen)
     return web.json_response(body)
 
 
 async def stream(
-    request: web.Request, gen: Generation, events: Iterator[JsonObject]
+    request: web.Request, *, gen: Generation, events: Iterator[JsonObject]
 ) -> web.StreamResponse:
-    """Writes one SSE event per chunk as it is produced, then [DONE]."""
+    """Writes each SSE event the moment it is produced, then [DONE].
+
+    Headers go out before --response-delay, as vLLM's do; the delay models the time to
+    the first token.
+    """
     options = request.app[OPTIONS]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-    with suppress(ConnectionResetError):  # already counted as aborted by `generation`
-        async with generation(request) as stats:
+    with suppress(ConnectionResetError):  # the client left: counted by `generation`
+        async with generation(request, gen=gen):
             await response.prepare(request)
             await asyncio.sleep(options.response_delay)
             for index, event in enumerate(events):
@@ -235,7 +239,6 @@ async def stream(
                     await asyncio.sleep(options.stream_delay)
                 await response.write(b"data: " + dumps(event) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
-            count_success(stats, gen)
             await response.write_eof()
     return response
 
@@ -301,14 +304,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         events = chat_events(
             gen, head={**head, "object": "chat.completion.chunk"}, usage=include_usage(body)
         )
-        return await stream(request, gen, events)
+        return await stream(request, gen=gen, events=events)
     message = {"role": "assistant", "content": gen.text, "tool_calls": []}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}
-    return await answer(
-        request,
-        gen,
-        {**head, "object": "chat.completion", "choices": [choice], "usage": gen.usage()},
-    )
+    body = {**head, "object": "chat.completion", "choices": [choice], "usage": gen.usage()}
+    return await answer(request, gen=gen, body=body)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -326,11 +326,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "model": options.served_model_name,
     }
     if body.get("stream"):
-        return await stream(
-            request, gen, completion_events(gen, head=head, usage=include_usage(body))
-        )
+        events = completion_events(gen, head=head, usage=include_usage(body))
+        return await stream(request, gen=gen, events=events)
     choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
-    return await answer(request, gen, {**head, "choices": [choice], "usage": gen.usage()})
+    return await answer(request, gen=gen, body={**head, "choices": [choice], "usage": gen.usage()})
 
 
 def embedding_of(text: str) -> list[float]:
@@ -385,19 +384,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
         "output_tokens": len(gen.tokens),
         "total_tokens": gen.prompt_tokens + len(gen.tokens),
     }
-    return await answer(
-        request,
-        gen,
-        {
-            "id": f"resp_{uuid.uuid4().hex}",
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed",
-            "model": options.served_model_name,
-            "output": [message],
-            "usage": usage,
-        },
-    )
+    body = {
+        "id": f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": options.served_model_name,
+        "output": [message],
+        "usage": usage,
+    }
+    return await answer(request, gen=gen, body=body)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -550,6 +546,7 @@ async def serve(options: EngineOptions) -> int:
         return 0
     finally:
         # Abort open generations, as vLLM does on SIGTERM, so shutdown never waits on them.
+        logger.info("shutting down, aborting %d running requests", len(app[STATS].tasks))
         for task in list(app[STATS].tasks):
             task.cancel()
         await runner.cleanup()
