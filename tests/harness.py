@@ -119,7 +119,7 @@ async def _ready(running: Running) -> bool:
 async def wait_for(
     condition: Callable[[], Any],
     *,
-    timeout: float = 30.0,
+    timeout: float = 30.0,  # noqa: ASYNC109 - a deadline for polling, not for one await
     what: str = "condition",
     interval: float = 0.02,
 ) -> Any:
