@@ -583,7 +583,7 @@ def load_config(
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        what = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        what = (exc.problem or "syntax error") + (f" ({exc.context})" if exc.context else "")
         raise ConfigError([f"{where}: invalid YAML: {' '.join(what.split())}"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: invalid YAML: {' '.join(str(exc).split())}"]) from None
