@@ -326,11 +326,10 @@ class _Reader:
             return {}
         if allowed is None:
             return data
-        for key in data.keys() - allowed.keys():
+        for key in (key for key in data if key not in allowed):  # in file order
             close = difflib.get_close_matches(str(key), list(allowed), n=1)
-            self.add(
-                _join(path, key), "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
-            )
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            self.add(_join(path, key), f"unknown key{hint}")
         return {key: value for key, value in data.items() if key in allowed}
 
     def convert(self, data: object, path: str, keys: Mapping[str, Converter]) -> dict[str, Any]:
