@@ -210,6 +210,13 @@ async def test_sigterm_exits_promptly_with_a_stream_open(http: aiohttp.ClientSes
         await stop(engine.process)
 
 
+async def test_sigterm_while_loading_exits_at_once() -> None:
+    process = await spawn("--port", "0", "--startup-delay", "600")
+    await read_line_starting(process.stderr, "INFO")  # signal handlers are installed
+    process.send_signal(signal.SIGTERM)
+    assert await exit_code(process) == 0
+
+
 async def test_ignore_sigterm_keeps_serving(http: aiohttp.ClientSession) -> None:
     engine = await start("--ignore-sigterm")
     try:
