@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from activator.cli import embedded_config
+from activator.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_config_is_the_demo_config() -> None:
+    # `activator serve` with no --config runs the embedded copy of config/local.yaml.
+    assert embedded_config().read_text() == (ROOT / "config" / "local.yaml").read_text()
+
+
+def test_embedded_default_config_loads() -> None:
+    settings = load_config(embedded_config())
+    assert len(settings.models) == 2
