@@ -53,7 +53,7 @@ def _check_config(path: str) -> int:
         settings = load_config(path)
     except ConfigError as error:
         for problem in error.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+            print(problem, file=sys.stderr)
         return 1
     print(f"{path}: ok ({len(settings.models)} models, {len(settings.pools)} pools)")
     return 0
@@ -70,7 +70,7 @@ def _serve(config: str | None, log_level: str) -> int:
         settings = load_config(path)
     except ConfigError as error:
         for problem in error.problems:
-            print(f"{path}: {problem}", file=sys.stderr)
+            print(problem, file=sys.stderr)
         return 2
     from aiohttp import web
 
