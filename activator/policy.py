@@ -124,15 +124,18 @@ def choose_victims(
 
 def _next_eligibility(
     running: Sequence[ModelView], *, now: float, oldest_wait: float, max_wait: float
-) -> float:
-    """Earliest time a currently protected model may become a victim."""
+) -> float | None:
+    """Earliest future time a currently protected model may become a victim, or None.
+
+    Only future times count: once `max_wait` has passed every ready model is a victim
+    candidate, so what still blocks is a model starting or of unknown state, and its
+    transition kicks the scheduler. A past time here would make the loop spin."""
     times = [oldest_wait + max_wait]
     for m in running:
         if m.state == "ready" and not m.unknown and m.ready_since is not None:
-            end = m.ready_since + m.min_residency
-            if end > now:
-                times.append(end)
-    return min(times)
+            times.append(m.ready_since + m.min_residency)
+    future = [t for t in times if t > now]
+    return min(future) if future else None
 
 
 def decide(capacity: int | None, models: Sequence[ModelView], *, now: float) -> Decision:
@@ -194,13 +197,13 @@ def decide(capacity: int | None, models: Sequence[ModelView], *, now: float) -> 
         if victims:
             stops.extend(Stop(v.name, "swap", for_model=m.name) for v in victims)
         else:
-            wake.append(
-                _next_eligibility(
-                    ready,
-                    now=now,
-                    oldest_wait=m.oldest_wait if m.oldest_wait is not None else now,
-                    max_wait=m.max_wait,
-                )
+            again = _next_eligibility(
+                ready,
+                now=now,
+                oldest_wait=m.oldest_wait if m.oldest_wait is not None else now,
+                max_wait=m.max_wait,
             )
+            if again is not None:
+                wake.append(again)
         break
     return done(starts)
