@@ -1,0 +1,491 @@
+"""Simulated workload controller, scheduler, cluster autoscaler and kubelet.
+
+When a workload's replicas go up, a pod is created and walks the path a real GPU pod
+walks: Pending -> scheduled (or FailedScheduling, with the cluster autoscaler's verdict)
+-> image pulled (or ErrImagePull/ImagePullBackOff) -> container running (a stand-in
+engine process on the workload's loopback port) -> Ready once the engine prints READY
+(or crash loops / OOMKilled). Scaling down marks the pod terminating, stops the engine
+(SIGTERM, then SIGKILL after the grace) and deletes the pod only once the process exited.
+
+Delays here are the simulated world's clock, not test synchronisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from activator.testing.fakekube.store import Obj, Store, now_iso
+
+log = logging.getLogger(__name__)
+
+Autoscaler = Literal["triggered", "failed", "not_triggered"] | None
+Crash = Literal["crash_loop", "oom"] | None
+
+IMAGE = "vllm/vllm-openai:v0.33.0"
+NODE = "fake-gpu-node-1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PodPlan:
+    """How the next pods of a workload behave. Change it with FakeKube.set_plan()."""
+
+    schedule_delay: float = 0.02
+    pull_delay: float = 0.02
+    # Extra time between the engine's READY and the pod's Ready condition (probe period).
+    ready_delay: float = 0.0
+    # A FailedScheduling message: the pod stays Pending until the autoscaler helps.
+    unschedulable: str | None = None
+    autoscaler: Autoscaler = None
+    autoscaler_message: str = ""
+    # With autoscaler="triggered": when the new node joins and the pod schedules.
+    provision_delay: float = 0.2
+    image_pull_error: str | None = None
+    crash: Crash = None
+    engine_startup_delay: float = 0.0
+    engine_never_ready: bool = False
+    termination_grace: float = 5.0
+
+
+@dataclass
+class Workload:
+    resource: str  # deployments | statefulsets
+    namespace: str
+    name: str
+    served_model_name: str
+    port: int
+    engine: bool
+    gpu: bool
+    plan: PodPlan
+    pods: dict[str, PodSim] = field(default_factory=dict)
+    ordinal: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class PodSim:
+    name: str
+    plan: PodPlan
+    task: asyncio.Task[None] | None = None
+    process: asyncio.subprocess.Process | None = None
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    terminating: bool = False
+    has_gpu: bool = False
+    ready_at: float | None = None  # time.monotonic() when the Ready condition went True
+
+
+class Kubelet:
+    def __init__(self, store: Store, *, gpus: int | None) -> None:
+        self._store = store
+        self.workloads: dict[tuple[str, str, str], Workload] = {}
+        self._gpus = gpus
+        self.gpus_in_use = 0
+        self.max_gpus_in_use = 0
+        self._gpu_freed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready_times: list[tuple[str, float]] = []  # (pod name, monotonic time of Ready)
+
+    # -- API -------------------------------------------------------------------------
+
+    def add(self, workload: Workload) -> None:
+        self.workloads[(workload.resource, workload.namespace, workload.name)] = workload
+
+    def reconcile(self, resource: str, namespace: str, name: str) -> None:
+        """React to a spec change: create or terminate pods to match spec.replicas."""
+        workload = self.workloads.get((resource, namespace, name))
+        obj = self._store.get(resource, namespace, name)
+        if workload is None or obj is None:
+            return
+        desired = int(obj["spec"].get("replicas") or 0)
+        live = [p for p in workload.pods.values() if not p.terminating]
+        for _ in range(desired - len(live)):
+            self._create_pod(workload, obj)
+        for pod in sorted(live, key=lambda p: p.name, reverse=True)[: max(0, len(live) - desired)]:
+            self._spawn(self._terminate(workload, pod), f"fake-kube-terminate-{pod.name}")
+        self.sync_status(workload)
+
+    def kill_engine(self, workload: Workload, *, oom: bool) -> None:
+        for pod in workload.pods.values():
+            if not pod.terminating:
+                pod.plan = replace(pod.plan, crash="oom" if oom else "crash_loop")
+                if pod.process is not None and pod.process.returncode is None:
+                    pod.process.kill()
+
+    async def aclose(self) -> None:
+        for workload in self.workloads.values():
+            for pod in list(workload.pods.values()):
+                if pod.task is not None:
+                    pod.task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for workload in self.workloads.values():
+            for pod in workload.pods.values():
+                await _stop_process(pod, grace=1.0)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("fake kube: %s died", t.get_name(), exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    def _create_pod(self, workload: Workload, obj: Obj) -> None:
+        template = obj["spec"]["template"]
+        labels = dict(template["metadata"].get("labels", {}))
+        if workload.resource == "deployments":
+            labels["pod-template-hash"] = "7d9f8c6b5"
+            name = f"{workload.name}-7d9f8c6b5-{secrets.token_hex(3)[:5]}"
+            owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                     "name": f"{workload.name}-7d9f8c6b5", "uid": obj["metadata"]["uid"]}
+        else:
+            name = f"{workload.name}-{workload.ordinal}"
+            workload.ordinal += 1
+            owner = {"apiVersion": "apps/v1", "kind": "StatefulSet",
+                     "name": workload.name, "uid": obj["metadata"]["uid"]}
+        container = template["spec"]["containers"][0]
+        self._store.create(
+            "pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": workload.namespace, "labels": labels,
+                             "ownerReferences": [{**owner, "controller": True}]},
+                "spec": {"containers": [container], "restartPolicy": "Always",
+                         "terminationGracePeriodSeconds": int(workload.plan.termination_grace)},
+                "status": {"phase": "Pending", "qosClass": "Burstable"},
+            },
+        )
+        pod = PodSim(name=name, plan=workload.plan)
+        workload.pods[name] = pod
+        pod.task = asyncio.create_task(self._run_pod(workload, pod), name=f"fake-kube-pod-{name}")
+        self._event(workload.namespace, workload.name, kind=obj["kind"], reason="ScalingReplicaSet",
+                    message=f"Scaled up replica set {workload.name}-7d9f8c6b5 to 1",
+                    component="deployment-controller")
+
+    def _pod_update(self, workload: Workload, pod: PodSim, mutate: object) -> None:
+        if self._store.get("pods", workload.namespace, pod.name) is not None:
+            self._store.update("pods", workload.namespace, pod.name, mutate)  # type: ignore[arg-type]
+        self.sync_status(workload)
+
+    def _event(self, namespace: str, name: str, *, kind: str, reason: str, message: str,
+               component: str, warning: bool = False) -> None:
+        stamp = now_iso()
+        self._store.create(
+            "events",
+            {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{name}.{secrets.token_hex(8)}", "namespace": namespace},
+                "involvedObject": {"kind": kind, "name": name, "namespace": namespace,
+                                   "apiVersion": "v1" if kind == "Pod" else "apps/v1"},
+                "reason": reason,
+                "message": message,
+                "type": "Warning" if warning else "Normal",
+                "source": {"component": component},
+                "reportingComponent": component,
+                "firstTimestamp": stamp,
+                "lastTimestamp": stamp,
+                "count": 1,
+            },
+        )
+
+    def _pod_event(self, workload: Workload, pod: PodSim, reason: str, message: str, *,
+                   component: str = "kubelet", warning: bool = False) -> None:
+        self._event(workload.namespace, pod.name, kind="Pod", reason=reason, message=message,
+                    component=component, warning=warning)
+
+    async def _run_pod(self, workload: Workload, pod: PodSim) -> None:
+        await self._schedule(workload, pod)
+        if not await self._pull(workload, pod):
+            return
+        await self._run_container(workload, pod)
+
+    async def _schedule(self, workload: Workload, pod: PodSim) -> None:
+        plan = pod.plan
+        message = plan.unschedulable
+        if message is None and workload.gpu and not self._gpu_free():
+            message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: " \
+                      "0/1 nodes are available: 1 No preemption victims found for incoming pod."
+        if message is not None:
+            self._unschedulable(workload, pod, message)
+            if plan.autoscaler == "triggered":
+                self._pod_event(workload, pod, "TriggeredScaleUp",
+                                plan.autoscaler_message or "pod triggered scale-up: "
+                                "[{gpu-pool 0->1 (max: 1)}]", component="cluster-autoscaler")
+                await asyncio.sleep(plan.provision_delay)
+            elif plan.autoscaler is not None:
+                reason = "FailedScaleUp" if plan.autoscaler == "failed" else "NotTriggerScaleUp"
+                default = (
+                    "Node scale up in zones us-central1-a associated with this pod failed: "
+                    "GCE out of resources. Pod is at risk of not being scheduled."
+                    if plan.autoscaler == "failed"
+                    else "pod didn't trigger scale-up: 1 max node group size reached"
+                )
+                self._pod_event(workload, pod, reason, plan.autoscaler_message or default,
+                                component="cluster-autoscaler", warning=True)
+                await asyncio.Event().wait()  # stays Pending until deleted
+            elif plan.unschedulable is not None:
+                await asyncio.Event().wait()
+        if workload.gpu:
+            # The scheduler retries when capacity frees up (a GPU pod was deleted).
+            async with self._gpu_freed:
+                await self._gpu_freed.wait_for(self._gpu_free)
+                self.gpus_in_use += 1
+                self.max_gpus_in_use = max(self.max_gpus_in_use, self.gpus_in_use)
+                pod.has_gpu = True
+        await asyncio.sleep(plan.schedule_delay)
+
+        def scheduled(obj: Obj) -> None:
+            obj["spec"]["nodeName"] = NODE
+            obj["status"]["conditions"] = [_cond("PodScheduled", True)]
+            obj["status"]["hostIP"] = "127.0.0.1"
+
+        self._pod_update(workload, pod, scheduled)
+        self._pod_event(workload, pod, "Scheduled",
+                        f"Successfully assigned {workload.namespace}/{pod.name} to {NODE}",
+                        component="default-scheduler")
+
+    def _gpu_free(self) -> bool:
+        return self._gpus is None or self.gpus_in_use < self._gpus
+
+    def _unschedulable(self, workload: Workload, pod: PodSim, message: str) -> None:
+        def pending(obj: Obj) -> None:
+            obj["status"]["conditions"] = [
+                {**_cond("PodScheduled", False), "reason": "Unschedulable", "message": message}
+            ]
+
+        self._pod_update(workload, pod, pending)
+        self._pod_event(workload, pod, "FailedScheduling", message,
+                        component="default-scheduler", warning=True)
+
+    async def _pull(self, workload: Workload, pod: PodSim) -> bool:
+        plan = pod.plan
+        self._set_container(workload, pod, {"waiting": {"reason": "ContainerCreating"}})
+        self._pod_event(workload, pod, "Pulling", f'Pulling image "{IMAGE}"')
+        await asyncio.sleep(plan.pull_delay)
+        if plan.image_pull_error is not None:
+            detail = f'Failed to pull image "{IMAGE}": {plan.image_pull_error}'
+            self._set_container(workload, pod, {"waiting": {"reason": "ErrImagePull",
+                                                            "message": detail}})
+            self._pod_event(workload, pod, "Failed", detail, warning=True)
+            await asyncio.sleep(plan.pull_delay)
+            self._set_container(workload, pod, {"waiting": {
+                "reason": "ImagePullBackOff", "message": f'Back-off pulling image "{IMAGE}"'}})
+            self._pod_event(workload, pod, "BackOff", f'Back-off pulling image "{IMAGE}"',
+                            warning=True)
+            return False
+        self._pod_event(workload, pod, "Pulled",
+                        f'Successfully pulled image "{IMAGE}" in 1.2s (1.2s including waiting)')
+        return True
+
+    async def _run_container(self, workload: Workload, pod: PodSim) -> None:
+        plan = pod.plan
+        self._pod_event(workload, pod, "Created", "Created container engine")
+        if workload.engine:
+            pod.process = await self._start_engine(workload, pod)
+        self._pod_event(workload, pod, "Started", "Started container engine")
+
+        def running(obj: Obj) -> None:
+            obj["status"]["phase"] = "Running"
+            obj["status"]["podIP"] = "127.0.0.1"
+            obj["status"]["conditions"] = [
+                _cond("PodScheduled", True), _cond("Initialized", True),
+                _cond("ContainersReady", False), _cond("Ready", False),
+            ]
+
+        self._pod_update(workload, pod, running)
+        self._set_container(workload, pod, {"running": {"startedAt": now_iso()}}, started=True)
+        if plan.crash == "oom":
+            await asyncio.sleep(plan.schedule_delay)
+            if pod.process is not None:
+                pod.process.kill()
+            await self._crashed(workload, pod, reason="OOMKilled", exit_code=137)
+            return
+        if pod.process is None:
+            if plan.crash == "crash_loop":
+                await self._crashed(workload, pod, reason="Error", exit_code=1)
+                return
+            await asyncio.sleep(plan.engine_startup_delay)
+            if plan.engine_never_ready:
+                await asyncio.Event().wait()
+        else:
+            exited = asyncio.ensure_future(pod.process.wait())
+            ready = asyncio.ensure_future(pod.ready_event.wait())
+            try:
+                await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+                exited.cancel()
+            if not pod.ready_event.is_set():
+                await self._crashed(workload, pod, reason="Error",
+                                    exit_code=pod.process.returncode or 1)
+                return
+        await asyncio.sleep(plan.ready_delay)
+        self._set_ready(workload, pod, True)
+        if pod.process is not None:
+            await pod.process.wait()
+            if not pod.terminating:
+                # Died while serving (kill_engine): the kubelet reports why.
+                reason = "OOMKilled" if pod.plan.crash == "oom" else "Error"
+                await self._crashed(workload, pod, reason=reason,
+                                    exit_code=137 if reason == "OOMKilled" else 1)
+
+    async def _start_engine(self, workload: Workload, pod: PodSim) -> asyncio.subprocess.Process:
+        plan = pod.plan
+        args = [
+            sys.executable, "-m", "activator.testing.fake_engine",
+            "--port", str(workload.port), "--host", "127.0.0.1",
+            "--served-model-name", workload.served_model_name,
+            "--startup-delay", str(plan.engine_startup_delay),
+        ]
+        if plan.crash == "crash_loop":
+            args.append("--crash-during-startup")
+        if plan.engine_never_ready:
+            args.append("--never-ready")
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._spawn(_read_output(process, pod), f"fake-kube-engine-output-{pod.name}")
+        return process
+
+    async def _crashed(self, workload: Workload, pod: PodSim, *, reason: str,
+                       exit_code: int) -> None:
+        self._set_ready(workload, pod, False)
+        self._set_container(
+            workload, pod,
+            {"waiting": {"reason": "CrashLoopBackOff",
+                         "message": f"back-off 10s restarting failed container=engine "
+                                    f"pod={pod.name}"}},
+            last_state={"terminated": {"reason": reason, "exitCode": exit_code,
+                                       "finishedAt": now_iso()}},
+            restarts=1,
+        )
+        self._pod_event(workload, pod, "BackOff",
+                        f"Back-off restarting failed container engine in pod {pod.name}",
+                        warning=True)
+
+    def _set_container(self, workload: Workload, pod: PodSim, state: Obj, *,
+                       started: bool = False, last_state: Obj | None = None,
+                       restarts: int = 0) -> None:
+        def mutate(obj: Obj) -> None:
+            previous = (obj["status"].get("containerStatuses") or [{}])[0]
+            obj["status"]["containerStatuses"] = [{
+                "name": "engine", "image": IMAGE, "imageID": "", "ready": False,
+                "restartCount": previous.get("restartCount", 0) + restarts,
+                "started": started, "state": state,
+                "lastState": last_state or previous.get("lastState", {}),
+            }]
+
+        self._pod_update(workload, pod, mutate)
+
+    def _set_ready(self, workload: Workload, pod: PodSim, ready: bool) -> None:
+        def mutate(obj: Obj) -> None:
+            for cond in obj["status"].get("conditions", []):
+                if cond["type"] in ("Ready", "ContainersReady"):
+                    cond.update(_cond(cond["type"], ready))
+            for status in obj["status"].get("containerStatuses", []):
+                status["ready"] = ready
+
+        if ready:
+            pod.ready_at = time.monotonic()
+            self.ready_times.append((pod.name, pod.ready_at))
+        self._pod_update(workload, pod, mutate)
+
+    async def _terminate(self, workload: Workload, pod: PodSim) -> None:
+        pod.terminating = True
+        grace = pod.plan.termination_grace
+
+        def deleting(obj: Obj) -> None:
+            obj["metadata"]["deletionTimestamp"] = now_iso()
+            obj["metadata"]["deletionGracePeriodSeconds"] = int(grace)
+
+        self._pod_update(workload, pod, deleting)
+        self._pod_event(workload, pod, "Killing", "Stopping container engine")
+        if pod.task is not None:
+            pod.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pod.task
+        await _stop_process(pod, grace=grace)
+        self._store.delete("pods", workload.namespace, pod.name)
+        workload.pods.pop(pod.name, None)
+        if pod.has_gpu:
+            pod.has_gpu = False
+            self.gpus_in_use -= 1
+            async with self._gpu_freed:
+                self._gpu_freed.notify_all()
+        self.sync_status(workload)
+
+    def sync_status(self, workload: Workload) -> None:
+        """The workload controller's status: counts of live and ready pods."""
+        obj = self._store.get(workload.resource, workload.namespace, workload.name)
+        if obj is None:
+            return
+        pods = [self._store.get("pods", workload.namespace, n) for n in workload.pods]
+        live = [p for p in pods if p is not None and "deletionTimestamp" not in p["metadata"]]
+        ready = sum(1 for p in live if _is_ready(p))
+        status: Obj = {"observedGeneration": obj["metadata"].get("generation", 1)}
+        if live:
+            status.update(replicas=len(live), updatedReplicas=len(live))
+        if ready:
+            status.update(readyReplicas=ready, availableReplicas=ready)
+        if workload.resource == "statefulsets":
+            status.setdefault("replicas", 0)
+            status["availableReplicas"] = ready
+        if obj.get("status") != status:
+            def mutate(o: Obj) -> None:
+                o["status"] = status
+
+            self._store.update(workload.resource, workload.namespace, workload.name, mutate)
+
+
+def _cond(kind: str, value: bool) -> Obj:
+    return {"type": kind, "status": "True" if value else "False",
+            "lastTransitionTime": now_iso()}
+
+
+def _is_ready(pod: Obj) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True"
+               for c in pod["status"].get("conditions", []))
+
+
+async def _read_output(process: asyncio.subprocess.Process, pod: PodSim) -> None:
+    assert process.stdout is not None
+    async for raw in process.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        pod.output.append(line)
+        if line.startswith("READY "):
+            pod.ready_event.set()
+
+
+async def _stop_process(pod: PodSim, *, grace: float) -> None:
+    process = pod.process
+    if process is None or process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
