@@ -1,0 +1,487 @@
+"""Kubernetes backend: a Deployment or StatefulSet scaled 0 <-> 1 through its scale
+subresource, observed through shared watches.
+
+What it does and does not own: it scales (never edits the whole workload), reports wake
+phases and failure reasons from pods and events, notices other actors (a GitOps revert,
+a manual scale-up) and whether the API can be observed at all. Readiness through the URL
+is probed by the model lifecycle, and startup_timeout is the lifecycle's too.
+
+Supported kinds: any workload with a `scale` subresource whose pods are selected by
+`spec.selector.matchLabels`: Deployment and StatefulSet.
+
+Concurrency: all state below is mutated on the event loop, by the lifecycle's calls (one
+at a time) and by informer callbacks (synchronous, never across an await), so there are
+no locks. "Our own writes" are told apart from other actors' by resourceVersion: every
+PATCH returns the revision it created, and a change to spec.replicas seen at a higher
+revision was made by someone else. (resourceVersions are documented as opaque; they are
+etcd revisions in every apiserver, and a wrong comparison only costs a log line.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from activator.backends.base import BackendError, BackendListener
+from activator.backends.kube.calls import ApiFunction, LastingApiError, Obj, Op
+from activator.backends.kube.cluster import KubeCluster, KubeTuning
+from activator.backends.kube.informer import Informer
+from activator.backends.kube.status import (
+    AUTOSCALER_REASONS,
+    SchedulingSignals,
+    event_line,
+    event_time,
+    labels_match,
+    owns_pod_name,
+    scheduling_failure,
+    view_pod,
+)
+from activator.settings import KubernetesTarget, ModelSettings
+
+__all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend"]
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+PHASES = ("scheduled", "image_pulled", "started")
+ARGO_FIX = (
+    "if Argo CD (or Flux) manages this workload, stop it from reverting the scale: add "
+    "ignoreDifferences for group apps, kind {kind}, jsonPointers [/spec/replicas] and "
+    "syncOptions [RespectIgnoreDifferences=true] to the Application"
+)
+
+
+@dataclass
+class Wake:
+    """One wanted period (start()/discover()/adoption until stop()): what was reported."""
+
+    started_at: float
+    phases: set[str] = field(default_factory=set)
+    signals: dict[str, SchedulingSignals] = field(default_factory=dict)
+    unschedulable_since: dict[str, float] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)
+    reverts: int = 0
+
+
+class KubernetesBackend:
+    kind = "kubernetes"
+
+    def __init__(
+        self, model: ModelSettings, *, cluster: KubeCluster, listener: BackendListener
+    ) -> None:
+        if model.kubernetes is None:
+            raise ValueError(f"model {model.name} has no kubernetes target")
+        self._model = model.name
+        self._target: KubernetesTarget = model.kubernetes
+        self._cluster = cluster
+        self._tuning: KubeTuning = cluster.tuning
+        self._listener = listener
+        self._resource = "statefulsets" if self._target.kind == "StatefulSet" else "deployments"
+        self._where = f"{self._target.kind} {self._target.namespace}/{self._target.name}"
+        self._wanted = False
+        self._wake: Wake | None = None
+        self._own_rv = 0
+        self._replicas: int | None = None  # spec.replicas as last seen
+        self._selector: dict[str, str] = {}
+        self._lines: deque[str] = deque(maxlen=self._tuning.log_lines)
+        self._pod_summaries: dict[str, str] = {}
+        self._unreachable: set[str] = set()
+        self._informers: dict[str, Informer] = {}
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._pods_changed = asyncio.Event()
+        self._restore_task: asyncio.Task[None] | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    # -- the Backend interface ---------------------------------------------------------
+
+    async def discover(self) -> str | None:
+        await self._ensure_watching()
+        workload = await self._call("get", self._resource, self._read_fn())
+        self._observe_workload(workload)
+        spec, status = workload.get("spec") or {}, workload.get("status") or {}
+        replicas, ready = int(spec.get("replicas") or 0), int(status.get("readyReplicas") or 0)
+        if replicas >= 1 and (ready >= 1 or self._pods()):
+            log.info("kubernetes: %s %s already running (replicas=%d ready=%d): adopting",
+                     self._model, self._where, replicas, ready)
+            self._begin_wake()
+            self._refresh_pods()
+            return self._target.url
+        return None
+
+    async def start(self) -> str:
+        await self._ensure_watching()
+        self._begin_wake()
+        scale = await self._call("get", f"{self._resource}/scale", self._scale_fn("read"))
+        replicas = int((scale.get("spec") or {}).get("replicas") or 0)
+        if replicas >= 1:
+            log.info("kubernetes: %s %s already at replicas=%d; waiting for it",
+                     self._model, self._where, replicas)
+        else:
+            await self._scale_to(1)
+            self._listener.backend_phase("scale_requested")
+            self._line(f"scaled {self._where} to 1")
+        self._refresh_pods()
+        return self._target.url
+
+    async def stop(self) -> None:
+        self._wanted = False
+        self._wake = None
+        self._cancel_timer()
+        await self._cancel_restore()
+        await self._ensure_watching()
+        await self._scale_to(0)
+        self._line(f"scaled {self._where} to 0")
+        try:
+            async with asyncio.timeout(self._tuning.stop_timeout):
+                await self._wait_pods_gone()
+        except TimeoutError:
+            names = ", ".join(sorted(p["metadata"]["name"] for p in self._pods()))
+            raise BackendError(
+                f"{self._where}: pods still present {self._tuning.stop_timeout:g}s after "
+                f"scaling to 0: {names or '(per the API)'}"
+            ) from None
+        log.info("kubernetes: %s %s stopped: no pods left", self._model, self._where)
+
+    def log_tail(self) -> list[str]:
+        return list(self._lines)
+
+    async def aclose(self) -> None:
+        self._cancel_timer()
+        await self._cancel_restore()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
+
+    # -- API calls -----------------------------------------------------------------------
+
+    def _read_fn(self) -> ApiFunction:
+        apps = self._cluster.apps
+        if self._resource == "statefulsets":
+            return apps.read_namespaced_stateful_set
+        return apps.read_namespaced_deployment
+
+    def _scale_fn(self, verb: str) -> ApiFunction:
+        kind = "stateful_set" if self._resource == "statefulsets" else "deployment"
+        return getattr(self._cluster.apps, f"{verb}_namespaced_{kind}_scale")  # type: ignore[no-any-return]
+
+    async def _call(self, verb: str, resource: str, fn: ApiFunction, *args: object,
+                    **kwargs: object) -> Obj:
+        op = Op(verb=verb, resource=resource, namespace=self._target.namespace,
+                name=self._target.name)
+        return await self._cluster.call(
+            op, fn, self._target.name, self._target.namespace, *args, **kwargs
+        )
+
+    async def _scale_to(self, replicas: int) -> None:
+        """PATCH the scale subresource (a JSON merge patch of spec.replicas only)."""
+        scale = await self._call(
+            "patch", f"{self._resource}/scale", self._scale_fn("patch"),
+            {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH,
+        )
+        rv = _rv(scale)
+        self._own_rv = max(self._own_rv, rv)
+        log.info("kubernetes: %s %s scaled to %d (resourceVersion %d)",
+                 self._model, self._where, replicas, rv)
+
+    # -- watches -------------------------------------------------------------------------
+
+    async def _ensure_watching(self) -> None:
+        """Subscribe to the shared informers once and wait for their first list, bounded
+        by the request timeout; RBAC and other lasting errors fail at once."""
+        if not self._informers:
+            ns = self._target.namespace
+            for resource in (self._resource, "pods", "events"):
+                informer = self._cluster.informer(resource, ns)
+                self._informers[resource] = informer
+                self._unsubscribe.append(informer.subscribe(self))
+                # Catch up with what the informer already holds (another model's backend
+                # may have started it long ago).
+                for obj in list(informer.objects.values()):
+                    self.informer_event(resource, "ADDED", obj)
+        try:
+            async with asyncio.timeout(self._cluster.settings.request_timeout):
+                for informer in self._informers.values():
+                    while not informer.synced.is_set():
+                        attempted = informer.attempted()
+                        if isinstance(informer.last_error, LastingApiError):
+                            raise informer.last_error
+                        await attempted.wait()
+        except TimeoutError:
+            failing = [i for i in self._informers.values() if not i.synced.is_set()]
+            reason = failing[0].last_error if failing else None
+            raise BackendError(
+                f"{self._where}: cannot observe the workload: "
+                f"{reason or 'the Kubernetes API did not answer'}"
+            ) from None
+
+    def informer_reachable(self, resource: str, reachable: bool) -> None:
+        was_unknown = bool(self._unreachable)
+        if reachable:
+            self._unreachable.discard(resource)
+        else:
+            self._unreachable.add(resource)
+        if was_unknown != bool(self._unreachable):
+            unknown = bool(self._unreachable)
+            log.warning("kubernetes: %s %s: API %s", self._model, self._where,
+                        "unreachable: state unknown" if unknown else "reachable again")
+            self._line("Kubernetes API unreachable" if unknown else "Kubernetes API reachable")
+            self._listener.backend_unknown(unknown)
+
+    def informer_event(self, resource: str, event_type: str, obj: Obj) -> None:
+        if resource == self._resource:
+            if obj.get("metadata", {}).get("name") == self._target.name:
+                self._workload_event(event_type, obj)
+        elif resource == "pods":
+            if labels_match(self._selector, obj):
+                self._pod_event(event_type, obj)
+        elif resource == "events":
+            self._event_event(obj)
+
+    # -- the workload: reverts and manual scale-ups ------------------------------------------
+
+    def _observe_workload(self, obj: Obj) -> tuple[int | None, int]:
+        previous = self._replicas
+        self._replicas = int((obj.get("spec") or {}).get("replicas") or 0)
+        labels = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        if labels != self._selector:
+            self._selector = dict(labels)
+            self._refresh_pods()
+        return previous, self._replicas
+
+    def _workload_event(self, event_type: str, obj: Obj) -> None:
+        if event_type == "DELETED":
+            self._line(f"{self._where} was deleted")
+            if self._wanted:
+                self._fail("deleted", f"{self._where} was deleted while the model is wanted")
+            self._replicas = None
+            return
+        previous, replicas = self._observe_workload(obj)
+        if previous is None or previous == replicas or _rv(obj) <= self._own_rv:
+            return  # first sight, a status-only update, or our own write
+        self._line(f"{self._where}: replicas {previous} -> {replicas} (by another client)")
+        if self._wanted and replicas == 0:
+            self._reverted()
+        elif not self._wanted and previous == 0 and replicas >= 1:
+            log.info("kubernetes: %s %s scaled to %d by someone else: adopting",
+                     self._model, self._where, replicas)
+            self._begin_wake()
+            self._listener.backend_appeared()
+
+    def _reverted(self) -> None:
+        wake = self._wake or self._begin_wake()
+        wake.reverts += 1
+        log.warning(
+            "kubernetes: %s %s: replicas set to 0 by another client while the model is "
+            "wanted (revert %d); scaling up again. Fix: %s",
+            self._model, self._where, wake.reverts, ARGO_FIX.format(kind=self._target.kind),
+        )
+        self._listener.backend_reverted()
+        if wake.reverts > self._tuning.revert_limit:
+            self._fail("reverts", (
+                f"{self._where}: replicas reverted to 0 {wake.reverts} times by another "
+                f"controller; {ARGO_FIX.format(kind=self._target.kind)}"
+            ))
+            return
+        if self._restore_task is None or self._restore_task.done():
+            self._restore_task = asyncio.create_task(
+                self._restore(wake.reverts), name=f"kube-restore-{self._model}"
+            )
+            self._restore_task.add_done_callback(self._restore_done)
+
+    async def _restore(self, attempt: int) -> None:
+        # Backoff grows with each revert in this wake: a GitOps controller that syncs on a
+        # loop is not fought at full speed. Bounded by retry.max_wait.
+        retry = self._tuning.retry
+        delay = min(retry.max_wait, retry.initial * 2 ** (attempt - 1))
+        await asyncio.sleep(random.uniform(0, delay))
+        if not self._wanted:
+            return
+        try:
+            await self._scale_to(1)
+        except BackendError as exc:
+            self._fail("restore", f"{self._where}: replicas reverted to 0 and could not be "
+                       f"restored: {exc}")
+            return
+        self._line(f"scaled {self._where} back to 1 after a revert")
+
+    def _restore_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("kubernetes: %s restore task died", self._model, exc_info=task.exception())
+
+    async def _cancel_restore(self) -> None:
+        task, self._restore_task = self._restore_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- pods: phases and failures -------------------------------------------------------
+
+    def _pods(self) -> list[Obj]:
+        informer = self._informers.get("pods")
+        if informer is None:
+            return []
+        return [p for p in informer.objects.values() if labels_match(self._selector, p)]
+
+    def _pod_event(self, event_type: str, pod: Obj) -> None:
+        name = pod["metadata"]["name"]
+        self._pulse_pods()
+        if event_type == "DELETED":
+            self._pod_summaries.pop(name, None)
+            self._line(f"pod {name} deleted")
+            if self._wake is not None:
+                self._wake.signals.pop(name, None)
+                self._wake.unschedulable_since.pop(name, None)
+            return
+        view = view_pod(pod)
+        if self._pod_summaries.get(name) != view.summary:
+            self._pod_summaries[name] = view.summary
+            self._line(view.summary)
+        self._assess_pod(pod)
+
+    def _refresh_pods(self) -> None:
+        for pod in self._pods():
+            self._assess_pod(pod)
+
+    def _assess_pod(self, pod: Obj) -> None:
+        wake = self._wake
+        if not self._wanted or wake is None:
+            return
+        view = view_pod(pod)
+        if view.terminating:
+            return
+        reached = {"scheduled": view.scheduled, "image_pulled": view.image_pulled,
+                   "started": view.started}
+        # Report in wake order even when several are seen at once (a cached Running pod).
+        for phase in PHASES:
+            if reached[phase]:
+                self._phase(phase)
+        if view.failure and view.failure_key:
+            self._fail(view.failure_key, view.failure)
+        if view.unschedulable:
+            signals = wake.signals.setdefault(view.name, SchedulingSignals())
+            signals.failed_scheduling = signals.failed_scheduling or view.unschedulable
+        if not view.scheduled and view.name in wake.signals:
+            self._judge_scheduling(view.name)
+        self._listener.backend_progress()
+
+    def _phase(self, phase: str) -> None:
+        wake = self._wake
+        if wake is not None and phase not in wake.phases:
+            wake.phases.add(phase)
+            log.info("kubernetes: %s wake phase %s", self._model, phase)
+            self._listener.backend_phase(phase)
+
+    def _fail(self, key: str, reason: str) -> None:
+        """Report a failure once per wake (pod status and events repeat themselves)."""
+        wake = self._wake
+        if wake is not None:
+            if key in wake.reported:
+                return
+            wake.reported.add(key)
+        log.warning("kubernetes: %s %s: %s", self._model, self._where, reason)
+        self._line(f"failed: {reason}")
+        self._listener.backend_failed(reason)
+
+    # -- events: scheduling verdicts, pulls, the log tail ----------------------------------
+
+    def _event_event(self, event: Obj) -> None:
+        involved = event.get("involvedObject") or {}
+        kind, name = involved.get("kind"), str(involved.get("name") or "")
+        pods = self._informers.get("pods")
+        pod = pods.objects.get(name) if pods is not None else None
+        if kind == "Pod":
+            ours = labels_match(self._selector, pod) if pod is not None else owns_pod_name(
+                self._target.kind, self._target.name, name)
+        else:
+            ours = name == self._target.name or (
+                kind == "ReplicaSet" and name.startswith(f"{self._target.name}-"))
+        if not ours:
+            return
+        self._line(event_line(event))
+        wake = self._wake
+        if kind != "Pod" or not self._wanted or wake is None or pod is None:
+            return
+        # Events outlive pods; a StatefulSet reuses pod names: only this pod's own events.
+        if event_time(event) < str(pod["metadata"].get("creationTimestamp") or ""):
+            return
+        reason, message = str(event.get("reason") or ""), str(event.get("message") or "")
+        if reason == "Pulled":
+            self._phase("scheduled")
+            self._phase("image_pulled")
+        elif reason == "FailedScheduling" or reason in AUTOSCALER_REASONS:
+            wake.signals.setdefault(name, SchedulingSignals()).note(reason, message)
+            if not view_pod(pod).scheduled:
+                self._judge_scheduling(name)
+
+    def _judge_scheduling(self, pod: str) -> None:
+        wake = self._wake
+        if wake is None:
+            return
+        loop = asyncio.get_running_loop()
+        since = wake.unschedulable_since.setdefault(pod, loop.time())
+        waited = loop.time() - since
+        grace = self._tuning.scheduling_grace
+        failure = scheduling_failure(wake.signals[pod], waited=waited, grace=grace)
+        if failure is not None:
+            self._fail(f"{pod}:scheduling", f"pod {pod}: {failure}")
+        elif wake.signals[pod].triggered_scale_up is None and self._grace_timer is None:
+            # Wake up when the grace ends, to judge a pod nobody says anything more about.
+            self._grace_timer = loop.call_later(grace - waited + 0.01, self._grace_over)
+
+    def _grace_over(self) -> None:
+        self._grace_timer = None
+        self._refresh_pods()
+
+    def _cancel_timer(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _begin_wake(self) -> Wake:
+        self._wanted = True
+        self._cancel_timer()
+        self._wake = Wake(started_at=asyncio.get_running_loop().time())
+        return self._wake
+
+    def _line(self, text: str) -> None:
+        self._lines.append(text)
+
+    def _pulse_pods(self) -> None:
+        self._pods_changed.set()
+        self._pods_changed = asyncio.Event()
+
+    async def _wait_pods_gone(self) -> None:
+        """Until no pod of the workload exists (terminating ones included: the GPU is
+        only free once the pod is deleted). The cache is confirmed with one list, since
+        a lagging watch could show no pods before it shows the new one."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(self._selector.items()))
+        while True:
+            changed = self._pods_changed
+            if not self._pods():
+                listing = await self._cluster.call(
+                    Op(verb="list", resource="pods", namespace=self._target.namespace),
+                    self._cluster.core.list_namespaced_pod, self._target.namespace,
+                    label_selector=selector,
+                )
+                if not listing.get("items"):
+                    return
+            # Woken by the next pod event; the timeout only re-confirms if the watch lags.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await changed.wait()
+
+
+def _rv(obj: Obj) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
