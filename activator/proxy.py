@@ -22,6 +22,7 @@ from activator.errors import (
     ActivatorError,
     BadRequest,
     BodyTooLarge,
+    ModelUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -127,8 +128,19 @@ class Proxy:
         keepalive = model.settings.stream_keepalive
         if streaming and keepalive:
             return await self._held_stream(request, ex, model, body, keepalive)
-        lease = await model.acquire()
+        lease = await self._acquire(ex, model)
         return await self._forward(request, ex, lease, body, None)
+
+    async def _acquire(self, ex: Exchange, model: Model) -> Lease:
+        """`model.acquire()`, noting a hold that ends without a lease (the start failed or
+        timed out, shutdown, the client left): that request was held for a wake too, and
+        its headers, metrics and log line say so and for how long."""
+        started = time.monotonic()
+        try:
+            return await model.acquire()
+        except (ModelUnavailable, asyncio.CancelledError):
+            ex.cold, ex.held = True, time.monotonic() - started
+            raise
 
     async def _read_body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > self._max_body:
@@ -147,7 +159,7 @@ class Proxy:
         answers with the engine's own status and headers. Never emits `id:` fields (the
         OpenAI SDK would start to track them).
         """
-        acquiring = asyncio.ensure_future(model.acquire())
+        acquiring = asyncio.ensure_future(self._acquire(ex, model))
         response: web.StreamResponse | None = None
         started = time.monotonic()
         try:
@@ -160,6 +172,8 @@ class Proxy:
                         status=200,
                         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
                     )
+                    # The hold is not over: the header carries the hold so far.
+                    ex.held = time.monotonic() - started
                     response.headers.update(self._headers(ex, cold=True))
                     await response.prepare(request)
                 waited = time.monotonic() - started
@@ -214,11 +228,12 @@ class Proxy:
                 return await self._relay_stream(request, ex, lease, upstream, response)
         except aiohttp.ClientPayloadError as exc:
             raise self._upstream_error(model, "disconnect", lease, exc) from exc
-        except aiohttp.ClientConnectionError as exc:
-            raise self._upstream_error(model, "connect", lease, exc) from exc
         except TimeoutError as exc:
+            # Before ClientConnectionError: aiohttp's read timeouts are both.
             self._metrics.upstream_errors.labels(model=model.name, kind="timeout").inc()
             raise UpstreamTimeout(f"model {model.name!r} did not answer in time") from exc
+        except aiohttp.ClientConnectionError as exc:
+            raise self._upstream_error(model, "connect", lease, exc) from exc
         finally:
             lease.release()
 
@@ -242,7 +257,10 @@ class Proxy:
                 await response.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone: the error travels inside the stream, and the stream ends.
-            kind = "cut" if lease.cut_reason else "disconnect"
+            if lease.cut_reason:
+                kind = "cut"
+            else:
+                kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
             error = self._upstream_error(lease.model, kind, lease, exc)
             ex.status = error.status
             await response.write(sse_error_event(error))
