@@ -91,8 +91,8 @@ class Metrics:
         self.wake_phase_duration = Histogram(
             "activator_wake_phase_duration_seconds",
             "Time from the start of a wake to each phase it reached (process: spawned, "
-            "healthy, ready; kubernetes: scale_requested, scheduled, image_pulled, "
-            "started, healthy, ready).",
+            "launched, ready; kubernetes: scale_requested, launched, scheduled, "
+            "image_pulled, started, ready).",
             ["model", "phase"],
             buckets=WAKE_BUCKETS,
             registry=r,
@@ -135,7 +135,7 @@ class Metrics:
         self.upstream_errors = Counter(
             "activator_upstream_errors",
             "Failures talking to an engine: connect, timeout, disconnect (mid-response), "
-            "cut (stream cut by a drain timeout or shutdown).",
+            "cut (stream cut by a drain timeout or shutdown), engine_died (while ready).",
             ["model", "kind"],
             registry=r,
         )
