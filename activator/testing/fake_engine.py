@@ -283,6 +283,11 @@ def completion_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iter
 # ---- handlers ----
 
 
+def request_id(request: web.Request) -> str:
+    """vLLM bases completion ids on the caller's X-Request-Id when there is one."""
+    return request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     options = request.app[OPTIONS]
     body = await read_body(request, options=options)
@@ -296,7 +301,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens=max_tokens_of(body, "max_completion_tokens", "max_tokens"),
     )
     head = {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "id": f"chatcmpl-{request_id(request)}",
         "created": int(time.time()),
         "model": options.served_model_name,
     }
@@ -320,7 +325,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         text_of(body["prompt"]), options=options, max_tokens=max_tokens_of(body, "max_tokens")
     )
     head = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
+        "id": f"cmpl-{request_id(request)}",
         "object": "text_completion",
         "created": int(time.time()),
         "model": options.served_model_name,
