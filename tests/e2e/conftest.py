@@ -157,6 +157,18 @@ class Activator:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def diagnostics(self) -> str:
+        """activator's own log tail and each engine's, for reading after a failure."""
+        parts = [f"--- activator log ({self.log_path}) ---", self.log_tail()]
+        for model in self.engine_tags:
+            try:
+                status, body = http("GET", f"{self.url}/admin/models/{model}/logs", timeout=5)
+                lines = json.loads(body).get("lines", []) if status == 200 else [f"HTTP {status}"]
+            except (OSError, ValueError) as error:  # diagnostics must not mask the failure
+                lines = [f"logs unavailable: {error!r}"]
+            parts += [f"--- engine log of {model} ---", *map(str, lines[-40:])]
+        return "\n".join(parts)
+
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
@@ -289,6 +301,8 @@ def activator_factory(
             poll(ready, timeout=ACTIVATOR_READY_BUDGET, what="activator /readyz")
             yield activator
         finally:
+            # Shown by pytest only when a test using this activator failed.
+            print(activator.diagnostics())
             stop_activator(process)
             leftovers = kill_leftovers(tags)
         assert not leftovers, (

@@ -236,6 +236,7 @@ def test_idle_model_is_stopped_and_leaves_no_vllm_process(
     os.environ.get("ACTIVATOR_E2E_SKIP_POOL") == "1",
     reason="ACTIVATOR_E2E_SKIP_POOL=1 (this test starts vLLM three times)",
 )
+@pytest.mark.timeout(3 * ENGINE_START_BUDGET + 2 * SHUTDOWN_BUDGET)  # three cold starts
 def test_pool_of_one_gpu_swaps_between_two_real_engines(
     activator_factory: ActivatorFactory,
 ) -> None:
@@ -243,7 +244,7 @@ def test_pool_of_one_gpu_swaps_between_two_real_engines(
     names = {"tiny-a": "tiny-a-served", "tiny-b": "tiny-b-served"}
     models = {
         name: model_config(
-            template, served_name=served, tag=new_tag(), pool="cpu", min_residency="0s"
+            template, served_name=served, tag=new_tag(), pool="cpu", min_residency="1s"
         )
         for name, served in names.items()
     }

