@@ -1,0 +1,120 @@
+"""`activator serve` as a real subprocess on a free loopback port, for CLI and shutdown tests.
+
+The in-process harness (tests/harness.py) covers behaviour; these tests need what only a
+real process shows: signal handling, exit codes, the console entry points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.harness import engine_pids, wait_for
+
+# Bounds every wait on a process; a healthy run needs a small fraction of it.
+PROCESS_WAIT_S = 30.0
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the server binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    process: asyncio.subprocess.Process
+    url: str
+    log: Path  # the server's stderr, for failure messages
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def exit_code(self) -> int:
+        async with asyncio.timeout(PROCESS_WAIT_S):
+            return await self.process.wait()
+
+
+async def run_cli(
+    *args: str, program: Sequence[str] = (sys.executable, "-m", "activator")
+) -> tuple[int, str, str]:
+    """Run `python -m activator ARGS` to completion: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        *program,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(PROCESS_WAIT_S):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    config: dict[str, Any], *, workdir: Path, engines: Sequence[str]
+) -> AsyncIterator[Served]:
+    """Run `activator serve` with `config` (its server.port is filled in) until ready.
+
+    On the way out the server is stopped with SIGTERM if it still runs, and, should a
+    test have failed half-way, engines it left (found by their served names) are killed
+    so they cannot leak into other tests.
+    """
+    port = free_port()
+    config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
+    path = workdir / "activator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = workdir / "activator.log"
+    with log.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "activator",
+            "serve",
+            "--config",
+            str(path),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+        )
+    served = Served(process=process, url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                if process.returncode is not None:
+                    raise AssertionError(f"activator exited early:\n{served.output()}")
+                try:
+                    async with session.get(served.url + "/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_for(ready, timeout=PROCESS_WAIT_S, what="activator serve /readyz")
+        yield served
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await served.exit_code()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        for name in engines:
+            for pid in engine_pids(name):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
