@@ -128,13 +128,6 @@ async def test_stop_kills_the_whole_process_group_not_only_the_leader(
     assert not engine_pids(served)
 
 
-@pytest.mark.xfail(
-    reason="ProcessBackend._watch_exit awaits asyncio's Process.wait(), which on the default "
-    "event loop (CPython before gh-119710; uvloop is unaffected) returns only once the "
-    "child's pipes are closed too: a leader that dies while a forked worker still holds "
-    "its stdout is not noticed until the worker exits",
-    strict=False,  # passes where Process.wait() returns on exit alone
-)
 async def test_leader_dying_is_noticed_while_a_forked_child_holds_its_output(
     activator: ActivatorFactory,
 ) -> None:

@@ -45,6 +45,14 @@ def build_command(target: ProcessTarget, *, port: int) -> list[str]:
     return argv
 
 
+def redacted(argv: list[str], secret: str | None) -> list[str]:
+    """The command for logs: the engine's API key (upstream_api_key, often also passed as
+    `--api-key`) is a secret and never written to a log."""
+    if not secret:
+        return argv
+    return [arg.replace(secret, "***") for arg in argv]
+
+
 class ProcessBackend:
     kind = "process"
 
@@ -77,7 +85,9 @@ class ProcessBackend:
         self._port = port
         self._stopping = False
         self._log.clear()
-        logger.info("model=%s spawning %s", self._model.name, argv)
+        logger.info(
+            "model=%s spawning %s", self._model.name, redacted(argv, self._model.upstream_api_key)
+        )
         self._proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
@@ -118,12 +128,13 @@ class ProcessBackend:
     async def _watch_exit(
         self, proc: asyncio.subprocess.Process, reader: asyncio.Task[None]
     ) -> None:
-        code = await proc.wait()
+        code = await _exited(proc)
         if not self._stopping:
             # Let the reader collect the last lines the engine printed (its pipe may be
             # held open by a grandchild, hence the bound).
             await asyncio.wait({reader}, timeout=0.5)
-            self._listener.backend_failed(f"engine process exited with code {code}")
+            how = "exited" if code is None else f"exited with code {code}"
+            self._listener.backend_failed(f"engine process {how}")
 
     async def stop(self) -> None:
         proc, self._stopping = self._proc, True
@@ -132,7 +143,7 @@ class ProcessBackend:
         if proc.returncode is None:
             self._signal_group(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout=self._target.stop_grace)
+                await asyncio.wait_for(_exited(proc), timeout=self._target.stop_grace)
             except TimeoutError:
                 logger.warning(
                     "model=%s engine ignored SIGTERM for %.0fs; killing its process group",
@@ -141,7 +152,7 @@ class ProcessBackend:
                 )
         # Children may outlive the leader; the group goes in any case.
         self._signal_group(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await _exited(proc)
         await self._tasks.aclose()
         self._proc = None
         logger.info("model=%s engine stopped (exit code %s)", self._model.name, proc.returncode)
@@ -156,3 +167,30 @@ class ProcessBackend:
 
     async def aclose(self) -> None:
         await self._tasks.aclose()
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int | None:
+    """Wait until the engine process itself has exited; return its exit code if known.
+
+    `Process.wait()` also waits for the output pipe to close, which never happens while a
+    worker the engine forked still holds it (vLLM's engine core does). A pidfd becomes
+    readable the moment the process exits: an event, not a poll.
+    """
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the process is already gone
+        return await proc.wait()
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.returncode
