@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # bounds both the load on a slow-starting engine and the overhead on a long start. A
 # `nudge` (the engine printed a line, a pod became Ready) probes at once.
 FIRST_INTERVAL = 0.02
-MAX_INTERVAL = 0.5
+MAX_INTERVAL = 0.25
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
@@ -43,8 +43,11 @@ async def wait_ready(
     serve `served_model_name` (a configuration error no retry fixes).
     """
     interval = FIRST_INTERVAL
-    while not await _healthy(session, url + health_path):
+    while True:
+        # Cleared before the probe, so a nudge that arrives while it runs is not lost.
         nudge.clear()
+        if await _healthy(session, url + health_path):
+            break
         try:
             await asyncio.wait_for(nudge.wait(), timeout=interval)
         except TimeoutError:
