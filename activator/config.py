@@ -143,6 +143,12 @@ def _positive(parse: Callable[[object], _Number]) -> Callable[[object], _Number]
 _duration, _size = _positive(parse_duration), _positive(parse_size)
 
 
+def _duration_or_zero(value: object) -> float:
+    if (number := parse_duration(value)) < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _optional(convert: Converter) -> Converter:
     return lambda value: None if value is None else convert(value)
 
@@ -270,7 +276,7 @@ DEFAULTABLE_KEYS: Mapping[str, Converter] = {
     "health_path": _path,
     "stream_keepalive": _keepalive,
     "upstream_read_timeout": _duration,
-    "min_residency": _duration,
+    "min_residency": _duration_or_zero,  # 0: a running model has no protected time
     "drain_timeout": _duration,
     "max_wait": _duration,
     "upstream_api_key": _optional(_text),

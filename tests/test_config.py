@@ -665,3 +665,14 @@ def test_empty_or_non_mapping_file(tmp_path: Path, text: str, expected: str) -> 
     with pytest.raises(ConfigError) as caught:
         load_config(path, environ={})
     assert caught.value.problems == [expected.replace("<file>", str(path))]
+
+
+def test_min_residency_may_be_zero_but_not_negative() -> None:
+    base = {"models": {"a": {"process": {"command": ["x", "{port}"]}}}}
+    settings = parse_config({**base, "defaults": {"min_residency": "0s"}}, environ={})
+    assert settings.models["a"].min_residency == 0.0
+    with pytest.raises(ConfigError, match=r"models\.a\.min_residency"):
+        parse_config(
+            {"models": {"a": {"min_residency": -1, "process": {"command": ["x", "{port}"]}}}},
+            environ={},
+        )
