@@ -130,6 +130,7 @@ class Model:
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
+        metrics.add_model(self.name, backend=settings.backend_kind)
         self._update_held()
 
     @property

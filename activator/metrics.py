@@ -142,6 +142,14 @@ class Metrics:
         self.build_info = Info("activator_build", "activator build information.", registry=r)
         self.build_info.info({"version": __version__})
 
+    def add_model(self, model: str, *, backend: str) -> None:
+        """Create a model's wake series at zero, before its first wake. rate() and
+        increase() count an observation only if the series had a sample before it, so
+        without this a model's first wake would be missing from wake-latency panels and
+        alerts. Only the outcomes those read: each series is a whole histogram."""
+        for outcome in ("ready", "failed", "timeout"):
+            self.wake_duration.labels(model=model, backend=backend, outcome=outcome)
+
     def set_state(self, model: str, state: str) -> None:
         for s in MODEL_STATES:
             self.model_state.labels(model=model, state=s).set(1 if s == state else 0)
