@@ -319,7 +319,17 @@ class Proxy:
         if self._access_log == "json":
             access_logger.info("%s", json.dumps(record))
         else:
-            access_logger.info("%s", " ".join(f"{k}={v}" for k, v in record.items()))
+            access_logger.info("%s", " ".join(f"{k}={_text(v)}" for k, v in record.items()))
+
+
+def _text(value: object) -> str:
+    """A value of the text access log as its JSON twin spells it (true, not True); a
+    missing one as `-`, as web servers' logs do."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _request_id(request: web.Request) -> str:
