@@ -20,6 +20,7 @@ from activator.config import ConfigError, load_config
 logger = logging.getLogger("activator")
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+LISTEN_BACKLOG = 4096
 
 
 def embedded_config() -> Path:
@@ -97,6 +98,10 @@ def _serve(config: str | None, log_level: str) -> int:
         port=server.port,
         shutdown_timeout=server.shutdown_grace,
         handler_cancellation=True,  # a client that disconnects cancels its held request
+        # aiohttp's default of 128 pending connections overflows when thousands of clients
+        # arrive at once for a cold model: the kernel drops their SYNs and they retry after
+        # 1, 3, 7... s or fail. The kernel caps this at net.core.somaxconn.
+        backlog=LISTEN_BACKLOG,
         access_log=None,  # we log one richer line per proxied request ourselves
         print=None,
         loop=loop,
