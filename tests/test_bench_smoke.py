@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end in their --smoke mode, so they do not rot.
+
+Not timed tests: no figure is asserted, only that each script completes, prints its
+table and writes its JSON and PNG. Peers that are not installed (nginx, wrk, LiteLLM)
+are skipped by the script with a message, never a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_smoke(script: str, *args: str, out: Path, timeout: float) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def written(out: Path, name: str) -> dict[str, object]:
+    assert (out / f"{name}.png").stat().st_size > 0
+    data: dict[str, object] = json.loads((out / f"{name}.json").read_text())
+    machine = data["machine"]
+    assert isinstance(machine, dict) and machine["cores"] and machine["python"]
+    return data
+
+
+@pytest.mark.timeout(240)
+def test_overhead_smoke_measures_direct_and_activator_and_skips_missing_peers(
+    tmp_path: Path,
+) -> None:
+    stdout = run_smoke("overhead.py", out=tmp_path, timeout=220)
+    data = written(tmp_path, "overhead-smoke")
+    summary = data["summary"]
+    assert isinstance(summary, dict)
+    for by_peer in summary["stream_chunks_per_s"].values():
+        assert by_peer["direct"] and by_peer["activator"]
+    assert "| target" in stdout
+
+
+@pytest.mark.timeout(120)
+def test_cold_start_smoke_reports_wake_overhead_from_the_engine_log(tmp_path: Path) -> None:
+    stdout = run_smoke("cold_start.py", "--local", out=tmp_path, timeout=100)
+    data = written(tmp_path, "cold_start-smoke")
+    trials = data["trials"]
+    assert isinstance(trials, dict)
+    for runs in trials.values():
+        assert all(r["engine_ready_source"] == "engine log" for r in runs)
+        assert all(r["wake_overhead_s"] is not None for r in runs)
+    assert "wake overhead" in stdout
+
+
+@pytest.mark.timeout(120)
+def test_burst_smoke_answers_every_held_request_with_one_start(tmp_path: Path) -> None:
+    run_smoke("burst.py", out=tmp_path, timeout=100)
+    result = written(tmp_path, "burst-smoke")["result"]
+    assert isinstance(result, dict)
+    assert result["lost"] == 0
+    assert result["engine_starts"] == 1
