@@ -122,8 +122,12 @@ class Sampler(threading.Thread):
             queued = int(described["queued"])
             self.samples.append((time.time(), queued, rss))
             self.peak_rss = max(self.peak_rss, rss)
+            # RSS keeps growing for a moment after the last request is queued (buffers,
+            # GC): take the highest RSS seen while the most requests were held.
             if queued > self.peak_queued:
                 self.peak_queued, self.rss_at_peak_queued = queued, rss
+            elif queued == self.peak_queued:
+                self.rss_at_peak_queued = max(self.rss_at_peak_queued, rss)
             if described["state"] == "ready" and self.ready_seen is None:
                 self.ready_seen = time.time()
             self.stop.wait(0.05)
