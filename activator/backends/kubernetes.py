@@ -362,7 +362,9 @@ class KubernetesBackend:
             if reached[phase]:
                 self._phase(phase)
         if view.failure and view.failure_key:
+            # No progress nudge with a failure: there is nothing to probe.
             self._fail(view.failure_key, view.failure)
+            return
         if view.unschedulable:
             signals = wake.signals.setdefault(view.name, SchedulingSignals())
             signals.failed_scheduling = signals.failed_scheduling or view.unschedulable

@@ -1,0 +1,140 @@
+"""The whole activator on the Kubernetes backend: the fake API server, its simulated
+kubelet running stand-in engines, a real activator on loopback and the official client."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+
+from activator.testing.fake_kube import FakeKube
+from tests.conftest import ActivatorFactory
+from tests.harness import Running, chat, post
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[FakeKube]:
+    """Requested before `activator` in every test: the cluster outlives the activator,
+    whose shutdown scales its models down through the API."""
+    async with FakeKube(gpus=1) as fake:
+        yield fake
+
+
+def kube_model(kube: FakeKube, name: str, **keys: Any) -> dict[str, Any]:
+    """Adds the Deployment to the fake cluster and returns the model's config block."""
+    workload = kube.add_workload(name, served_model_name=f"{name}-served", gpu=True)
+    return {
+        "kubernetes": {"namespace": "serving", "deployment": name, "url": workload.url},
+        "served_model_name": f"{name}-served",
+        "startup_timeout": "60s",
+        **keys,
+    }
+
+
+async def start(activator: ActivatorFactory, kube: FakeKube,
+                models: dict[str, dict[str, Any]], **top: Any) -> Running:
+    return await activator({
+        "kubernetes": {"kubeconfig": kube.kubeconfig, "request_timeout": "5s"},
+        "models": models,
+        **top,
+    })
+
+
+def client(running: Running) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=running.v1, api_key="unused", max_retries=0)
+
+
+async def test_cold_request_scales_the_deployment_and_is_answered(
+    kube: FakeKube, activator: ActivatorFactory, record_property: Any
+) -> None:
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert kube.replicas("coder") == 0
+    async with client(running) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="coder", messages=[{"role": "user", "content": "hello"}], stream=True
+        )
+        first_byte: float | None = None
+        async for _chunk in stream:
+            first_byte = first_byte or time.monotonic()
+    assert kube.replicas("coder") == 1
+    ready_at = kube.ready_time("coder")
+    assert first_byte is not None and ready_at is not None
+    # Reported, not asserted: the wake overhead of this backend (pod Ready -> first byte).
+    overhead = first_byte - ready_at
+    record_property("wake_overhead_seconds", round(overhead, 4))
+    log.info("wake overhead (pod Ready -> first byte): %.1f ms", overhead * 1000)
+    writes = [(r.verb, r.resource) for r in kube.requests if r.method != "GET"]
+    assert writes == [("patch", "deployments/scale")]
+
+
+async def test_idle_model_is_scaled_to_zero_and_its_pod_deleted(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder",
+                                                                 idle_timeout="0.5s")})
+    status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200
+    await kube.wait_until(lambda: kube.replicas("coder") == 0 and not kube.pods("coder"))
+
+
+async def test_pool_swap_waits_for_the_old_pod_to_be_deleted(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """Two Deployments on a 1-GPU pool: B's pod is only created once A's is gone, so it
+    never sits in FailedScheduling for want of the GPU."""
+    models = {
+        name: kube_model(kube, name, pool="gpu", min_residency="10ms", drain_timeout="30s")
+        for name in ("a", "b")
+    }
+    running = await start(activator, kube, models, pools={"gpu": {"gpus": 1}})
+    for name in ("a", "b", "a"):
+        status, body, _ = await post(running, "/v1/chat/completions", chat(name))
+        assert status == 200, body
+    assert (kube.replicas("a"), kube.replicas("b")) == (1, 0)
+    assert kube.max_gpus_in_use == 1
+    assert not [e for e in kube.events() if e["reason"] == "FailedScheduling"]
+
+
+async def test_start_failure_reason_reaches_the_held_request(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    kube.fail_image_pull("coder")
+    status, body, _ = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 503
+    assert "ImagePullBackOff" in body["error"]["message"]
+
+
+async def test_gitops_revert_is_undone_and_counted(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200
+    (first,) = [p["metadata"]["name"] for p in kube.pods("coder")]
+    kube.scale("coder", 0)  # Argo CD without RespectIgnoreDifferences
+    await kube.wait_until(lambda: any(
+        p["metadata"]["name"] != first and bool(p["status"].get("containerStatuses"))
+        and p["status"]["containerStatuses"][0]["ready"] for p in kube.pods("coder")))
+    status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200
+    assert running.sample("activator_scale_events_total", model="coder", direction="up",
+                          reason="revert") == 1
+
+
+async def test_running_deployment_is_adopted_at_start(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    model = kube_model(kube, "coder")
+    kube.scale("coder", 1)
+    await kube.wait_until(lambda: bool(kube.get("coder")["status"].get("readyReplicas")))
+    running = await start(activator, kube, {"coder": model})
+    status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200
+    assert [r for r in kube.requests if r.verb == "patch"] == []
