@@ -267,6 +267,9 @@ class Model:
             return False
         self._wake_requested_at = None
         self._metrics.scale_events.labels(model=self.name, direction="up", reason=reason).inc()
+        # The state changes now, not when the task first runs: the pool's next decision
+        # and its GPU gauge must already count this model as holding its GPUs.
+        self._set_state("starting")
         self._transition = self._tasks.spawn(self._run_start(), name=f"start:{self.name}")
         return True
 
@@ -276,6 +279,9 @@ class Model:
             return False
         self._metrics.scale_events.labels(model=self.name, direction="down", reason=reason).inc()
         drain = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        # Draining from this moment: new requests are held from now on, and the pool sees
+        # a swap under way before the task first runs.
+        self._set_state("draining")
         self._transition = self._tasks.spawn(
             self._run_stop(reason=reason, drain_timeout=drain), name=f"stop:{self.name}"
         )
@@ -286,6 +292,7 @@ class Model:
         if self.state not in ("stopped", "failed") or self._closing:
             return False
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
+        self._set_state("starting")  # at once, as in begin_start
         self._transition = self._tasks.spawn(
             self._run_start(adopt_url=url), name=f"adopt:{self.name}"
         )
