@@ -232,20 +232,22 @@ async def test_prometheus_sees_the_wake_latency_the_client_saw(
         }
 
     # Activator's own record of each wake, and the client's: a request is held for at
-    # least the wake, from before it began until after it ended.
+    # least the wake, from before it began until after it ended (the header rounds to
+    # whole milliseconds, hence the half millisecond each).
     assert median is not None and mean is not None
     wakes = running.sample(
         "activator_wake_duration_seconds_sum", model="m1", backend="process", outcome="ready"
     )
-    assert wakes <= sum(held)
+    seen = f"held {held}, wakes {wakes:.4f}s in all, Prometheus median {median} mean {mean}"
+    assert wakes <= sum(held) + 0.0005 * COLD_REQUESTS, seen
     lower, upper = bucket_of(statistics.median(held))
-    assert lower <= median <= upper, (median, held)
+    assert lower <= median <= upper, seen
     lower, upper = bucket_of(statistics.mean(held))
-    assert lower <= mean <= upper, (mean, held)
+    assert lower <= mean <= upper, seen
     # The _sum/_count mean is exact: it is the mean wake activator measured.
-    assert mean == pytest.approx(wakes / COLD_REQUESTS)
+    assert mean == pytest.approx(wakes / COLD_REQUESTS), seen
     # Cold requests waited for a wake; warm ones did not.
-    assert by_cold["true"] > by_cold["false"]
+    assert by_cold["true"] > by_cold["false"], by_cold
 
 
 async def _equals(value: Any, expected: float) -> bool:
