@@ -25,22 +25,18 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from activator.backends.base import BackendError, BackendListener
 from activator.backends.kube.calls import ApiFunction, LastingApiError, Obj, Op
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.informer import Informer
 from activator.backends.kube.status import (
-    AUTOSCALER_REASONS,
-    SchedulingSignals,
     event_line,
-    event_time,
     labels_match,
     owns_pod_name,
-    scheduling_failure,
     view_pod,
 )
+from activator.backends.kube.wake import WakeTracker
 from activator.settings import KubernetesTarget, ModelSettings
 
 __all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend"]
@@ -48,24 +44,11 @@ __all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend"]
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
-PHASES = ("scheduled", "image_pulled", "started")
 ARGO_FIX = (
     "if Argo CD (or Flux) manages this workload, stop it from reverting the scale: add "
     "ignoreDifferences for group apps, kind {kind}, jsonPointers [/spec/replicas] and "
     "syncOptions [RespectIgnoreDifferences=true] to the Application"
 )
-
-
-@dataclass
-class Wake:
-    """One wanted period (start()/discover()/adoption until stop()): what was reported."""
-
-    started_at: float
-    phases: set[str] = field(default_factory=set)
-    signals: dict[str, SchedulingSignals] = field(default_factory=dict)
-    unschedulable_since: dict[str, float] = field(default_factory=dict)
-    reported: set[str] = field(default_factory=set)
-    reverts: int = 0
 
 
 class KubernetesBackend:
@@ -84,7 +67,7 @@ class KubernetesBackend:
         self._resource = "statefulsets" if self._target.kind == "StatefulSet" else "deployments"
         self._where = f"{self._target.kind} {self._target.namespace}/{self._target.name}"
         self._wanted = False
-        self._wake: Wake | None = None
+        self._wake: WakeTracker | None = None
         self._own_rv = 0
         self._replicas: int | None = None  # spec.replicas as last seen
         self._selector: dict[str, str] = {}
@@ -95,7 +78,6 @@ class KubernetesBackend:
         self._unsubscribe: list[Callable[[], None]] = []
         self._pods_changed = asyncio.Event()
         self._restore_task: asyncio.Task[None] | None = None
-        self._grace_timer: asyncio.TimerHandle | None = None
 
     # -- the Backend interface ---------------------------------------------------------
 
@@ -129,9 +111,7 @@ class KubernetesBackend:
         return self._target.url
 
     async def stop(self) -> None:
-        self._wanted = False
-        self._wake = None
-        self._cancel_timer()
+        self._end_wake()
         await self._cancel_restore()
         await self._ensure_watching()
         await self._scale_to(0)
@@ -151,7 +131,8 @@ class KubernetesBackend:
         return list(self._lines)
 
     async def aclose(self) -> None:
-        self._cancel_timer()
+        if self._wake is not None:
+            self._wake.close()
         await self._cancel_restore()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
@@ -335,64 +316,30 @@ class KubernetesBackend:
             self._pod_summaries.pop(name, None)
             self._line(f"pod {name} deleted")
             if self._wake is not None:
-                self._wake.signals.pop(name, None)
-                self._wake.unschedulable_since.pop(name, None)
+                self._wake.pod_deleted(name)
             return
         view = view_pod(pod)
         if self._pod_summaries.get(name) != view.summary:
             self._pod_summaries[name] = view.summary
             self._line(view.summary)
-        self._assess_pod(pod)
+        if self._wake is not None:
+            self._wake.assess_pod(pod)
 
     def _refresh_pods(self) -> None:
-        for pod in self._pods():
-            self._assess_pod(pod)
-
-    def _assess_pod(self, pod: Obj) -> None:
-        wake = self._wake
-        if not self._wanted or wake is None:
-            return
-        view = view_pod(pod)
-        if view.terminating:
-            return
-        reached = {"scheduled": view.scheduled, "image_pulled": view.image_pulled,
-                   "started": view.started}
-        # Report in wake order even when several are seen at once (a cached Running pod).
-        for phase in PHASES:
-            if reached[phase]:
-                self._phase(phase)
-        if view.failure and view.failure_key:
-            # No progress nudge with a failure: there is nothing to probe.
-            self._fail(view.failure_key, view.failure)
-            return
-        if view.unschedulable:
-            signals = wake.signals.setdefault(view.name, SchedulingSignals())
-            signals.failed_scheduling = signals.failed_scheduling or view.unschedulable
-        if not view.scheduled and view.name in wake.signals:
-            self._judge_scheduling(view.name)
-        self._listener.backend_progress()
-
-    def _phase(self, phase: str) -> None:
-        wake = self._wake
-        if wake is not None and phase not in wake.phases:
-            wake.phases.add(phase)
-            log.info("kubernetes: %s wake phase %s", self._model, phase)
-            self._listener.backend_phase(phase)
+        if self._wake is not None:
+            self._wake.refresh()
 
     def _fail(self, key: str, reason: str) -> None:
-        """Report a failure once per wake (pod status and events repeat themselves)."""
-        wake = self._wake
-        if wake is not None:
-            if key in wake.reported:
-                return
-            wake.reported.add(key)
         log.warning("kubernetes: %s %s: %s", self._model, self._where, reason)
-        self._line(f"failed: {reason}")
-        self._listener.backend_failed(reason)
-
-    # -- events: scheduling verdicts, pulls, the log tail ----------------------------------
+        if self._wake is not None:
+            self._wake.fail(key, reason)
+        else:
+            self._line(f"failed: {reason}")
+            self._listener.backend_failed(reason)
 
     def _event_event(self, event: Obj) -> None:
+        """Events of the workload, its ReplicaSet and its pods: to the log tail, and pod
+        events to the wake (scheduling verdicts, pulls)."""
         involved = event.get("involvedObject") or {}
         kind, name = involved.get("kind"), str(involved.get("name") or "")
         pods = self._informers.get("pods")
@@ -406,52 +353,26 @@ class KubernetesBackend:
         if not ours:
             return
         self._line(event_line(event))
-        wake = self._wake
-        if kind != "Pod" or not self._wanted or wake is None or pod is None:
-            return
-        # Events outlive pods; a StatefulSet reuses pod names: only this pod's own events.
-        if event_time(event) < str(pod["metadata"].get("creationTimestamp") or ""):
-            return
-        reason, message = str(event.get("reason") or ""), str(event.get("message") or "")
-        if reason == "Pulled":
-            self._phase("scheduled")
-            self._phase("image_pulled")
-        elif reason == "FailedScheduling" or reason in AUTOSCALER_REASONS:
-            wake.signals.setdefault(name, SchedulingSignals()).note(reason, message)
-            if not view_pod(pod).scheduled:
-                self._judge_scheduling(name)
-
-    def _judge_scheduling(self, pod: str) -> None:
-        wake = self._wake
-        if wake is None:
-            return
-        loop = asyncio.get_running_loop()
-        since = wake.unschedulable_since.setdefault(pod, loop.time())
-        waited = loop.time() - since
-        grace = self._tuning.scheduling_grace
-        failure = scheduling_failure(wake.signals[pod], waited=waited, grace=grace)
-        if failure is not None:
-            self._fail(f"{pod}:scheduling", f"pod {pod}: {failure}")
-        elif wake.signals[pod].triggered_scale_up is None and self._grace_timer is None:
-            # Wake up when the grace ends, to judge a pod nobody says anything more about.
-            self._grace_timer = loop.call_later(grace - waited + 0.01, self._grace_over)
-
-    def _grace_over(self) -> None:
-        self._grace_timer = None
-        self._refresh_pods()
-
-    def _cancel_timer(self) -> None:
-        if self._grace_timer is not None:
-            self._grace_timer.cancel()
-            self._grace_timer = None
+        if kind == "Pod" and self._wake is not None:
+            self._wake.note_event(event, pod)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _begin_wake(self) -> Wake:
+    def _begin_wake(self) -> WakeTracker:
         self._wanted = True
-        self._cancel_timer()
-        self._wake = Wake(started_at=asyncio.get_running_loop().time())
+        if self._wake is not None:
+            self._wake.close()
+        self._wake = WakeTracker(
+            model=self._model, listener=self._listener,
+            scheduling_grace=self._tuning.scheduling_grace, pods=self._pods, line=self._line,
+        )
         return self._wake
+
+    def _end_wake(self) -> None:
+        self._wanted = False
+        if self._wake is not None:
+            self._wake.close()
+            self._wake = None
 
     def _line(self, text: str) -> None:
         self._lines.append(text)
