@@ -11,6 +11,7 @@ within a pool are therefore made by one task, in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -61,10 +62,11 @@ class PoolScheduler:
                 logger.exception("pool=%s decision failed", self.name)
                 wake_at = self._clock() + 1.0
             timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
-            try:
-                await asyncio.wait_for(self._kicked.wait(), timeout=timeout)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races the kick, and shutdown cancels this loop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._kicked.wait()
 
     def step(self) -> float | None:
         now = self._clock()

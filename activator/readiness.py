@@ -48,8 +48,11 @@ async def wait_ready(
         nudge.clear()
         if await _healthy(session, url + health_path):
             break
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+        # that races the event, and a cancelled probe must stop at once.
         try:
-            await asyncio.wait_for(nudge.wait(), timeout=interval)
+            async with asyncio.timeout(interval):
+                await nudge.wait()
         except TimeoutError:
             interval = min(interval * 1.5, MAX_INTERVAL)
     await _check_served(session, url=url, served_model_name=served_model_name, api_key=api_key)
