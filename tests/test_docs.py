@@ -16,3 +16,12 @@ def test_embedded_default_config_is_the_demo_config() -> None:
 def test_embedded_default_config_loads() -> None:
     settings = load_config(embedded_config())
     assert len(settings.models) == 2
+
+
+def test_readme_lists_every_metric() -> None:
+    from activator.metrics import Metrics
+
+    readme = (ROOT / "README.md").read_text()
+    names = {metric.name for metric in Metrics().registry.collect()}
+    missing = [n for n in names if n not in readme]
+    assert not missing, f"README's observability section lacks {missing}"
