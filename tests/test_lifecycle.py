@@ -213,7 +213,8 @@ async def test_crash_during_start_fails_every_waiter_with_the_engine_log_tail(
         assert any("CUDA out of memory" in line for line in error["engine_log_tail"])
         assert int(dict(headers)["Retry-After"]) >= 1
     assert starts(running, "m") == 1
-    assert running.model("m").state == "failed"
+    # Waiters learn first; the model is failed once the engine is cleaned up.
+    await wait_for(lambda: running.model("m").state == "failed", what="failed")
     # The next request tries again (and fails again, the same way).
     status, body, _ = await post(running, "/v1/chat/completions", chat("m"))
     assert status == 503

@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 # Engines print long lines (tracebacks, JSON); a line past this is split, never buffered
 # without bound.
 MAX_LINE = 8192
+# After an engine exits, how long to wait for asyncio to report its exit code and close
+# its pipe (a few loop turns once the whole group is gone).
+RETURNCODE_WAIT = 1.0
 
 
 def free_port(host: str) -> int:
@@ -153,6 +156,12 @@ class ProcessBackend:
         # Children may outlive the leader; the group goes in any case.
         self._signal_group(proc.pid, signal.SIGKILL)
         await _exited(proc)
+        # With the group gone the pipe closes too, so Process.wait() returns: it lets
+        # asyncio finish the process transport (one dropped before that is reported as
+        # leaked, or "still running" if the loop ends first). Bounded: something that left
+        # the group could still hold the pipe.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), timeout=RETURNCODE_WAIT)
         await self._tasks.aclose()
         self._proc = None
         logger.info("model=%s engine stopped (exit code %s)", self._model.name, proc.returncode)
@@ -190,7 +199,29 @@ async def _exited(proc: asyncio.subprocess.Process) -> int | None:
     loop.add_reader(pidfd, on_readable)
     try:
         await exited
+        code = _peek_exit_code(pidfd)
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-    return proc.returncode
+    if code is None:
+        # The loop's child watcher reaped it first and sets `returncode` from its own
+        # callback, already scheduled or about to be. No event reports that callback
+        # (Process.wait() would also wait for the pipe), hence a short bounded poll.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RETURNCODE_WAIT):
+                while proc.returncode is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+        code = proc.returncode
+    return code
+
+
+def _peek_exit_code(pidfd: int) -> int | None:
+    """The exit code of an exited process that is not reaped yet, read without reaping
+    it (the child watcher owns that). Negative for a signal, as in `returncode`."""
+    try:
+        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    except (AttributeError, ChildProcessError, OSError):  # already reaped by the watcher
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
