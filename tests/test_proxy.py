@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -28,6 +28,11 @@ def unique(prefix: str) -> str:
 
 def aclient(running: Running, *, api_key: str = "unused") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=running.v1, api_key=api_key, max_retries=0)
+
+
+def header(headers: Sequence[tuple[str, str]], name: str) -> str:
+    """One response header, by case-insensitive name (as HTTP has it); "" if absent."""
+    return next((v for k, v in headers if k.lower() == name.lower()), "")
 
 
 def error_of(body: Any) -> dict[str, Any]:
@@ -166,6 +171,25 @@ async def test_engine_headers_are_kept_and_hop_by_hop_headers_dropped(
                 assert body.endswith(b"data: [DONE]\n\n")
             else:
                 assert resp.headers["Content-Type"].startswith("application/json")
+
+
+async def test_request_id_reaches_the_engine_and_comes_back(activator: ActivatorFactory) -> None:
+    running = await activator({"models": {"m": model_config(unique("request-id"))}})
+    # The stand-in engine bases completion ids on the X-Request-Id it received.
+    status, body, headers = await post(
+        running, "/v1/chat/completions", chat("m"), headers={"X-Request-Id": "req-abc123"}
+    )
+    assert status == 200
+    assert body["id"] == "chatcmpl-req-abc123"
+    assert header(headers, "X-Request-Id") == "req-abc123"
+    # An id unfit for logs is replaced by one of activator's, used upstream as well.
+    status, body, headers = await post(
+        running, "/v1/chat/completions", chat("m"), headers={"X-Request-Id": "two words"}
+    )
+    assert status == 200
+    given = header(headers, "X-Request-Id")
+    assert given and given != "two words"
+    assert body["id"] == f"chatcmpl-{given}"
 
 
 async def test_stream_keepalive_sends_comments_while_held_and_the_sdk_still_parses(
