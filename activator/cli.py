@@ -16,6 +16,7 @@ from typing import Any
 
 from activator import __version__
 from activator.config import ConfigError, load_config
+from activator.settings import Settings
 
 logger = logging.getLogger("activator")
 
@@ -49,12 +50,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _serve(getattr(args, "config", None), getattr(args, "log_level", "INFO"))
 
 
-def _check_config(path: str) -> int:
+def _load(path: str) -> Settings | None:
+    """The settings, or None after printing one line per problem."""
     try:
-        settings = load_config(path)
+        return load_config(path)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def _check_config(path: str) -> int:
+    settings = _load(path)
+    if settings is None:
         return 1
     print(f"{path}: ok ({len(settings.models)} models, {len(settings.pools)} pools)")
     return 0
@@ -67,11 +75,8 @@ def _serve(config: str | None, log_level: str) -> int:
         stream=sys.stderr,
     )
     path = config or str(embedded_config())
-    try:
-        settings = load_config(path)
-    except ConfigError as error:
-        for problem in error.problems:
-            print(problem, file=sys.stderr)
+    settings = _load(path)
+    if settings is None:
         return 2
     from aiohttp import web
 

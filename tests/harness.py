@@ -9,6 +9,7 @@ import asyncio
 import os
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,3 +175,27 @@ async def post(
         except ValueError:
             parsed = data
         return resp.status, parsed, list(resp.headers.items())
+
+
+def unique(prefix: str) -> str:
+    """A served model name no other test uses, so engine_pids sees only this test's
+    engines (it looks machine-wide)."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def header(headers: Sequence[tuple[str, str]], name: str) -> str:
+    """One response header, by case-insensitive name (as HTTP has it); "" if absent."""
+    return next((v for k, v in headers if k.lower() == name.lower()), "")
+
+
+def error_of(body: Any) -> dict[str, Any]:
+    assert isinstance(body, dict) and "error" in body, body
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+def starts(running: Running, model: str) -> float:
+    """How many times requests started `model`."""
+    return running.sample(
+        "activator_scale_events_total", model=model, direction="up", reason="request"
+    )

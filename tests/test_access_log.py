@@ -19,17 +19,13 @@ import pytest
 from multidict import CIMultiDict
 
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, model_config, post, wait_for
+from tests.harness import Running, chat, model_config, post, unique, wait_for
 
 ACCESS = "activator.access"
 HELLO: Any = [{"role": "user", "content": "hello"}]
 FIELDS = ["model", "endpoint", "status", "cold", "held_ms", "ttfb_ms", "duration_ms", "request_id"]
 CLIENT_KEY = "sk-client-" + uuid.uuid4().hex
 ENGINE_KEY = "sk-engine-" + uuid.uuid4().hex
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:10]}"
 
 
 def client(running: Running, *, api_key: str = "unused") -> openai.AsyncOpenAI:

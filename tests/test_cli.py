@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
 from pathlib import Path
 
 import aiohttp
 
-from tests.harness import chat, model_config
+from tests.harness import chat, model_config, unique
 from tests.serve_process import run_cli, serving
 
 GOOD_CONFIG = """\
@@ -38,10 +37,6 @@ models:
       stop_grac: 5s
 surprise: true
 """
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 async def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:

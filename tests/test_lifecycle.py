@@ -7,45 +7,32 @@ talks to it with real clients (the openai SDK, sync and async, and aiohttp).
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Sequence
 from typing import Any
 
 import openai
 import pytest
 
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, engine_pids, model_config, post, wait_for
-
-
-def unique(prefix: str) -> str:
-    """A served model name no other test uses, so engine_pids sees only this test's engines."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+from tests.harness import (
+    Running,
+    chat,
+    engine_pids,
+    error_of,
+    header,
+    model_config,
+    post,
+    starts,
+    unique,
+    wait_for,
+)
 
 
 def aclient(running: Running) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=running.v1, api_key="unused", max_retries=0)
 
 
-def starts(running: Running, model: str) -> float:
-    return running.sample(
-        "activator_scale_events_total", model=model, direction="up", reason="request"
-    )
-
-
 def held(running: Running, model: str) -> float:
     return running.sample("activator_held_requests", model=model, reason="starting")
-
-
-def header(headers: Sequence[tuple[str, str]], name: str) -> str:
-    """One response header, by case-insensitive name (as HTTP has it); "" if absent."""
-    return next((v for k, v in headers if k.lower() == name.lower()), "")
-
-
-def error_of(body: Any) -> dict[str, Any]:
-    assert isinstance(body, dict) and "error" in body, body
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 async def test_concurrent_cold_requests_from_every_client_kind_share_one_start(

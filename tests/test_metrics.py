@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,12 @@ from prometheus_client.metrics import MetricWrapperBase
 from activator import __version__
 from activator.metrics import MODEL_STATES, UNKNOWN_MODEL, Metrics
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, engine_pids, model_config, post, wait_for
+from tests.harness import Running, chat, engine_pids, model_config, post, unique, wait_for
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "observability.md"
 HELLO: Any = [{"role": "user", "content": "hello"}]
 # A stream far longer than any test: it ends when the client closes it.
 ENDLESS: dict[str, Any] = {"stream": True, "max_tokens": 1000}
-
-
-def unique(name: str) -> str:
-    """A served name no other test's engine has (engine_pids looks machine-wide)."""
-    return f"{name}-{uuid.uuid4().hex[:10]}"
 
 
 def client(running: Running) -> openai.AsyncOpenAI:

@@ -9,18 +9,21 @@ import os
 import signal
 import socket
 import sys
-import uuid
 from typing import Any
 
 import pytest
 
 from tests.conftest import ActivatorFactory
-from tests.harness import FAKE_ENGINE, Running, chat, engine_pids, model_config, post, wait_for
-
-
-def unique(prefix: str) -> str:
-    """A served model name no other test uses, so engine_pids sees only this test's engines."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+from tests.harness import (
+    FAKE_ENGINE,
+    Running,
+    chat,
+    engine_pids,
+    model_config,
+    post,
+    unique,
+    wait_for,
+)
 
 
 def free_port() -> int:

@@ -7,44 +7,31 @@ aiohttp as clients.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 import openai
 import pytest
 
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, engine_pids, model_config, post, wait_for
+from tests.harness import (
+    Running,
+    chat,
+    engine_pids,
+    error_of,
+    header,
+    model_config,
+    post,
+    starts,
+    unique,
+    wait_for,
+)
 
 DEV_PATHS = ("/sleep", "/wake_up", "/collective_rpc", "/load_lora_adapter")
 
 
-def unique(prefix: str) -> str:
-    """A served model name no other test uses, so engine_pids sees only this test's engines."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
 def aclient(running: Running, *, api_key: str = "unused") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=running.v1, api_key=api_key, max_retries=0)
-
-
-def header(headers: Sequence[tuple[str, str]], name: str) -> str:
-    """One response header, by case-insensitive name (as HTTP has it); "" if absent."""
-    return next((v for k, v in headers if k.lower() == name.lower()), "")
-
-
-def error_of(body: Any) -> dict[str, Any]:
-    assert isinstance(body, dict) and "error" in body, body
-    error: dict[str, Any] = body["error"]
-    return error
-
-
-def starts(running: Running, model: str) -> float:
-    return running.sample(
-        "activator_scale_events_total", model=model, direction="up", reason="request"
-    )
 
 
 async def engine_requests_running(url: str) -> float:

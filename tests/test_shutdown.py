@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.harness import chat, engine_pids, model_config, wait_for
+from tests.harness import chat, engine_pids, model_config, unique, wait_for
 from tests.serve_process import serving
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 async def test_sigterm_lets_in_flight_finish_fails_held_and_leaves_no_engine(
