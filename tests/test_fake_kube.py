@@ -61,7 +61,9 @@ async def test_resource_versions_increase_with_every_write(
     first = kube.add_workload("coder-chat", engine=False)
     before = int(kube.get(first.name)["metadata"]["resourceVersion"])
     scale = await apps(api).patch_namespaced_deployment_scale(
-        "coder-chat", "serving", {"spec": {"replicas": 1}},
+        "coder-chat",
+        "serving",
+        {"spec": {"replicas": 1}},
         _content_type="application/merge-patch+json",
     )
     assert int(scale.metadata.resource_version) > before
@@ -107,7 +109,8 @@ async def test_scale_patch_with_a_stale_resource_version_conflicts(
     kube.add_workload("coder-chat", engine=False)
     with pytest.raises(ApiException) as caught:
         await apps(api).patch_namespaced_deployment_scale(
-            "coder-chat", "serving",
+            "coder-chat",
+            "serving",
             {"metadata": {"resourceVersion": "0"}, "spec": {"replicas": 1}},
             _content_type="application/merge-patch+json",
         )
@@ -117,19 +120,23 @@ async def test_scale_patch_with_a_stale_resource_version_conflicts(
 async def test_unknown_patch_content_type_is_unsupported_media_type(kube: FakeKube) -> None:
     kube.add_workload("coder-chat", engine=False)
     token = kube._state.token
-    async with aiohttp.ClientSession() as session, session.patch(
-        f"{kube.url}/apis/apps/v1/namespaces/serving/deployments/coder-chat/scale",
-        data=json.dumps({"spec": {"replicas": 1}}),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"},
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.patch(
+            f"{kube.url}/apis/apps/v1/namespaces/serving/deployments/coder-chat/scale",
+            data=json.dumps({"spec": {"replicas": 1}}),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"},
+        ) as response,
+    ):
         assert response.status == 415
         assert (await response.json())["reason"] == "UnsupportedMediaType"
 
 
 async def test_requests_without_the_token_are_unauthorized(kube: FakeKube) -> None:
-    async with aiohttp.ClientSession() as session, session.get(
-        f"{kube.url}/apis/apps/v1/namespaces/serving/deployments"
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{kube.url}/apis/apps/v1/namespaces/serving/deployments") as response,
+    ):
         assert response.status == 401
 
 
@@ -139,11 +146,16 @@ async def test_scale_of_a_statefulset(kube: FakeKube, api: client.ApiClient) -> 
     assert scale.spec.replicas == 0
     assert scale.status.selector == "app=ranker"
     await apps(api).patch_namespaced_stateful_set_scale(
-        "ranker", "serving", {"spec": {"replicas": 1}},
+        "ranker",
+        "serving",
+        {"spec": {"replicas": 1}},
         _content_type="application/merge-patch+json",
     )
-    await kube.wait_until(lambda: [p["metadata"]["name"] for p in kube.pods(
-        "ranker", kind="StatefulSet")] == ["ranker-0"])
+    await kube.wait_until(
+        lambda: (
+            [p["metadata"]["name"] for p in kube.pods("ranker", kind="StatefulSet")] == ["ranker-0"]
+        )
+    )
 
 
 async def test_watch_from_a_resource_version_streams_later_changes(
@@ -153,8 +165,10 @@ async def test_watch_from_a_resource_version_streams_later_changes(
     listing = await apps(api).list_namespaced_deployment("serving")
     async with watch.Watch() as stream:
         events = stream.stream(
-            apps(api).list_namespaced_deployment, "serving",
-            resource_version=listing.metadata.resource_version, timeout_seconds=30,
+            apps(api).list_namespaced_deployment,
+            "serving",
+            resource_version=listing.metadata.resource_version,
+            timeout_seconds=30,
         )
         kube.scale("coder-chat", 1)
         event = await next_event(events)
@@ -168,8 +182,7 @@ async def test_watch_without_resource_version_starts_with_current_state(
 ) -> None:
     kube.add_workload("coder-chat", engine=False)
     async with watch.Watch() as stream:
-        events = stream.stream(apps(api).list_namespaced_deployment, "serving",
-                               timeout_seconds=30)
+        events = stream.stream(apps(api).list_namespaced_deployment, "serving", timeout_seconds=30)
         event = await next_event(events)
     assert (event["type"], event["raw_object"]["metadata"]["name"]) == ("ADDED", "coder-chat")
 
@@ -183,8 +196,10 @@ async def test_watch_from_a_compacted_resource_version_is_410_gone(
     kube.compact()
     async with watch.Watch() as stream:
         events = stream.stream(
-            apps(api).list_namespaced_deployment, "serving",
-            resource_version=listing.metadata.resource_version, timeout_seconds=30,
+            apps(api).list_namespaced_deployment,
+            "serving",
+            resource_version=listing.metadata.resource_version,
+            timeout_seconds=30,
         )
         with pytest.raises(ApiException) as caught:
             await next_event(events)
@@ -198,12 +213,14 @@ async def test_forced_gone_applies_to_the_next_watch_only(
     kube.gone_next_watches(1, resource="deployments")
     async with watch.Watch() as stream:
         with pytest.raises(ApiException) as caught:
-            await next_event(stream.stream(apps(api).list_namespaced_deployment, "serving",
-                                           timeout_seconds=30))
+            await next_event(
+                stream.stream(apps(api).list_namespaced_deployment, "serving", timeout_seconds=30)
+            )
     assert caught.value.status == 410
     async with watch.Watch() as stream:
-        event = await next_event(stream.stream(apps(api).list_namespaced_deployment, "serving",
-                                               timeout_seconds=30))
+        event = await next_event(
+            stream.stream(apps(api).list_namespaced_deployment, "serving", timeout_seconds=30)
+        )
     assert event["type"] == "ADDED"
 
 
@@ -212,14 +229,18 @@ async def test_bookmarks_only_when_allowed(kube: FakeKube, api: client.ApiClient
     listing = await core(api).list_namespaced_pod("serving")
     async with watch.Watch() as stream:
         events = stream.stream(
-            core(api).list_namespaced_pod, "serving", allow_watch_bookmarks=True,
-            resource_version=listing.metadata.resource_version, timeout_seconds=30,
+            core(api).list_namespaced_pod,
+            "serving",
+            allow_watch_bookmarks=True,
+            resource_version=listing.metadata.resource_version,
+            timeout_seconds=30,
         )
         kube.scale("coder-chat", 1)  # moves the revision on, then a bookmark carries it
         while (event := await next_event(events))["type"] != "BOOKMARK":
             pass
     assert int(event["raw_object"]["metadata"]["resourceVersion"]) > int(
-        listing.metadata.resource_version)
+        listing.metadata.resource_version
+    )
     assert stream.resource_version == event["raw_object"]["metadata"]["resourceVersion"]
 
 
@@ -229,8 +250,10 @@ async def test_watch_ends_at_the_server_timeout(kube: FakeKube, api: client.ApiC
     seen = []
     async with asyncio.timeout(10), watch.Watch() as stream:
         async for event in stream.stream(
-            apps(api).list_namespaced_deployment, "serving",
-            resource_version=listing.metadata.resource_version, timeout_seconds=1,
+            apps(api).list_namespaced_deployment,
+            "serving",
+            resource_version=listing.metadata.resource_version,
+            timeout_seconds=1,
         ):
             seen.append(event)
     assert seen == []
@@ -241,8 +264,10 @@ async def test_dropped_watch_ends_the_stream(kube: FakeKube, api: client.ApiClie
     listing = await apps(api).list_namespaced_deployment("serving")
     async with watch.Watch() as stream:
         events = stream.stream(
-            apps(api).list_namespaced_deployment, "serving",
-            resource_version=listing.metadata.resource_version, timeout_seconds=60,
+            apps(api).list_namespaced_deployment,
+            "serving",
+            resource_version=listing.metadata.resource_version,
+            timeout_seconds=60,
         )
         kube.scale("coder-chat", 1)
         await next_event(events)
@@ -276,7 +301,9 @@ async def test_forbidden_verb_reads_like_rbac(kube: FakeKube, api: client.ApiCli
     kube.forbid("patch", "deployments/scale")
     with pytest.raises(ApiException) as caught:
         await apps(api).patch_namespaced_deployment_scale(
-            "coder-chat", "serving", {"spec": {"replicas": 1}},
+            "coder-chat",
+            "serving",
+            {"spec": {"replicas": 1}},
             _content_type="application/merge-patch+json",
         )
     assert caught.value.status == 403
@@ -284,7 +311,9 @@ async def test_forbidden_verb_reads_like_rbac(kube: FakeKube, api: client.ApiCli
     await apps(api).read_namespaced_deployment_scale("coder-chat", "serving")  # get allowed
     kube.allow("patch", "deployments/scale")
     await apps(api).patch_namespaced_deployment_scale(
-        "coder-chat", "serving", {"spec": {"replicas": 1}},
+        "coder-chat",
+        "serving",
+        {"spec": {"replicas": 1}},
         _content_type="application/merge-patch+json",
     )
 
@@ -293,8 +322,7 @@ async def test_hung_request_times_out_at_the_client(kube: FakeKube, api: client.
     kube.add_workload("coder-chat", engine=False)
     kube.hang_next(1, verb="get")
     with pytest.raises(asyncio.TimeoutError):
-        await apps(api).read_namespaced_deployment(
-            "coder-chat", "serving", _request_timeout=0.3)
+        await apps(api).read_namespaced_deployment("coder-chat", "serving", _request_timeout=0.3)
 
 
 async def test_reset_connection_survives_one_client_retry(
@@ -318,8 +346,7 @@ async def test_scale_up_runs_an_engine_pod_to_ready_and_scale_down_deletes_it(
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{coder.url}/v1/models") as response:
             assert [m["id"] for m in (await response.json())["data"]] == ["coder"]
-        reasons = [e["reason"] for e in kube.events()
-                   if e["involvedObject"]["kind"] == "Pod"]
+        reasons = [e["reason"] for e in kube.events() if e["involvedObject"]["kind"] == "Pod"]
         assert {"Scheduled", "Pulling", "Pulled", "Created", "Started"} <= set(reasons)
         assert kube.ready_time("coder-chat") is not None
         kube.scale("coder-chat", 0)
@@ -335,8 +362,7 @@ async def test_pod_stays_pending_while_the_only_gpu_is_taken() -> None:
         kube.add_workload("a", engine=False, gpu=True, replicas=1)
         await kube.wait_until(lambda: kube.get("a")["status"].get("readyReplicas") == 1)
         kube.add_workload("b", engine=False, gpu=True, replicas=1)
-        await kube.wait_until(lambda: any(
-            e["reason"] == "FailedScheduling" for e in kube.events()))
+        await kube.wait_until(lambda: any(e["reason"] == "FailedScheduling" for e in kube.events()))
         kube.scale("a", 0)
         await kube.wait_until(lambda: kube.get("b")["status"].get("readyReplicas") == 1)
         assert kube.max_gpus_in_use == 1
@@ -349,23 +375,32 @@ async def test_failed_scheduling_then_autoscaler_scale_up_schedules_the_pod(
     kube.fail_scheduling("coder-chat", autoscaler="triggered")
     kube.scale("coder-chat", 1)
     await kube.wait_until(lambda: kube.get("coder-chat")["status"].get("readyReplicas") == 1)
-    reasons = [e["reason"] for e in sorted(
-        kube.events(), key=lambda e: int(e["metadata"]["resourceVersion"]))]
-    assert reasons.index("FailedScheduling") < reasons.index("TriggeredScaleUp") < \
-        reasons.index("Scheduled")
+    reasons = [
+        e["reason"]
+        for e in sorted(kube.events(), key=lambda e: int(e["metadata"]["resourceVersion"]))
+    ]
+    assert (
+        reasons.index("FailedScheduling")
+        < reasons.index("TriggeredScaleUp")
+        < reasons.index("Scheduled")
+    )
 
 
 @pytest.mark.parametrize(
     ("fault", "waiting", "last_reason"),
-    [("image", "ImagePullBackOff", None), ("crash", "CrashLoopBackOff", "Error"),
-     ("oom", "CrashLoopBackOff", "OOMKilled")],
+    [
+        ("image", "ImagePullBackOff", None),
+        ("crash", "CrashLoopBackOff", "Error"),
+        ("oom", "CrashLoopBackOff", "OOMKilled"),
+    ],
 )
 async def test_pod_failures_show_in_container_status(
     kube: FakeKube, fault: str, waiting: str, last_reason: str | None
 ) -> None:
     kube.add_workload("coder-chat", engine=False)
     {"image": kube.fail_image_pull, "crash": kube.crash_loop, "oom": kube.oom_kill}[fault](
-        "coder-chat")
+        "coder-chat"
+    )
     kube.scale("coder-chat", 1)
 
     def status() -> dict[str, Any]:
@@ -373,8 +408,9 @@ async def test_pod_failures_show_in_container_status(
         statuses = pods[0]["status"].get("containerStatuses") if pods else None
         return statuses[0] if statuses else {}
 
-    await kube.wait_until(lambda: status().get("state", {}).get("waiting", {}).get(
-        "reason") == waiting)
+    await kube.wait_until(
+        lambda: status().get("state", {}).get("waiting", {}).get("reason") == waiting
+    )
     assert status().get("lastState", {}).get("terminated", {}).get("reason") == last_reason
 
 

@@ -80,8 +80,9 @@ MakeBackend = Callable[..., Awaitable[tuple[KubernetesBackend, Recorder]]]
 
 @pytest.fixture
 async def cluster(kube: FakeKube) -> AsyncIterator[KubeCluster]:
-    settings = KubernetesSettings(kubeconfig=kube.kubeconfig, request_timeout=2.0,
-                                  watch_timeout=60.0)
+    settings = KubernetesSettings(
+        kubeconfig=kube.kubeconfig, request_timeout=2.0, watch_timeout=60.0
+    )
     connected = await KubeCluster.connect(settings, tuning=FAST)
     yield connected
     await connected.aclose()
@@ -91,13 +92,14 @@ async def cluster(kube: FakeKube) -> AsyncIterator[KubeCluster]:
 async def make(kube: FakeKube, cluster: KubeCluster) -> AsyncIterator[MakeBackend]:
     made: list[KubernetesBackend] = []
 
-    async def make_backend(name: str = "coder-chat", *, kind: str = "Deployment",
-                           **workload: Any) -> tuple[KubernetesBackend, Recorder]:
+    async def make_backend(
+        name: str = "coder-chat", *, kind: str = "Deployment", **workload: Any
+    ) -> tuple[KubernetesBackend, Recorder]:
         fake = kube.add_workload(name, kind=kind, **workload)  # type: ignore[arg-type]
         model = ModelSettings(
-            name=name, served_model_name=name,
-            kubernetes=KubernetesTarget(namespace="serving", name=name, url=fake.url,
-                                        kind=kind),  # type: ignore[arg-type]
+            name=name,
+            served_model_name=name,
+            kubernetes=KubernetesTarget(namespace="serving", name=name, url=fake.url, kind=kind),  # type: ignore[arg-type]
         )
         recorder = Recorder()
         backend = KubernetesBackend(model, cluster=cluster, listener=recorder)
@@ -130,8 +132,7 @@ async def test_start_merge_patches_only_the_scale_subresource(
     assert kube.replicas("coder-chat") == 1
     writes = [r for r in kube.requests if r.method not in ("GET",)]
     assert [(r.verb, r.resource, r.content_type, r.body) for r in writes] == [
-        ("patch", "deployments/scale", "application/merge-patch+json",
-         {"spec": {"replicas": 1}})
+        ("patch", "deployments/scale", "application/merge-patch+json", {"spec": {"replicas": 1}})
     ]
     await kube.wait_until(lambda: ready(kube))
     assert await health(url) == 200
@@ -219,8 +220,10 @@ async def test_start_stop_start_is_not_mistaken_for_other_actors(
         (lambda k: k.crash_loop("coder-chat"), "CrashLoopBackOff"),
         (lambda k: k.oom_kill("coder-chat"), "OOMKilled"),
         (lambda k: k.fail_scheduling("coder-chat", autoscaler="failed"), "GCE out of resources"),
-        (lambda k: k.fail_scheduling("coder-chat", autoscaler="not_triggered"),
-         "NotTriggerScaleUp"),
+        (
+            lambda k: k.fail_scheduling("coder-chat", autoscaler="not_triggered"),
+            "NotTriggerScaleUp",
+        ),
         (lambda k: k.fail_scheduling("coder-chat", autoscaler=None), "FailedScheduling"),
     ],
     ids=["image-pull", "crash-loop", "oom", "failed-scale-up", "no-scale-up", "no-autoscaler"],
@@ -261,9 +264,7 @@ async def test_pending_while_a_node_is_provisioned_is_not_a_failure(
     assert any("TriggeredScaleUp" in line for line in backend.log_tail())
 
 
-async def test_engine_killed_while_serving_is_reported(
-    kube: FakeKube, make: MakeBackend
-) -> None:
+async def test_engine_killed_while_serving_is_reported(kube: FakeKube, make: MakeBackend) -> None:
     backend, recorder = await make()
     await backend.start()
     await kube.wait_until(lambda: ready(kube))
@@ -311,8 +312,7 @@ async def test_revert_that_cannot_be_undone_fails_the_model(
     kube.scale("coder-chat", 0)
     await recorder.wait_for(lambda: bool(recorder.of("failed")))
     assert "could not be restored" in recorder.of("failed")[0]
-    assert "RBAC: cannot patch deployments/scale in namespace serving" in recorder.of(
-        "failed")[0]
+    assert "RBAC: cannot patch deployments/scale in namespace serving" in recorder.of("failed")[0]
 
 
 async def test_manual_scale_up_while_not_wanted_is_adopted(
@@ -347,9 +347,7 @@ async def test_discover_adopts_a_running_workload(kube: FakeKube, make: MakeBack
     await recorder.wait_for(lambda: recorder.of("reverted") == [None])
 
 
-async def test_discover_counts_a_pending_pod_as_running(
-    kube: FakeKube, make: MakeBackend
-) -> None:
+async def test_discover_counts_a_pending_pod_as_running(kube: FakeKube, make: MakeBackend) -> None:
     backend, _ = await make(replicas=1)
     kube.fail_scheduling("coder-chat", autoscaler="triggered")
     kube.update_plan("coder-chat", provision_delay=60.0)
@@ -364,8 +362,11 @@ async def test_discover_counts_a_pending_pod_as_running(
 async def test_discover_of_a_missing_workload_names_it(
     kube: FakeKube, cluster: KubeCluster
 ) -> None:
-    model = ModelSettings(name="ghost", served_model_name="ghost", kubernetes=KubernetesTarget(
-        namespace="serving", name="ghost", url="http://127.0.0.1:9"))
+    model = ModelSettings(
+        name="ghost",
+        served_model_name="ghost",
+        kubernetes=KubernetesTarget(namespace="serving", name="ghost", url="http://127.0.0.1:9"),
+    )
     backend = KubernetesBackend(model, cluster=cluster, listener=Recorder())
     with pytest.raises(BackendError, match="deployments/ghost"):
         await backend.discover()
@@ -411,8 +412,9 @@ async def test_faults_that_outlast_the_retries_fail_clearly(
 async def test_forbidden_patch_names_the_missing_verb(kube: FakeKube, make: MakeBackend) -> None:
     backend, _ = await make()
     kube.forbid("patch", "deployments/scale")
-    with pytest.raises(BackendError,
-                       match="RBAC: cannot patch deployments/scale in namespace serving"):
+    with pytest.raises(
+        BackendError, match="RBAC: cannot patch deployments/scale in namespace serving"
+    ):
         await backend.start()
     assert len([r for r in kube.requests if r.verb == "patch"]) == 1  # 403 is not retried
 
@@ -459,9 +461,7 @@ async def test_watch_drop_and_410_relist_keep_the_backend_informed(
     assert recorder.of("unknown") == []
 
 
-async def test_models_in_one_namespace_share_the_watches(
-    kube: FakeKube, make: MakeBackend
-) -> None:
+async def test_models_in_one_namespace_share_the_watches(kube: FakeKube, make: MakeBackend) -> None:
     first, _ = await make("coder-chat")
     second, _ = await make("embedder")
     await first.discover()
@@ -486,8 +486,9 @@ async def test_log_tail_holds_the_workloads_events_and_pod_states(
     assert len(tail) <= FAST.log_lines
 
 
-async def test_cluster_close_ends_every_watch_task(kube: FakeKube, make: MakeBackend,
-                                                   cluster: KubeCluster) -> None:
+async def test_cluster_close_ends_every_watch_task(
+    kube: FakeKube, make: MakeBackend, cluster: KubeCluster
+) -> None:
     backend, _ = await make()
     await backend.start()
     await backend.aclose()
@@ -504,18 +505,30 @@ async def test_cluster_close_ends_every_watch_task(kube: FakeKube, make: MakeBac
     [
         (SchedulingSignals(failed_scheduling="0/3 nodes"), 0.0, None),
         (SchedulingSignals(failed_scheduling="0/3 nodes"), 60.0, "no cluster autoscaler"),
-        (SchedulingSignals(failed_scheduling="0/3 nodes", triggered_scale_up="gpu 0->1"),
-         600.0, None),
-        (SchedulingSignals(failed_scheduling="x", triggered_scale_up="gpu 0->1",
-                           failed_scale_up="GCE out of resources"), 0.0, "GCE out of resources"),
+        (
+            SchedulingSignals(failed_scheduling="0/3 nodes", triggered_scale_up="gpu 0->1"),
+            600.0,
+            None,
+        ),
+        (
+            SchedulingSignals(
+                failed_scheduling="x",
+                triggered_scale_up="gpu 0->1",
+                failed_scale_up="GCE out of resources",
+            ),
+            0.0,
+            "GCE out of resources",
+        ),
         (SchedulingSignals(failed_scale_up="quota exceeded"), 0.0, "FailedScaleUp: quota"),
-        (SchedulingSignals(failed_scheduling="0/3 nodes", not_triggered="max size reached"),
-         0.0, "max size reached"),
+        (
+            SchedulingSignals(failed_scheduling="0/3 nodes", not_triggered="max size reached"),
+            0.0,
+            "max size reached",
+        ),
         (SchedulingSignals(), 600.0, None),
     ],
 )
-def test_scheduling_rule(signals: SchedulingSignals, waited: float,
-                         fails_with: str | None) -> None:
+def test_scheduling_rule(signals: SchedulingSignals, waited: float, fails_with: str | None) -> None:
     failure = scheduling_failure(signals, waited=waited, grace=45.0)
     if fails_with is None:
         assert failure is None
@@ -531,20 +544,52 @@ def _pod(**status: Any) -> dict[str, Any]:
     ("pod", "failure"),
     [
         (_pod(phase="Pending"), None),
-        (_pod(phase="Pending", containerStatuses=[
-            {"name": "engine", "state": {"waiting": {"reason": "ErrImagePull"}}}]), None),
-        (_pod(phase="Pending", containerStatuses=[
-            {"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]),
-         "ImagePullBackOff"),
-        (_pod(phase="Running", containerStatuses=[
-            {"name": "engine", "restartCount": 1, "state": {"running": {}},
-             "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]),
-         "OOMKilled"),
-        (_pod(phase="Running", containerStatuses=[
-            {"name": "engine", "restartCount": 3,
-             "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-             "lastState": {"terminated": {"reason": "Error", "exitCode": 1}}}]),
-         "exited with code 1"),
+        (
+            _pod(
+                phase="Pending",
+                containerStatuses=[
+                    {"name": "engine", "state": {"waiting": {"reason": "ErrImagePull"}}}
+                ],
+            ),
+            None,
+        ),
+        (
+            _pod(
+                phase="Pending",
+                containerStatuses=[
+                    {"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+                ],
+            ),
+            "ImagePullBackOff",
+        ),
+        (
+            _pod(
+                phase="Running",
+                containerStatuses=[
+                    {
+                        "name": "engine",
+                        "restartCount": 1,
+                        "state": {"running": {}},
+                        "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+                    }
+                ],
+            ),
+            "OOMKilled",
+        ),
+        (
+            _pod(
+                phase="Running",
+                containerStatuses=[
+                    {
+                        "name": "engine",
+                        "restartCount": 3,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                        "lastState": {"terminated": {"reason": "Error", "exitCode": 1}},
+                    }
+                ],
+            ),
+            "exited with code 1",
+        ),
         (_pod(phase="Failed", reason="Evicted", message="node low on memory"), "Evicted"),
     ],
 )

@@ -37,13 +37,16 @@ def kube_model(kube: FakeKube, name: str, **keys: Any) -> dict[str, Any]:
     }
 
 
-async def start(activator: ActivatorFactory, kube: FakeKube,
-                models: dict[str, dict[str, Any]], **top: Any) -> Running:
-    return await activator({
-        "kubernetes": {"kubeconfig": kube.kubeconfig, "request_timeout": "5s"},
-        "models": models,
-        **top,
-    })
+async def start(
+    activator: ActivatorFactory, kube: FakeKube, models: dict[str, dict[str, Any]], **top: Any
+) -> Running:
+    return await activator(
+        {
+            "kubernetes": {"kubeconfig": kube.kubeconfig, "request_timeout": "5s"},
+            "models": models,
+            **top,
+        }
+    )
 
 
 def client(running: Running) -> openai.AsyncOpenAI:
@@ -76,8 +79,9 @@ async def test_cold_request_scales_the_deployment_and_is_answered(
 async def test_idle_model_is_scaled_to_zero_and_its_pod_deleted(
     kube: FakeKube, activator: ActivatorFactory
 ) -> None:
-    running = await start(activator, kube, {"coder": kube_model(kube, "coder",
-                                                                 idle_timeout="0.5s")})
+    running = await start(
+        activator, kube, {"coder": kube_model(kube, "coder", idle_timeout="0.5s")}
+    )
     status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
     assert status == 200
     await kube.wait_until(lambda: kube.replicas("coder") == 0 and not kube.pods("coder"))
@@ -119,13 +123,22 @@ async def test_gitops_revert_is_undone_and_counted(
     assert status == 200
     (first,) = [p["metadata"]["name"] for p in kube.pods("coder")]
     kube.scale("coder", 0)  # Argo CD without RespectIgnoreDifferences
-    await kube.wait_until(lambda: any(
-        p["metadata"]["name"] != first and bool(p["status"].get("containerStatuses"))
-        and p["status"]["containerStatuses"][0]["ready"] for p in kube.pods("coder")))
+    await kube.wait_until(
+        lambda: any(
+            p["metadata"]["name"] != first
+            and bool(p["status"].get("containerStatuses"))
+            and p["status"]["containerStatuses"][0]["ready"]
+            for p in kube.pods("coder")
+        )
+    )
     status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
     assert status == 200
-    assert running.sample("activator_scale_events_total", model="coder", direction="up",
-                          reason="revert") == 1
+    assert (
+        running.sample(
+            "activator_scale_events_total", model="coder", direction="up", reason="revert"
+        )
+        == 1
+    )
 
 
 async def test_running_deployment_is_adopted_at_start(

@@ -88,8 +88,13 @@ class KubernetesBackend:
         spec, status = workload.get("spec") or {}, workload.get("status") or {}
         replicas, ready = int(spec.get("replicas") or 0), int(status.get("readyReplicas") or 0)
         if replicas >= 1 and (ready >= 1 or self._pods()):
-            log.info("kubernetes: %s %s already running (replicas=%d ready=%d): adopting",
-                     self._model, self._where, replicas, ready)
+            log.info(
+                "kubernetes: %s %s already running (replicas=%d ready=%d): adopting",
+                self._model,
+                self._where,
+                replicas,
+                ready,
+            )
             self._begin_wake()
             self._refresh_pods()
             return self._target.url
@@ -101,8 +106,12 @@ class KubernetesBackend:
         scale = await self._call("get", f"{self._resource}/scale", self._scale_fn("read"))
         replicas = int((scale.get("spec") or {}).get("replicas") or 0)
         if replicas >= 1:
-            log.info("kubernetes: %s %s already at replicas=%d; waiting for it",
-                     self._model, self._where, replicas)
+            log.info(
+                "kubernetes: %s %s already at replicas=%d; waiting for it",
+                self._model,
+                self._where,
+                replicas,
+            )
         else:
             await self._scale_to(1)
             self._listener.backend_phase("scale_requested")
@@ -150,10 +159,12 @@ class KubernetesBackend:
         kind = "stateful_set" if self._resource == "statefulsets" else "deployment"
         return getattr(self._cluster.apps, f"{verb}_namespaced_{kind}_scale")  # type: ignore[no-any-return]
 
-    async def _call(self, verb: str, resource: str, fn: ApiFunction, *args: object,
-                    **kwargs: object) -> Obj:
-        op = Op(verb=verb, resource=resource, namespace=self._target.namespace,
-                name=self._target.name)
+    async def _call(
+        self, verb: str, resource: str, fn: ApiFunction, *args: object, **kwargs: object
+    ) -> Obj:
+        op = Op(
+            verb=verb, resource=resource, namespace=self._target.namespace, name=self._target.name
+        )
         return await self._cluster.call(
             op, fn, self._target.name, self._target.namespace, *args, **kwargs
         )
@@ -161,13 +172,21 @@ class KubernetesBackend:
     async def _scale_to(self, replicas: int) -> None:
         """PATCH the scale subresource (a JSON merge patch of spec.replicas only)."""
         scale = await self._call(
-            "patch", f"{self._resource}/scale", self._scale_fn("patch"),
-            {"spec": {"replicas": replicas}}, _content_type=MERGE_PATCH,
+            "patch",
+            f"{self._resource}/scale",
+            self._scale_fn("patch"),
+            {"spec": {"replicas": replicas}},
+            _content_type=MERGE_PATCH,
         )
         rv = _rv(scale)
         self._own_rv = max(self._own_rv, rv)
-        log.info("kubernetes: %s %s scaled to %d (resourceVersion %d)",
-                 self._model, self._where, replicas, rv)
+        log.info(
+            "kubernetes: %s %s scaled to %d (resourceVersion %d)",
+            self._model,
+            self._where,
+            replicas,
+            rv,
+        )
 
     # -- watches -------------------------------------------------------------------------
 
@@ -208,8 +227,12 @@ class KubernetesBackend:
             self._unreachable.add(resource)
         if was_unknown != bool(self._unreachable):
             unknown = bool(self._unreachable)
-            log.warning("kubernetes: %s %s: API %s", self._model, self._where,
-                        "unreachable: state unknown" if unknown else "reachable again")
+            log.warning(
+                "kubernetes: %s %s: API %s",
+                self._model,
+                self._where,
+                "unreachable: state unknown" if unknown else "reachable again",
+            )
             self._line("Kubernetes API unreachable" if unknown else "Kubernetes API reachable")
             self._listener.backend_unknown(unknown)
 
@@ -248,8 +271,12 @@ class KubernetesBackend:
         if self._wanted and replicas == 0:
             self._reverted()
         elif not self._wanted and previous == 0 and replicas >= 1:
-            log.info("kubernetes: %s %s scaled to %d by someone else: adopting",
-                     self._model, self._where, replicas)
+            log.info(
+                "kubernetes: %s %s scaled to %d by someone else: adopting",
+                self._model,
+                self._where,
+                replicas,
+            )
             self._begin_wake()
             self._listener.backend_appeared()
 
@@ -259,14 +286,20 @@ class KubernetesBackend:
         log.warning(
             "kubernetes: %s %s: replicas set to 0 by another client while the model is "
             "wanted (revert %d); scaling up again. Fix: %s",
-            self._model, self._where, wake.reverts, ARGO_FIX.format(kind=self._target.kind),
+            self._model,
+            self._where,
+            wake.reverts,
+            ARGO_FIX.format(kind=self._target.kind),
         )
         self._listener.backend_reverted()
         if wake.reverts > self._tuning.revert_limit:
-            self._fail("reverts", (
-                f"{self._where}: replicas reverted to 0 {wake.reverts} times by another "
-                f"controller; {ARGO_FIX.format(kind=self._target.kind)}"
-            ))
+            self._fail(
+                "reverts",
+                (
+                    f"{self._where}: replicas reverted to 0 {wake.reverts} times by another "
+                    f"controller; {ARGO_FIX.format(kind=self._target.kind)}"
+                ),
+            )
             return
         if self._restore_task is None or self._restore_task.done():
             self._restore_task = asyncio.create_task(
@@ -285,8 +318,9 @@ class KubernetesBackend:
         try:
             await self._scale_to(1)
         except BackendError as exc:
-            self._fail("restore", f"{self._where}: replicas reverted to 0 and could not be "
-                       f"restored: {exc}")
+            self._fail(
+                "restore", f"{self._where}: replicas reverted to 0 and could not be restored: {exc}"
+            )
             return
         self._line(f"scaled {self._where} back to 1 after a revert")
 
@@ -345,11 +379,15 @@ class KubernetesBackend:
         pods = self._informers.get("pods")
         pod = pods.objects.get(name) if pods is not None else None
         if kind == "Pod":
-            ours = labels_match(self._selector, pod) if pod is not None else owns_pod_name(
-                self._target.kind, self._target.name, name)
+            ours = (
+                labels_match(self._selector, pod)
+                if pod is not None
+                else owns_pod_name(self._target.kind, self._target.name, name)
+            )
         else:
             ours = name == self._target.name or (
-                kind == "ReplicaSet" and name.startswith(f"{self._target.name}-"))
+                kind == "ReplicaSet" and name.startswith(f"{self._target.name}-")
+            )
         if not ours:
             return
         self._line(event_line(event))
@@ -363,8 +401,11 @@ class KubernetesBackend:
         if self._wake is not None:
             self._wake.close()
         self._wake = WakeTracker(
-            model=self._model, listener=self._listener,
-            scheduling_grace=self._tuning.scheduling_grace, pods=self._pods, line=self._line,
+            model=self._model,
+            listener=self._listener,
+            scheduling_grace=self._tuning.scheduling_grace,
+            pods=self._pods,
+            line=self._line,
         )
         return self._wake
 
@@ -391,7 +432,8 @@ class KubernetesBackend:
             if not self._pods():
                 listing = await self._cluster.call(
                     Op(verb="list", resource="pods", namespace=self._target.namespace),
-                    self._cluster.core.list_namespaced_pod, self._target.namespace,
+                    self._cluster.core.list_namespaced_pod,
+                    self._target.namespace,
                     label_selector=selector,
                 )
                 if not listing.get("items"):
@@ -407,4 +449,3 @@ def _rv(obj: Obj) -> int:
         return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
-

@@ -90,9 +90,7 @@ class FakeKube:
             "kind": "Config",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
             "users": [{"name": "activator", "user": {"token": self._state.token}}],
-            "contexts": [
-                {"name": "fake", "context": {"cluster": "fake", "user": "activator"}}
-            ],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "activator"}}],
             "current-context": "fake",
         }
 
@@ -138,38 +136,55 @@ class FakeKube:
             "selector": {"matchLabels": dict(labels)},
             "template": {
                 "metadata": {"labels": dict(labels)},
-                "spec": {"containers": [{
-                    "name": "engine",
-                    "image": "vllm/vllm-openai:v0.33.0",
-                    "ports": [{"containerPort": 8000, "name": "http"}],
-                    "resources": {"limits": {"nvidia.com/gpu": "1"}} if gpu else {},
-                }]},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "engine",
+                            "image": "vllm/vllm-openai:v0.33.0",
+                            "ports": [{"containerPort": 8000, "name": "http"}],
+                            "resources": {"limits": {"nvidia.com/gpu": "1"}} if gpu else {},
+                        }
+                    ]
+                },
             },
         }
         if kind == "Deployment":
             spec["strategy"] = {"type": "Recreate"}
         else:
             spec["serviceName"] = name
-        self.store.create(resource, {
-            "apiVersion": "apps/v1",
-            "kind": kind,
-            "metadata": {"name": name, "namespace": namespace, "generation": 1,
-                         "labels": dict(labels)},
-            "spec": spec,
-            "status": {"observedGeneration": 1},
-        })
+        self.store.create(
+            resource,
+            {
+                "apiVersion": "apps/v1",
+                "kind": kind,
+                "metadata": {
+                    "name": name,
+                    "namespace": namespace,
+                    "generation": 1,
+                    "labels": dict(labels),
+                },
+                "spec": spec,
+                "status": {"observedGeneration": 1},
+            },
+        )
         workload = Workload(
-            resource=resource, namespace=namespace, name=name,
+            resource=resource,
+            namespace=namespace,
+            name=name,
             served_model_name=served_model_name or name,
-            port=port or free_port(), engine=engine, gpu=gpu, plan=plan or PodPlan(),
+            port=port or free_port(),
+            engine=engine,
+            gpu=gpu,
+            plan=plan or PodPlan(),
         )
         self.kubelet.add(workload)
         if replicas:
             self.kubelet.reconcile(resource, namespace, name)
         return workload
 
-    def workload(self, name: str, *, namespace: str = "serving",
-                 kind: Kind = "Deployment") -> Workload:
+    def workload(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> Workload:
         return self.kubelet.workloads[(RESOURCES[kind], namespace, name)]
 
     def get(self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment") -> Obj:
@@ -177,12 +192,12 @@ class FakeKube:
         assert obj is not None, f"no {kind} {namespace}/{name}"
         return obj
 
-    def replicas(self, name: str, *, namespace: str = "serving",
-                 kind: Kind = "Deployment") -> int:
+    def replicas(self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment") -> int:
         return int(self.get(name, namespace=namespace, kind=kind)["spec"].get("replicas") or 0)
 
-    def pods(self, name: str, *, namespace: str = "serving",
-             kind: Kind = "Deployment") -> list[Obj]:
+    def pods(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> list[Obj]:
         workload = self.workload(name, namespace=namespace, kind=kind)
         found = (self.store.get("pods", namespace, n) for n in list(workload.pods))
         return [p for p in found if p is not None]
@@ -198,8 +213,9 @@ class FakeKube:
     def max_gpus_in_use(self) -> int:
         return self.kubelet.max_gpus_in_use
 
-    def ready_time(self, name: str, *, namespace: str = "serving",
-                   kind: Kind = "Deployment") -> float | None:
+    def ready_time(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> float | None:
         """time.monotonic() at which the workload's latest pod turned Ready."""
         prefix = f"{name}-"
         times = [t for pod, t in self.kubelet.ready_times if pod.startswith(prefix)]
@@ -213,74 +229,99 @@ class FakeKube:
 
     # -- other actors: people, GitOps controllers ------------------------------------
 
-    def scale(self, name: str, replicas: int, *, namespace: str = "serving",
-              kind: Kind = "Deployment") -> Obj:
+    def scale(
+        self, name: str, replicas: int, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> Obj:
         """Someone else sets replicas (kubectl scale; Argo CD reverting to the manifest)."""
         resource = RESOURCES[kind]
         obj = set_replicas(self.store, resource, namespace, name, replicas)
         self.kubelet.reconcile(resource, namespace, name)
         return obj
 
-    def delete_workload(self, name: str, *, namespace: str = "serving",
-                        kind: Kind = "Deployment") -> None:
+    def delete_workload(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> None:
         self.store.delete(RESOURCES[kind], namespace, name)
 
     # -- pod behaviour -----------------------------------------------------------------
 
-    def set_plan(self, name: str, plan: PodPlan, *, namespace: str = "serving",
-                 kind: Kind = "Deployment") -> None:
+    def set_plan(
+        self, name: str, plan: PodPlan, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> None:
         """How the workload's next pods behave (delays, failures)."""
         self.workload(name, namespace=namespace, kind=kind).plan = plan
 
-    def update_plan(self, name: str, *, namespace: str = "serving",
-                    kind: Kind = "Deployment", **changes: Any) -> None:
+    def update_plan(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment", **changes: Any
+    ) -> None:
         workload = self.workload(name, namespace=namespace, kind=kind)
         workload.plan = replace(workload.plan, **changes)
 
-    def fail_scheduling(self, name: str, *, autoscaler: Autoscaler = None,
-                        message: str = "0/3 nodes are available: 3 Insufficient "
-                        "nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No "
-                        "preemption victims found for incoming pod.",
-                        namespace: str = "serving", kind: Kind = "Deployment") -> None:
+    def fail_scheduling(
+        self,
+        name: str,
+        *,
+        autoscaler: Autoscaler = None,
+        message: str = "0/3 nodes are available: 3 Insufficient "
+        "nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No "
+        "preemption victims found for incoming pod.",
+        namespace: str = "serving",
+        kind: Kind = "Deployment",
+    ) -> None:
         """Next pods get FailedScheduling, then the autoscaler's verdict: "triggered"
         (a node arrives after plan.provision_delay and the pod schedules), "failed"
         (FailedScaleUp: GCE out of resources), "not_triggered" or None (no autoscaler)."""
-        self.update_plan(name, namespace=namespace, kind=kind, unschedulable=message,
-                         autoscaler=autoscaler)
+        self.update_plan(
+            name, namespace=namespace, kind=kind, unschedulable=message, autoscaler=autoscaler
+        )
 
-    def fail_image_pull(self, name: str, *,
-                        error: str = "rpc error: code = NotFound desc = manifest unknown",
-                        namespace: str = "serving", kind: Kind = "Deployment") -> None:
+    def fail_image_pull(
+        self,
+        name: str,
+        *,
+        error: str = "rpc error: code = NotFound desc = manifest unknown",
+        namespace: str = "serving",
+        kind: Kind = "Deployment",
+    ) -> None:
         self.update_plan(name, namespace=namespace, kind=kind, image_pull_error=error)
 
-    def crash_loop(self, name: str, *, namespace: str = "serving",
-                   kind: Kind = "Deployment") -> None:
+    def crash_loop(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> None:
         self.update_plan(name, namespace=namespace, kind=kind, crash="crash_loop")
 
-    def oom_kill(self, name: str, *, namespace: str = "serving",
-                 kind: Kind = "Deployment") -> None:
+    def oom_kill(self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment") -> None:
         """Next pods are OOMKilled right after their container starts."""
         self.update_plan(name, namespace=namespace, kind=kind, crash="oom")
 
-    def kill_engine(self, name: str, *, oom: bool = False, namespace: str = "serving",
-                    kind: Kind = "Deployment") -> None:
+    def kill_engine(
+        self, name: str, *, oom: bool = False, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> None:
         """The running engine dies now (OOMKilled when oom=True)."""
         self.kubelet.kill_engine(self.workload(name, namespace=namespace, kind=kind), oom=oom)
 
     # -- API faults ------------------------------------------------------------------
 
-    def fail_next(self, count: int = 1, *, status: int = 500, verb: str | None = None,
-                  resource: str | None = None) -> None:
+    def fail_next(
+        self,
+        count: int = 1,
+        *,
+        status: int = 500,
+        verb: str | None = None,
+        resource: str | None = None,
+    ) -> None:
         """The next `count` matching requests answer `status` (500, 503, 409, 429...)."""
         self.faults.add(Rule("status", verb, resource, count, status))
 
-    def hang_next(self, count: int = 1, *, verb: str | None = None,
-                  resource: str | None = None) -> None:
+    def hang_next(
+        self, count: int = 1, *, verb: str | None = None, resource: str | None = None
+    ) -> None:
         """The next `count` matching requests never answer (the client must time out)."""
         self.faults.add(Rule("hang", verb, resource, count))
 
-    def reset_next(self, count: int = 1, *, verb: str | None = None,
-                   resource: str | None = None) -> None:
+    def reset_next(
+        self, count: int = 1, *, verb: str | None = None, resource: str | None = None
+    ) -> None:
         """The next `count` matching requests have their connection reset. aiohttp
         clients repeat an idempotent request once after a disconnect: a GET needs 2."""
         self.faults.add(Rule("reset", verb, resource, count))

@@ -120,8 +120,7 @@ async def read_json(response: aiohttp.ClientResponse) -> Obj:
     finally:
         response.release()
     if not 200 <= response.status <= 299:
-        raise ApiException(status=response.status, reason=_status_message(body) or
-                           response.reason)
+        raise ApiException(status=response.status, reason=_status_message(body) or response.reason)
     data = json.loads(body)
     if not isinstance(data, dict):
         raise ApiException(status=0, reason="response is not a JSON object")
@@ -144,7 +143,9 @@ async def call(
         exc = outcome.exception() if outcome is not None else None
         log.warning(
             "kubernetes: %s failed (attempt %d): %s; retrying",
-            op, state.attempt_number, describe(exc) if exc else "?",
+            op,
+            state.attempt_number,
+            describe(exc) if exc else "?",
         )
 
     retrying = AsyncRetrying(

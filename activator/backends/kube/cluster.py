@@ -88,8 +88,11 @@ class KubeCluster:
         except (ConfigException, OSError) as exc:
             raise BackendError(f"Kubernetes: cannot load credentials: {exc}") from exc
         log.info("kubernetes: using %s, API %s", source, configuration.host)
-        return cls(client.ApiClient(configuration=configuration), settings=settings,
-                   tuning=tuning or KubeTuning())
+        return cls(
+            client.ApiClient(configuration=configuration),
+            settings=settings,
+            tuning=tuning or KubeTuning(),
+        )
 
     def list_function(self, resource: str) -> ApiFunction:
         functions: dict[str, ApiFunction] = {
@@ -126,8 +129,14 @@ class KubeCluster:
 
     async def call(self, op: Op, fn: ApiFunction, *args: Any, **kwargs: Any) -> Obj:
         """One bounded, retried API call (see activator.backends.kube.calls.call)."""
-        return await call(op, fn, *args, per_attempt=self.settings.request_timeout,
-                          retry=self.tuning.retry, **kwargs)
+        return await call(
+            op,
+            fn,
+            *args,
+            per_attempt=self.settings.request_timeout,
+            retry=self.tuning.retry,
+            **kwargs,
+        )
 
     async def aclose(self) -> None:
         """Stop every watch, then close the client. Safe to call twice."""
@@ -139,6 +148,4 @@ class KubeCluster:
 
 
 def _service_account_mounted() -> bool:
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(
-        SERVICE_ACCOUNT_TOKEN
-    )
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and os.path.exists(SERVICE_ACCOUNT_TOKEN)

@@ -104,8 +104,12 @@ class Informer:
 
     def _died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.error("kubernetes: informer %s/%s died", self.namespace, self.resource,
-                      exc_info=task.exception())
+            log.error(
+                "kubernetes: informer %s/%s died",
+                self.namespace,
+                self.resource,
+                exc_info=task.exception(),
+            )
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -136,19 +140,31 @@ class Informer:
                 self._failed(failures, exc)
             else:
                 continue
-            delay = min(self._policy.backoff_max,
-                        self._policy.backoff_initial * 2 ** min(failures - 1, 10))
+            delay = min(
+                self._policy.backoff_max, self._policy.backoff_initial * 2 ** min(failures - 1, 10)
+            )
             await asyncio.sleep(random.uniform(delay / 2, delay))
 
     def _failed(self, failures: int, exc: BaseException) -> None:
         level = logging.WARNING if failures >= self._policy.unreachable_after else logging.INFO
-        log.log(level, "kubernetes: %s in %s: list/watch failed (%d in a row): %s",
-                self.resource, self.namespace, failures, describe(exc))
+        log.log(
+            level,
+            "kubernetes: %s in %s: list/watch failed (%d in a row): %s",
+            self.resource,
+            self.namespace,
+            failures,
+            describe(exc),
+        )
         if failures >= self._policy.unreachable_after and self.reachable:
             self._set_reachable(False)
         self.last_error = to_backend_error(
-            Op(verb="watch" if self.synced.is_set() else "list", resource=self.resource,
-               namespace=self.namespace), exc)
+            Op(
+                verb="watch" if self.synced.is_set() else "list",
+                resource=self.resource,
+                namespace=self.namespace,
+            ),
+            exc,
+        )
         self._pulse()
 
     def _set_reachable(self, reachable: bool) -> None:
@@ -162,7 +178,9 @@ class Informer:
         op = Op(verb="list", resource=self.resource, namespace=self.namespace)
         # One attempt here: the loop above owns the backoff for list and watch alike.
         listing = await call(
-            op, self._list_fn, self.namespace,
+            op,
+            self._list_fn,
+            self.namespace,
             per_attempt=self._policy.request_timeout,
             retry=RetryPolicy(attempts=1, total=self._policy.request_timeout),
         )
@@ -176,7 +194,8 @@ class Informer:
             if name not in old:
                 self._dispatch("ADDED", obj)
             elif old[name]["metadata"].get("resourceVersion") != obj["metadata"].get(
-                    "resourceVersion"):
+                "resourceVersion"
+            ):
                 self._dispatch("MODIFIED", obj)
         self.synced.set()
         self.last_error = None
@@ -214,8 +233,10 @@ class Informer:
         event_type = event.get("type")
         obj = event.get("object") or {}
         if event_type == "ERROR":
-            raise ApiException(status=int(obj.get("code") or 500),
-                               reason=str(obj.get("message") or obj.get("reason")))
+            raise ApiException(
+                status=int(obj.get("code") or 500),
+                reason=str(obj.get("message") or obj.get("reason")),
+            )
         new_rv = str(obj.get("metadata", {}).get("resourceVersion") or rv)
         if event_type == "BOOKMARK":
             return new_rv

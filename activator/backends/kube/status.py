@@ -28,13 +28,15 @@ Obj = dict[str, Any]
 # Container waiting reasons from which a pod does not recover without a change by a
 # person. ErrImagePull is not here: the kubelet retries, and a real pull error turns into
 # ImagePullBackOff within seconds (a transient registry error does not).
-FATAL_WAITING = frozenset({
-    "ImagePullBackOff",
-    "InvalidImageName",
-    "ErrImageNeverPull",
-    "CreateContainerConfigError",
-    "CrashLoopBackOff",
-})
+FATAL_WAITING = frozenset(
+    {
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerConfigError",
+        "CrashLoopBackOff",
+    }
+)
 AUTOSCALER_REASONS = frozenset({"TriggeredScaleUp", "FailedScaleUp", "NotTriggerScaleUp"})
 
 
@@ -70,8 +72,10 @@ def view_pod(pod: Obj) -> PodView:
     started = any("running" in (c.get("state") or {}) for c in containers)
     # A container that ran at all had its image: running, terminated, or restarted.
     pulled = started or any(
-        "terminated" in (c.get("state") or {}) or (c.get("lastState") or {}) or
-        c.get("restartCount", 0) > 0 or c.get("imageID")
+        "terminated" in (c.get("state") or {})
+        or (c.get("lastState") or {})
+        or c.get("restartCount", 0) > 0
+        or c.get("imageID")
         for c in containers
     )
     ready = conditions.get("Ready", {}).get("status") == "True"
@@ -198,8 +202,11 @@ def labels_match(selector: dict[str, str], obj: Obj) -> bool:
 
 def event_time(event: Obj) -> str:
     return str(
-        event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
-        or event.get("metadata", {}).get("creationTimestamp") or ""
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("firstTimestamp")
+        or event.get("metadata", {}).get("creationTimestamp")
+        or ""
     )
 
 

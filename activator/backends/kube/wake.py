@@ -81,8 +81,11 @@ class WakeTracker:
         for event in [e for e in self._early if _involved(e) == view.name]:
             self._early.remove(event)
             self.note_event(event, pod)
-        reached = {"scheduled": view.scheduled, "image_pulled": view.image_pulled,
-                   "started": view.started}
+        reached = {
+            "scheduled": view.scheduled,
+            "image_pulled": view.image_pulled,
+            "started": view.started,
+        }
         # Report in wake order even when several are seen at once (a cached Running pod).
         for phase in PHASES:
             if reached[phase]:

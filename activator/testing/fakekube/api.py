@@ -386,8 +386,10 @@ async def patch_scale(request: web.Request) -> web.StreamResponse:
     content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
     if content_type not in PATCH_TYPES:
         return status_response(
-            415, "UnsupportedMediaType", f"the body of the request was in an unknown format "
-            f"- accepted media types include: {', '.join(PATCH_TYPES)}"
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format "
+            f"- accepted media types include: {', '.join(PATCH_TYPES)}",
         )
     try:
         body = json.loads(await request.read())
@@ -399,11 +401,15 @@ async def patch_scale(request: web.Request) -> web.StreamResponse:
             patched = merge_patch(current, body)
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         return status_response(422, "Invalid", f"invalid patch: {exc}")
-    wanted_rv = (body.get("metadata") or {}).get("resourceVersion") if isinstance(
-        body, dict) else None
+    wanted_rv = (
+        (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
+    )
     if wanted_rv is not None and wanted_rv != obj["metadata"]["resourceVersion"]:
-        return status_response(409, "Conflict", f'Operation cannot be fulfilled on {resource} '
-                               f'"{name}": the object has been modified')
+        return status_response(
+            409,
+            "Conflict",
+            f'Operation cannot be fulfilled on {resource} "{name}": the object has been modified',
+        )
     replicas = patched.get("spec", {}).get("replicas")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         return status_response(422, "Invalid", f"spec.replicas: Invalid value: {replicas!r}")

@@ -154,40 +154,69 @@ class Kubelet:
         if workload.resource == "deployments":
             labels["pod-template-hash"] = "7d9f8c6b5"
             name = f"{workload.name}-7d9f8c6b5-{secrets.token_hex(3)[:5]}"
-            owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                     "name": f"{workload.name}-7d9f8c6b5", "uid": obj["metadata"]["uid"]}
+            owner = {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": f"{workload.name}-7d9f8c6b5",
+                "uid": obj["metadata"]["uid"],
+            }
         else:
             name = f"{workload.name}-{workload.ordinal}"
             workload.ordinal += 1
-            owner = {"apiVersion": "apps/v1", "kind": "StatefulSet",
-                     "name": workload.name, "uid": obj["metadata"]["uid"]}
+            owner = {
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "name": workload.name,
+                "uid": obj["metadata"]["uid"],
+            }
         container = template["spec"]["containers"][0]
         self._store.create(
             "pods",
             {
                 "apiVersion": "v1",
                 "kind": "Pod",
-                "metadata": {"name": name, "namespace": workload.namespace, "labels": labels,
-                             "ownerReferences": [{**owner, "controller": True}]},
-                "spec": {"containers": [container], "restartPolicy": "Always",
-                         "terminationGracePeriodSeconds": int(workload.plan.termination_grace)},
+                "metadata": {
+                    "name": name,
+                    "namespace": workload.namespace,
+                    "labels": labels,
+                    "ownerReferences": [{**owner, "controller": True}],
+                },
+                "spec": {
+                    "containers": [container],
+                    "restartPolicy": "Always",
+                    "terminationGracePeriodSeconds": int(workload.plan.termination_grace),
+                },
                 "status": {"phase": "Pending", "qosClass": "Burstable"},
             },
         )
         pod = PodSim(name=name, plan=workload.plan)
         workload.pods[name] = pod
         pod.task = asyncio.create_task(self._run_pod(workload, pod), name=f"fake-kube-pod-{name}")
-        self._event(workload.namespace, workload.name, kind=obj["kind"], reason="ScalingReplicaSet",
-                    message=f"Scaled up replica set {workload.name}-7d9f8c6b5 to 1",
-                    component="deployment-controller")
+        self._event(
+            workload.namespace,
+            workload.name,
+            kind=obj["kind"],
+            reason="ScalingReplicaSet",
+            message=f"Scaled up replica set {workload.name}-7d9f8c6b5 to 1",
+            component="deployment-controller",
+        )
 
     def _pod_update(self, workload: Workload, pod: PodSim, mutate: object) -> None:
         if self._store.get("pods", workload.namespace, pod.name) is not None:
             self._store.update("pods", workload.namespace, pod.name, mutate)  # type: ignore[arg-type]
         self.sync_status(workload)
 
-    def _event(self, namespace: str, name: str, *, kind: str, reason: str, message: str,
-               component: str, warning: bool = False) -> None:
+    def _event(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        kind: str,
+        reason: str,
+        message: str,
+        component: str,
+        warning: bool = False,
+    ) -> None:
         stamp = now_iso()
         self._store.create(
             "events",
@@ -195,8 +224,12 @@ class Kubelet:
                 "apiVersion": "v1",
                 "kind": "Event",
                 "metadata": {"name": f"{name}.{secrets.token_hex(8)}", "namespace": namespace},
-                "involvedObject": {"kind": kind, "name": name, "namespace": namespace,
-                                   "apiVersion": "v1" if kind == "Pod" else "apps/v1"},
+                "involvedObject": {
+                    "kind": kind,
+                    "name": name,
+                    "namespace": namespace,
+                    "apiVersion": "v1" if kind == "Pod" else "apps/v1",
+                },
                 "reason": reason,
                 "message": message,
                 "type": "Warning" if warning else "Normal",
@@ -208,10 +241,25 @@ class Kubelet:
             },
         )
 
-    def _pod_event(self, workload: Workload, pod: PodSim, reason: str, message: str, *,
-                   component: str = "kubelet", warning: bool = False) -> None:
-        self._event(workload.namespace, pod.name, kind="Pod", reason=reason, message=message,
-                    component=component, warning=warning)
+    def _pod_event(
+        self,
+        workload: Workload,
+        pod: PodSim,
+        reason: str,
+        message: str,
+        *,
+        component: str = "kubelet",
+        warning: bool = False,
+    ) -> None:
+        self._event(
+            workload.namespace,
+            pod.name,
+            kind="Pod",
+            reason=reason,
+            message=message,
+            component=component,
+            warning=warning,
+        )
 
     async def _run_pod(self, workload: Workload, pod: PodSim) -> None:
         await self._schedule(workload, pod)
@@ -223,14 +271,20 @@ class Kubelet:
         plan = pod.plan
         message = plan.unschedulable
         if message is None and workload.gpu and not self._gpu_free():
-            message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: " \
-                      "0/1 nodes are available: 1 No preemption victims found for incoming pod."
+            message = (
+                "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: "
+                "0/1 nodes are available: 1 No preemption victims found for incoming pod."
+            )
         if message is not None:
             self._unschedulable(workload, pod, message)
             if plan.autoscaler == "triggered":
-                self._pod_event(workload, pod, "TriggeredScaleUp",
-                                plan.autoscaler_message or "pod triggered scale-up: "
-                                "[{gpu-pool 0->1 (max: 1)}]", component="cluster-autoscaler")
+                self._pod_event(
+                    workload,
+                    pod,
+                    "TriggeredScaleUp",
+                    plan.autoscaler_message or "pod triggered scale-up: [{gpu-pool 0->1 (max: 1)}]",
+                    component="cluster-autoscaler",
+                )
                 await asyncio.sleep(plan.provision_delay)
             elif plan.autoscaler is not None:
                 reason = "FailedScaleUp" if plan.autoscaler == "failed" else "NotTriggerScaleUp"
@@ -240,8 +294,14 @@ class Kubelet:
                     if plan.autoscaler == "failed"
                     else "pod didn't trigger scale-up: 1 max node group size reached"
                 )
-                self._pod_event(workload, pod, reason, plan.autoscaler_message or default,
-                                component="cluster-autoscaler", warning=True)
+                self._pod_event(
+                    workload,
+                    pod,
+                    reason,
+                    plan.autoscaler_message or default,
+                    component="cluster-autoscaler",
+                    warning=True,
+                )
                 await asyncio.Event().wait()  # stays Pending until deleted
             elif plan.unschedulable is not None:
                 await asyncio.Event().wait()
@@ -260,9 +320,13 @@ class Kubelet:
             obj["status"]["hostIP"] = "127.0.0.1"
 
         self._pod_update(workload, pod, scheduled)
-        self._pod_event(workload, pod, "Scheduled",
-                        f"Successfully assigned {workload.namespace}/{pod.name} to {NODE}",
-                        component="default-scheduler")
+        self._pod_event(
+            workload,
+            pod,
+            "Scheduled",
+            f"Successfully assigned {workload.namespace}/{pod.name} to {NODE}",
+            component="default-scheduler",
+        )
 
     def _gpu_free(self) -> bool:
         return self._gpus is None or self.gpus_in_use < self._gpus
@@ -274,8 +338,9 @@ class Kubelet:
             ]
 
         self._pod_update(workload, pod, pending)
-        self._pod_event(workload, pod, "FailedScheduling", message,
-                        component="default-scheduler", warning=True)
+        self._pod_event(
+            workload, pod, "FailedScheduling", message, component="default-scheduler", warning=True
+        )
 
     async def _pull(self, workload: Workload, pod: PodSim) -> bool:
         plan = pod.plan
@@ -284,17 +349,31 @@ class Kubelet:
         await asyncio.sleep(plan.pull_delay)
         if plan.image_pull_error is not None:
             detail = f'Failed to pull image "{IMAGE}": {plan.image_pull_error}'
-            self._set_container(workload, pod, {"waiting": {"reason": "ErrImagePull",
-                                                            "message": detail}})
+            self._set_container(
+                workload, pod, {"waiting": {"reason": "ErrImagePull", "message": detail}}
+            )
             self._pod_event(workload, pod, "Failed", detail, warning=True)
             await asyncio.sleep(plan.pull_delay)
-            self._set_container(workload, pod, {"waiting": {
-                "reason": "ImagePullBackOff", "message": f'Back-off pulling image "{IMAGE}"'}})
-            self._pod_event(workload, pod, "BackOff", f'Back-off pulling image "{IMAGE}"',
-                            warning=True)
+            self._set_container(
+                workload,
+                pod,
+                {
+                    "waiting": {
+                        "reason": "ImagePullBackOff",
+                        "message": f'Back-off pulling image "{IMAGE}"',
+                    }
+                },
+            )
+            self._pod_event(
+                workload, pod, "BackOff", f'Back-off pulling image "{IMAGE}"', warning=True
+            )
             return False
-        self._pod_event(workload, pod, "Pulled",
-                        f'Successfully pulled image "{IMAGE}" in 1.2s (1.2s including waiting)')
+        self._pod_event(
+            workload,
+            pod,
+            "Pulled",
+            f'Successfully pulled image "{IMAGE}" in 1.2s (1.2s including waiting)',
+        )
         return True
 
     async def _run_container(self, workload: Workload, pod: PodSim) -> None:
@@ -308,8 +387,10 @@ class Kubelet:
             obj["status"]["phase"] = "Running"
             obj["status"]["podIP"] = "127.0.0.1"
             obj["status"]["conditions"] = [
-                _cond("PodScheduled", True), _cond("Initialized", True),
-                _cond("ContainersReady", False), _cond("Ready", False),
+                _cond("PodScheduled", True),
+                _cond("Initialized", True),
+                _cond("ContainersReady", False),
+                _cond("Ready", False),
             ]
 
         self._pod_update(workload, pod, running)
@@ -336,8 +417,9 @@ class Kubelet:
                 ready.cancel()
                 exited.cancel()
             if not pod.ready_event.is_set():
-                await self._crashed(workload, pod, reason="Error",
-                                    exit_code=pod.process.returncode or 1)
+                await self._crashed(
+                    workload, pod, reason="Error", exit_code=pod.process.returncode or 1
+                )
                 return
         await asyncio.sleep(plan.ready_delay)
         self._set_ready(workload, pod, True)
@@ -346,55 +428,88 @@ class Kubelet:
             if not pod.terminating:
                 # Died while serving (kill_engine): the kubelet reports why.
                 reason = "OOMKilled" if pod.plan.crash == "oom" else "Error"
-                await self._crashed(workload, pod, reason=reason,
-                                    exit_code=137 if reason == "OOMKilled" else 1)
+                await self._crashed(
+                    workload, pod, reason=reason, exit_code=137 if reason == "OOMKilled" else 1
+                )
 
     async def _start_engine(self, workload: Workload, pod: PodSim) -> asyncio.subprocess.Process:
         plan = pod.plan
         args = [
-            sys.executable, "-m", "activator.testing.fake_engine",
-            "--port", str(workload.port), "--host", "127.0.0.1",
-            "--served-model-name", workload.served_model_name,
-            "--startup-delay", str(plan.engine_startup_delay),
+            sys.executable,
+            "-m",
+            "activator.testing.fake_engine",
+            "--port",
+            str(workload.port),
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            workload.served_model_name,
+            "--startup-delay",
+            str(plan.engine_startup_delay),
         ]
         if plan.crash == "crash_loop":
             args.append("--crash-during-startup")
         if plan.engine_never_ready:
             args.append("--never-ready")
         process = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
         self._spawn(_read_output(process, pod), f"fake-kube-engine-output-{pod.name}")
         return process
 
-    async def _crashed(self, workload: Workload, pod: PodSim, *, reason: str,
-                       exit_code: int) -> None:
+    async def _crashed(
+        self, workload: Workload, pod: PodSim, *, reason: str, exit_code: int
+    ) -> None:
         self._set_ready(workload, pod, False)
         self._set_container(
-            workload, pod,
-            {"waiting": {"reason": "CrashLoopBackOff",
-                         "message": f"back-off 10s restarting failed container=engine "
-                                    f"pod={pod.name}"}},
-            last_state={"terminated": {"reason": reason, "exitCode": exit_code,
-                                       "finishedAt": now_iso()}},
+            workload,
+            pod,
+            {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off 10s restarting failed container=engine pod={pod.name}",
+                }
+            },
+            last_state={
+                "terminated": {"reason": reason, "exitCode": exit_code, "finishedAt": now_iso()}
+            },
             restarts=1,
         )
-        self._pod_event(workload, pod, "BackOff",
-                        f"Back-off restarting failed container engine in pod {pod.name}",
-                        warning=True)
+        self._pod_event(
+            workload,
+            pod,
+            "BackOff",
+            f"Back-off restarting failed container engine in pod {pod.name}",
+            warning=True,
+        )
 
-    def _set_container(self, workload: Workload, pod: PodSim, state: Obj, *,
-                       started: bool = False, last_state: Obj | None = None,
-                       restarts: int = 0) -> None:
+    def _set_container(
+        self,
+        workload: Workload,
+        pod: PodSim,
+        state: Obj,
+        *,
+        started: bool = False,
+        last_state: Obj | None = None,
+        restarts: int = 0,
+    ) -> None:
         def mutate(obj: Obj) -> None:
             previous = (obj["status"].get("containerStatuses") or [{}])[0]
-            obj["status"]["containerStatuses"] = [{
-                "name": "engine", "image": IMAGE, "imageID": "", "ready": False,
-                "restartCount": previous.get("restartCount", 0) + restarts,
-                "started": started, "state": state,
-                "lastState": last_state or previous.get("lastState", {}),
-            }]
+            obj["status"]["containerStatuses"] = [
+                {
+                    "name": "engine",
+                    "image": IMAGE,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": previous.get("restartCount", 0) + restarts,
+                    "started": started,
+                    "state": state,
+                    "lastState": last_state or previous.get("lastState", {}),
+                }
+            ]
 
         self._pod_update(workload, pod, mutate)
 
@@ -452,6 +567,7 @@ class Kubelet:
             status.setdefault("replicas", 0)
             status["availableReplicas"] = ready
         if obj.get("status") != status:
+
             def mutate(o: Obj) -> None:
                 o["status"] = status
 
@@ -459,13 +575,13 @@ class Kubelet:
 
 
 def _cond(kind: str, value: bool) -> Obj:
-    return {"type": kind, "status": "True" if value else "False",
-            "lastTransitionTime": now_iso()}
+    return {"type": kind, "status": "True" if value else "False", "lastTransitionTime": now_iso()}
 
 
 def _is_ready(pod: Obj) -> bool:
-    return any(c["type"] == "Ready" and c["status"] == "True"
-               for c in pod["status"].get("conditions", []))
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])
+    )
 
 
 async def _read_output(process: asyncio.subprocess.Process, pod: PodSim) -> None:

@@ -60,9 +60,7 @@ class Watcher:
     resource: str
     namespace: str
     match: Callable[[Obj], bool]
-    queue: asyncio.Queue[Change | str] = field(
-        default_factory=lambda: asyncio.Queue(maxsize=1000)
-    )
+    queue: asyncio.Queue[Change | str] = field(default_factory=lambda: asyncio.Queue(maxsize=1000))
     overflowed: bool = False
 
     def offer(self, item: Change | str) -> None:
@@ -170,8 +168,12 @@ class Store:
         if since is None:
             for obj in self.list(resource, namespace, match):
                 watcher.offer(
-                    Change(rv=int(obj["metadata"]["resourceVersion"]), resource=resource,
-                           type="ADDED", obj=obj)
+                    Change(
+                        rv=int(obj["metadata"]["resourceVersion"]),
+                        resource=resource,
+                        type="ADDED",
+                        obj=obj,
+                    )
                 )
         else:
             for change in self._history:
