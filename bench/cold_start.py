@@ -38,6 +38,10 @@ class Target:
     url: str
     api_key: str | None
     admin_key: str | None
+    # An engine /health URL polled from outside during each cold start (the engine must
+    # listen on a fixed port): its first 200 is the engine-ready moment, for engines
+    # whose logs carry no precise stamp (real vLLM logs whole seconds).
+    engine_health: str | None = None
 
     def admin_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
@@ -80,6 +84,21 @@ async def first_byte(
         return ttfb, wall
 
 
+async def first_healthy(session: aiohttp.ClientSession, url: str) -> float:
+    """Wall-clock time at which `url` first answered 200, polled every 2 ms (bounded)."""
+    deadline = time.monotonic() + 1800
+    probe = aiohttp.ClientTimeout(total=1)
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(url, timeout=probe) as resp:
+                if resp.status == 200:
+                    return time.time()
+        except (aiohttp.ClientError, TimeoutError):
+            pass
+        await asyncio.sleep(0.002)  # another process's port: nothing to wait on but time
+    raise TimeoutError(f"{url} never answered 200")
+
+
 async def wait_stopped(
     session: aiohttp.ClientSession, target: Target, model: str, *, within: float
 ) -> None:
@@ -99,11 +118,19 @@ async def trial(
     await admin(session, target, f"/admin/models/{model}/stop", method="POST")
     await wait_stopped(session, target, model, within=300)
     sent_wall = time.time()
+    watcher = (
+        asyncio.ensure_future(first_healthy(session, target.engine_health))
+        if target.engine_health
+        else None
+    )
     cold_ttfb, first_wall = await first_byte(session, target, model)
+    healthy_wall = await watcher if watcher is not None else None
     warm = [(await first_byte(session, target, model))[0] for _ in range(warm_requests)]
     described = await admin(session, target, f"/admin/models/{model}")
     logs = await admin(session, target, f"/admin/models/{model}/logs")
-    ready_wall = bl.engine_ready_wallclock(logs["lines"], described["served_model_name"])
+    ready_wall = healthy_wall or bl.engine_ready_wallclock(
+        logs["lines"], described["served_model_name"]
+    )
     warm_ttfb = bl.median(warm) or 0.0
     wake = described.get("last_wake_seconds")
     engine_ready = ready_wall - sent_wall if ready_wall is not None else wake
@@ -113,7 +140,13 @@ async def trial(
         "activator_wake_s": wake,
         "wake_phases": described.get("wake_phases"),
         "engine_ready_s": engine_ready,
-        "engine_ready_source": "engine log" if ready_wall is not None else "activator wake",
+        "engine_ready_source": (
+            "engine /health watcher"
+            if healthy_wall is not None
+            else "engine log"
+            if ready_wall is not None
+            else "activator wake"
+        ),
         # Measured: engine began serving -> the held request's first byte.
         "wake_overhead_s": first_wall - ready_wall if ready_wall is not None else None,
         # The issue's estimate: cold TTFB - engine ready time - warm TTFB.
@@ -253,6 +286,10 @@ def main() -> int:
     parser.add_argument("--local-models", type=int, default=2, help="--local: how many")
     parser.add_argument("--api-key")
     parser.add_argument("--admin-key")
+    parser.add_argument(
+        "--engine-health",
+        help="with --url: an engine /health URL (fixed port) polled during cold starts",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default bench/results)")
     args = parser.parse_args()
     trials = args.trials or (2 if args.smoke else 10)
@@ -269,7 +306,7 @@ def main() -> int:
             results = asyncio.run(measure(target, models, trials=trials, warm_requests=warm))
         where_ = f"local activator, stand-in engines with --startup-delay {delay}"
     else:
-        target = Target(args.url.rstrip("/"), args.api_key, args.admin_key)
+        target = Target(args.url.rstrip("/"), args.api_key, args.admin_key, args.engine_health)
         results = asyncio.run(measure(target, models, trials=trials, warm_requests=warm))
         where_ = "remote activator (URL not recorded)"
     summary = summarize(results)
