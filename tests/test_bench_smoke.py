@@ -69,3 +69,20 @@ def test_burst_smoke_answers_every_held_request_with_one_start(tmp_path: Path) -
     assert isinstance(result, dict)
     assert result["lost"] == 0
     assert result["engine_starts"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_swap_smoke_reports_swap_overhead(tmp_path: Path) -> None:
+    run_smoke("swap.py", out=tmp_path, timeout=100)
+    data = written(tmp_path, "swap-smoke")
+    assert data["benchmark"] == "swap"
+
+
+@pytest.mark.timeout(120)
+def test_kube_wake_smoke_reports_pod_ready_to_first_byte(tmp_path: Path) -> None:
+    stdout = run_smoke("kube_wake.py", out=tmp_path, timeout=100)
+    data = written(tmp_path, "kube_wake-smoke")
+    trials = data["trials"]
+    assert isinstance(trials, list) and len(trials) == 2
+    assert all(t["wake_overhead_s"] > 0 for t in trials)
+    assert "pod Ready -> first byte" in stdout
