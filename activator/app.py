@@ -30,6 +30,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 READY = web.AppKey("ready", ReadyFlag)
+HTTP = web.AppKey("http", HttpClient)
 
 BackendFactory = Callable[[ModelSettings, Model], Backend]
 
@@ -76,6 +77,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app[METRICS] = metrics
     app[REGISTRY] = registry
     app[READY] = ready
+    app[HTTP] = http
     for path in ENDPOINTS:
         app.router.add_post(path, proxy.handle)
     app.router.add_get("/v1/models", _list_models(registry))

@@ -312,7 +312,7 @@ class Model:
                 self.backend_phase("launched")
                 await self._race(
                     wait_ready(
-                        self._http.session,
+                        self._http.session(self.name),
                         url=url,
                         health_path=self.settings.health_path,
                         served_model_name=self.settings.served_model_name,
@@ -393,6 +393,9 @@ class Model:
         except Exception:
             # The state stays honest: we log, and the next start will try again.
             logger.exception("model=%s backend stop failed", self.name)
+        finally:
+            # Pooled connections to the old engine are dead: never reuse them.
+            await self._http.reset(self.name)
 
     async def _race(self, coro: Any) -> Any:
         """Run `coro` unless the backend reports a failure first."""

@@ -208,7 +208,7 @@ class Proxy:
             total=None, sock_connect=10, sock_read=model.settings.upstream_read_timeout
         )
         try:
-            async with self._http.session.post(
+            async with self._http.session(model.name).post(
                 lease.url + request.path,
                 data=body,
                 headers=self._upstream_headers(request, ex, model),
