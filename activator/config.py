@@ -266,6 +266,9 @@ KUBERNETES_KEYS: Mapping[str, Converter] = {
     "context": _optional(_text),
     "request_timeout": _duration,
     "watch_timeout": _duration,
+    "scheduling_grace": _duration,
+    "stop_timeout": _duration,
+    "revert_limit": _integer(minimum=1),
 }
 POOL_KEYS: Mapping[str, Converter] = {"gpus": _integer(minimum=1)}
 # Per-model keys that `defaults:` may also set.

@@ -44,6 +44,16 @@ class KubernetesSettings:
     # Each API call is bounded; a watch is re-established after this many seconds.
     request_timeout: float = 30.0
     watch_timeout: float = 300.0
+    # How long a pod may sit in FailedScheduling with no word from a cluster autoscaler
+    # before the start fails: the autoscaler scans every 10 s; 45 s leaves room for a slow
+    # scan without holding requests on a cluster that has no autoscaler.
+    scheduling_grace: float = 45.0
+    # Scale to 0, then wait this long for the pods to be deleted (the pod's 30 s default
+    # termination grace plus a vLLM drain).
+    stop_timeout: float = 300.0
+    # GitOps reverts tolerated in one wake before the start fails with the fix: a
+    # controller that keeps writing replicas: 0 wins every race.
+    revert_limit: int = 3
 
 
 @dataclass(frozen=True, kw_only=True)

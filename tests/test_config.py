@@ -676,3 +676,33 @@ def test_min_residency_may_be_zero_but_not_negative() -> None:
             {"models": {"a": {"min_residency": -1, "process": {"command": ["x", "{port}"]}}}},
             environ={},
         )
+
+
+async def test_kubernetes_limits_reach_the_backend_tuning(tmp_path: Path) -> None:
+    from activator.backends.kube.cluster import KubeCluster
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:9'}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\nusers: [{name: u, user: {}}]\n"
+    )
+    settings = parse_config(
+        {
+            "kubernetes": {
+                "kubeconfig": str(kubeconfig),
+                "scheduling_grace": "10s",
+                "stop_timeout": "2m",
+                "revert_limit": 5,
+            },
+            "models": {"a": {"process": {"command": ["x", "{port}"]}}},
+        },
+        environ={},
+    )
+    cluster = await KubeCluster.connect(settings.kubernetes)
+    try:
+        assert cluster.tuning.scheduling_grace == 10.0
+        assert cluster.tuning.stop_timeout == 120.0
+        assert cluster.tuning.revert_limit == 5
+    finally:
+        await cluster.aclose()

@@ -91,7 +91,12 @@ class KubeCluster:
         return cls(
             client.ApiClient(configuration=configuration),
             settings=settings,
-            tuning=tuning or KubeTuning(),
+            tuning=tuning
+            or KubeTuning(
+                scheduling_grace=settings.scheduling_grace,
+                stop_timeout=settings.stop_timeout,
+                revert_limit=settings.revert_limit,
+            ),
         )
 
     def list_function(self, resource: str) -> ApiFunction:
