@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -139,6 +139,24 @@ def plot_path(name: str, *, out_dir: Path | None = None) -> Path:
     folder = out_dir or RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}.png"
+
+
+def publish(
+    name: str,
+    data: dict[str, Any],
+    *,
+    out_dir: Path | None,
+    draw: Callable[[Path], None],
+    report: str = "",
+) -> None:
+    """Write `<name>.json`, draw `<name>.png`, print the report and where they went."""
+    json_path = write_results(name, data, out_dir=out_dir)
+    png = plot_path(name, out_dir=out_dir)
+    draw(png)
+    if report:
+        print()
+        print(report)
+    print(f"\nwrote {json_path} and {png}")
 
 
 def pyplot() -> Any:

@@ -297,11 +297,13 @@ def main() -> int:
         "targets": checks,
         "result": result,
     }
-    json_path = bl.write_results(name, data, out_dir=args.out)
-    png = bl.plot_path(name, out_dir=args.out)
-    plot(result, png)
-    print(report(result, checks))
-    print(f"\nwrote {json_path} and {png}")
+    bl.publish(
+        name,
+        data,
+        out_dir=args.out,
+        draw=lambda png: plot(result, png),
+        report=report(result, checks),
+    )
     return 0 if result["lost"] == 0 else 1
 
 

@@ -321,12 +321,9 @@ def main() -> int:
         "summary": summary,
         "trials": results,
     }
-    json_path = bl.write_results(name, data, out_dir=args.out)
-    png = bl.plot_path(name, out_dir=args.out)
-    plot(results, png)
-    print()
-    print(report(summary))
-    print(f"\nwrote {json_path} and {png}")
+    bl.publish(
+        name, data, out_dir=args.out, draw=lambda png: plot(results, png), report=report(summary)
+    )
     return 0
 
 

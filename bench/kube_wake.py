@@ -96,6 +96,17 @@ async def measure(trials: int) -> list[dict[str, float]]:
         return results
 
 
+def plot(results: list[dict[str, float]], png: Path) -> None:
+    plt = bl.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["wake_overhead_s"] * 1000 for r in results], marker="o")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("pod Ready -> first byte (ms)")
+    ax.set_title("Kubernetes backend wake overhead (fake API server)")
+    fig.tight_layout()
+    fig.savefig(png)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
@@ -126,17 +137,7 @@ def main() -> int:
         "summary": summary,
         "trials": results,
     }
-    path = bl.write_results(name, data, out_dir=args.out)
-    plt = bl.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["wake_overhead_s"] * 1000 for r in results], marker="o")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("pod Ready -> first byte (ms)")
-    ax.set_title("Kubernetes backend wake overhead (fake API server)")
-    fig.tight_layout()
-    plot = bl.plot_path(name, out_dir=args.out)
-    fig.savefig(plot)
-    print(f"\nwrote {path} and {plot}")
+    bl.publish(name, data, out_dir=args.out, draw=lambda png: plot(results, png))
     return 0
 
 

@@ -654,12 +654,9 @@ def main() -> int:
         "summary": summary,
         "raw": raw,
     }
-    json_path = bl.write_results(name, data, out_dir=args.out)
-    png = bl.plot_path(name, out_dir=args.out)
-    plot(summary, png)
-    print()
-    print(report(summary))
-    print(f"\nwrote {json_path} and {png}")
+    bl.publish(
+        name, data, out_dir=args.out, draw=lambda png: plot(summary, png), report=report(summary)
+    )
     return 0
 
 
