@@ -238,7 +238,8 @@ class Model:
 
     def view(self) -> ModelView:
         s = self.settings
-        waits = [arrived for _, arrived in self._waiters.values()]
+        # Waiters are kept in arrival order: the first is the oldest (O(1) with 10k held).
+        waits = [next(iter(self._waiters.values()))[1]] if self._waiters else []
         if self._wake_requested_at is not None:
             waits.append(self._wake_requested_at)
         return ModelView(
@@ -246,7 +247,7 @@ class Model:
             state=self.state,
             gpus=s.gpus,
             in_flight=len(self._leases),
-            queued=len(waits),
+            queued=len(self._waiters) + (self._wake_requested_at is not None),
             oldest_wait=min(waits) if waits else None,
             last_activity=self.last_activity,
             ready_since=self.ready_since,
