@@ -13,7 +13,9 @@ async def test_stopping_a_model_drops_its_pooled_engine_connections(
     # Behind a Kubernetes Service a deleted pod never closes its keep-alive connections;
     # reusing one would hang until the read timeout. So they go when the engine does.
     served = unique("pooled")
-    running = await activator({"models": {"m": model_config(served), "other": model_config(unique("other"))}})
+    running = await activator(
+        {"models": {"m": model_config(served), "other": model_config(unique("other"))}}
+    )
     http = running.app[HTTP]
     async with openai.AsyncOpenAI(base_url=running.v1, api_key="x", max_retries=0) as sdk:
         await sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}])
