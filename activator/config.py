@@ -167,6 +167,15 @@ def _access_log(value: object) -> str:
     return str(value)
 
 
+def _one_of(*choices: str) -> Converter:
+    def convert(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return str(value)
+
+    return convert
+
+
 def _in_cluster(value: object) -> bool | None:
     value = _from_env(value)
     if value is None or value == "auto":
@@ -258,6 +267,7 @@ SERVER_KEYS: Mapping[str, Converter] = {
     "max_body_bytes": _size,
     "max_queued_total": _integer(minimum=1),
     "shutdown_grace": _duration,
+    "body_timeout": _duration,
     "access_log": _access_log,
 }
 KUBERNETES_KEYS: Mapping[str, Converter] = {
@@ -269,6 +279,7 @@ KUBERNETES_KEYS: Mapping[str, Converter] = {
     "scheduling_grace": _duration,
     "stop_timeout": _duration,
     "revert_limit": _integer(minimum=1),
+    "on_shutdown": _one_of("keep", "stop"),
 }
 POOL_KEYS: Mapping[str, Converter] = {"gpus": _integer(minimum=1)}
 # Per-model keys that `defaults:` may also set.

@@ -12,6 +12,7 @@ from typing import Literal
 
 AccessLogFormat = Literal["text", "json", "off"]
 WorkloadKind = Literal["Deployment", "StatefulSet"]
+ShutdownAction = Literal["keep", "stop"]
 
 
 def _frozen_map() -> Mapping[str, str]:
@@ -31,6 +32,9 @@ class ServerSettings:
     max_queued_total: int = 20_000
     # On SIGTERM: how long in-flight requests may run before they are cut.
     shutdown_grace: float = 30.0
+    # Longest time a request body may take to arrive once the headers are in (a client
+    # that sends a byte every few seconds would otherwise hold a slot forever) -> 408.
+    body_timeout: float = 60.0
     access_log: AccessLogFormat = "text"
 
 
@@ -54,6 +58,9 @@ class KubernetesSettings:
     # GitOps reverts tolerated in one wake before the start fails with the fix: a
     # controller that keeps writing replicas: 0 wins every race.
     revert_limit: int = 3
+    # What SIGTERM does to Kubernetes models: "keep" leaves them as they are so the next
+    # activator (a rolling restart) adopts them warm; "stop" scales them to 0 as before.
+    on_shutdown: ShutdownAction = "keep"
 
 
 @dataclass(frozen=True, kw_only=True)
