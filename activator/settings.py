@@ -90,6 +90,25 @@ class KubernetesTarget:
 class PoolSettings:
     name: str
     gpus: int
+    # Host RAM that the pool's sleeping (level 1) models may hold together; None = no
+    # model of the pool sleeps at level 1 (config requires it when one does).
+    host_memory: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SleepSettings:
+    """vLLM sleep mode: put to sleep instead of stopped when the pool needs the GPU."""
+
+    level: Literal[1, 2] = 1
+    # Host memory the weights take once asleep at level 1 (about none at level 2).
+    host_memory: int = 0
+    # One sleep or wake call sequence: a level-1 sleep copies the weights to host memory
+    # (vLLM allocates pinned memory for it at each sleep: seconds per 10 GB).
+    timeout: float = 120.0
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_memory if self.level == 1 else 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +134,7 @@ class ModelSettings:
     min_residency: float = 30.0
     drain_timeout: float = 120.0
     max_wait: float = 300.0
+    sleep: SleepSettings | None = None
     process: ProcessTarget | None = None
     kubernetes: KubernetesTarget | None = None
 
