@@ -365,11 +365,16 @@ async def test_adapter_endpoints_answer_ok(engine: Engine, http: aiohttp.ClientS
             assert (response.status, await response.json()) == (200, {"ok": True})
 
 
-async def test_sleep_endpoints_need_dev_mode(engine: Engine, http: aiohttp.ClientSession) -> None:
+async def test_sleep_endpoints_need_dev_mode(http: aiohttp.ClientSession) -> None:
     # As in vLLM, they exist only with VLLM_SERVER_DEV_MODE=1 (see test_fake_engine_sleep.py).
-    for path in ("/sleep", "/wake_up", "/collective_rpc"):
-        async with http.post(engine.url + path) as response:
-            assert response.status == 404
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_SERVER_DEV_MODE"}
+    engine = await start("--enable-sleep-mode", env=env)
+    try:
+        for path in ("/sleep", "/wake_up", "/collective_rpc"):
+            async with http.post(engine.url + path) as response:
+                assert response.status == 404
+    finally:
+        await stop(engine.process)
 
 
 @pytest.mark.parametrize(

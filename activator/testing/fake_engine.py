@@ -677,7 +677,7 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     sleep_options.add_arguments(parser, simulated=True)
     args = vars(parser.parse_args(argv))
     try:
-        sleep = sleep_options.take_options(args)
+        sleep = sleep_options.take_options(args, simulated=True)
     except ValueError as exc:  # vLLM fails at start on a non-integer VLLM_SERVER_DEV_MODE
         parser.error(f"VLLM_SERVER_DEV_MODE: {exc}")
     # Every other option's dest is the name of an EngineOptions field.

@@ -7,7 +7,6 @@ in the environment); the rest size and time the simulation and name the memory r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,9 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, simulated: bool) -> None:
         add("--reload-delay", type=float, default=0.0, help="seconds reload_weights takes")
 
 
-def take_options(args: dict[str, Any], *, environ: Mapping[str, str] = os.environ) -> SleepOptions:
-    """Removes the sleep options from parsed `args` (vars of a Namespace) and returns
-    them, with dev mode read from the environment (ValueError if malformed)."""
-    names = {f.name for f in dataclasses.fields(SleepOptions)} - {"dev_mode"}
-    taken = {name: args.pop(name) for name in names if name in args}
+COMMON = ("enable_sleep_mode", "memory_report", "kv_cache_gib", "gpu_residue_gib")
+SIMULATED = ("weights_gib", "sleep_delay", "wake_delay", "reload_delay")
+
+
+def take_options(
+    args: dict[str, Any], *, simulated: bool, environ: Mapping[str, str] = os.environ
+) -> SleepOptions:
+    """Removes the options `add_arguments` added from parsed `args` (vars of a
+    Namespace) and returns them, with dev mode read from the environment (ValueError if
+    malformed)."""
+    names = COMMON + (SIMULATED if simulated else ())
+    taken = {name: args.pop(name) for name in names}
     return SleepOptions(**taken, dev_mode=dev_mode(environ))
