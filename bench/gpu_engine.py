@@ -166,7 +166,7 @@ class Model:
         self.host: torch.Tensor | None = None  # the level-1 backup, allocated once
         self.host_pinned = False
         self.staging: list[torch.Tensor] = []
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.stream: Any = None  # the copy stream, made in start() (it would init CUDA)
         self.embedding: torch.Tensor | None = None
         self.log: deque[JsonObject] = deque(maxlen=KEPT_LOG)
 
@@ -188,6 +188,7 @@ class Model:
             torch.cuda.set_device(self.device)
             torch.zeros(1, device=self.device)  # creates the context
             torch.cuda.synchronize(self.device)
+            self.stream = torch.cuda.Stream(self.device)
         phases["cuda_init_s"] = time.perf_counter() - began
         began = time.perf_counter()
         self.staging = [self._cpu_buffer(STAGING_BYTES, pinned=self.cuda) for _ in range(2)]

@@ -313,21 +313,25 @@ async def test_a_request_while_asleep_hangs_until_woken(
 ) -> None:
     assert (await call(http, "POST", f"{engine.url}/sleep"))[0] == 200
     held = asyncio.create_task(chat(http, engine))
+    embedding = asyncio.create_task(
+        call(http, "POST", f"{engine.url}/v1/embeddings", {"input": PROMPT})
+    )
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4, "stream": True}
     async with http.post(f"{engine.url}/v1/chat/completions", json=body) as stream:
         assert stream.status == 200  # headers out at once, as vLLM's, then nothing
-        await wait_for_metric(http, engine, "vllm:num_requests_waiting", 2)
-        assert not held.done()
+        await wait_for_metric(http, engine, "vllm:num_requests_waiting", 3)
+        assert not held.done() and not embedding.done()
 
         # Half awake is still asleep: generation resumes only with every tag awake.
         status, answer = await call(http, "POST", f"{engine.url}/wake_up?tags=weights")
         assert (status, answer) == (200, {"status": "sleeping", "tags": ["weights"]})
         assert await is_sleeping(http, engine)
-        assert await metric(http, engine, "vllm:num_requests_waiting") == 2
+        assert await metric(http, engine, "vllm:num_requests_waiting") == 3
 
         status, answer = await call(http, "POST", f"{engine.url}/wake_up?tags=kv_cache")
         assert (status, answer) == (200, {"status": "awake", "tags": ["kv_cache"]})
         assert text_of(await held) == ANSWER
+        assert (await embedding)[0] == 200
         events = (await stream.text()).split("\n\n")
     deltas = [json.loads(e.removeprefix("data: "))["choices"] for e in events[:-2]]
     assert "".join(c[0]["delta"].get("content", "") for c in deltas if c) == ANSWER

@@ -427,6 +427,9 @@ async def embeddings(request: web.Request) -> web.Response:
     body = await read_body(request, options=options)
     raw = body.get("input")
     inputs = [text_of(item) for item in raw] if isinstance(raw, list) else [text_of(raw)]
+    with request.app[SLEEP].ticket() as ticket:  # an engine asleep holds these too
+        if not await ticket.admitted():
+            raise EngineError("Request aborted.", status=500, type_="InternalServerError")
     data = [
         {"object": "embedding", "index": i, "embedding": embedding_of(text)}
         for i, text in enumerate(inputs)

@@ -178,6 +178,7 @@ class SleepController:
                     ticket.aborted = True
             self.state = replace(self.state, pause="paused_all" if mode == "keep" else "paused_new")
             self._kick_all()
+            self._report("falling_asleep")
             if mode == "wait":
                 await self._idle.wait()
             plan = plan_sleep(self.state, level=level, pooled=self.config.pooled)
