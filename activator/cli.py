@@ -210,7 +210,7 @@ def _cannot_listen(host: str, port: int, *, config: str | None) -> str | None:
 
 def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool) -> int:
     """Print the models' table (or one model's row) from a running activator's admin API."""
-    key_source = "--admin-key"
+    key_source = "--admin-key" if admin_key else None  # said in errors; the key never is
     if admin_key is None and os.environ.get(ADMIN_KEY_ENV):
         admin_key, key_source = os.environ[ADMIN_KEY_ENV], ADMIN_KEY_ENV
     path = "/admin/models" + ("" if model is None else "/" + urllib.parse.quote(model, safe=""))
@@ -224,8 +224,7 @@ def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool
     except urllib.error.HTTPError as error:
         with error:
             message = _error_message(error.read(ERROR_BODY_BYTES))
-        source = key_source if admin_key else None
-        print(_admin_error(endpoint, error.code, message, key_source=source), file=sys.stderr)
+        print(_admin_error(endpoint, error.code, message, key_source=key_source), file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"cannot read {endpoint}: {exc}", file=sys.stderr)
@@ -255,8 +254,8 @@ def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool
 
 
 def _admin_error(endpoint: str, status: int, message: str | None, *, key_source: str | None) -> str:
-    """One line for an admin API error. Names where the key came from, never the key."""
-    if status == 401 and not key_source:
+    """One line for an admin API error; `key_source` is where the key came from, if any."""
+    if status == 401 and key_source is None:
         return (
             f"{endpoint}: this activator has an admin key (server.admin_api_key); "
             f"pass it with --admin-key KEY or the {ADMIN_KEY_ENV} environment variable"
