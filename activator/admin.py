@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from activator.errors import NotFound
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.registry import ModelRegistry
@@ -17,11 +16,8 @@ def admin_routes(
     *, registry: ModelRegistry, metrics: Metrics, is_ready: ReadyFlag
 ) -> list[web.RouteDef]:
     def model_of(request: web.Request) -> Model:
-        name = request.match_info["name"]
-        model = registry.models.get(name)
-        if model is None:
-            raise NotFound(f"no model named {name!r}", param="name")
-        return model
+        # By name or alias, as clients send it; an unknown one is the same 404 they get.
+        return registry.resolve(request.match_info["name"], param="name")
 
     async def list_models(request: web.Request) -> web.Response:
         return web.json_response({"models": [m.describe() for m in registry]})

@@ -118,21 +118,25 @@ def _auth_middleware(settings: Settings) -> Any:
     api_keys = [k.encode() for k in settings.server.api_keys]
     admin_key = settings.server.admin_api_key
     admin_keys = [admin_key.encode()] if admin_key else []
+    # Each 401 names the key it wants: an admin sent a client key (or none) is told so.
+    client_key_hint = "API key (Authorization: Bearer <key>)"
+    admin_key_hint = "admin key (Authorization: Bearer <server.admin_api_key>)"
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if path.startswith("/v1/") and api_keys:
-            _check(request, api_keys)
+            _check(request, api_keys, what=client_key_hint)
         elif path.startswith("/admin/") and admin_keys:
-            _check(request, admin_keys)
+            _check(request, admin_keys, what=admin_key_hint)
         response: web.StreamResponse = await handler(request)
         return response
 
     return auth
 
 
-def _check(request: web.Request, keys: list[bytes]) -> None:
+def _check(request: web.Request, keys: list[bytes], *, what: str) -> None:
+    """401 unless the request's Bearer token is one of `keys`; `what` names the key."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     given = token.strip().encode() if scheme.lower() == "bearer" else b""
@@ -141,7 +145,7 @@ def _check(request: web.Request, keys: list[bytes]) -> None:
     for key in keys:
         matched |= hmac.compare_digest(given, key)
     if not matched:
-        raise Unauthorized("missing or invalid API key (Authorization: Bearer <key>)")
+        raise Unauthorized(f"missing or invalid {what}")
 
 
 def default_backend_factory(settings: Settings) -> tuple[BackendFactory, Callable[[], Any]]:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import errno
 import json
 import logging
+import os
+import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from importlib import resources
@@ -22,6 +27,12 @@ logger = logging.getLogger("activator")
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 LISTEN_BACKLOG = 4096
+# `activator status` reads the admin key from here when --admin-key is not given; the same
+# name config/example.yaml substitutes into server.admin_api_key.
+ADMIN_KEY_ENV = "ACTIVATOR_ADMIN_KEY"
+# An error body is read for its message only; a larger one is cut.
+ERROR_BODY_BYTES = 64 * 1024
+PICK_ANOTHER_PORT = "pick another port with --port N or server.port in the config"
 
 
 def embedded_config() -> Path:
@@ -35,19 +46,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the proxy (the default command)")
     serve.add_argument("--config", help="YAML config (default: the embedded local demo)")
+    serve.add_argument("--host", help="address to listen on (overrides server.host)")
+    serve.add_argument("--port", type=_port, help="port to listen on (overrides server.port)")
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     status = sub.add_parser("status", help="show models from a running activator")
+    status.add_argument("model", nargs="?", help="one model, by name or alias (default: all)")
     status.add_argument("--url", default=DEFAULT_URL)
-    status.add_argument("--admin-key", default=None, help="admin_api_key, if one is set")
+    status.add_argument(
+        "--admin-key",
+        default=None,
+        help=f"server.admin_api_key, if one is set (or ${ADMIN_KEY_ENV})",
+    )
     status.add_argument("--json", action="store_true", help="print the admin API's JSON")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "status":
-        return _status(args.url, args.admin_key, as_json=args.json)
-    return _serve(getattr(args, "config", None), getattr(args, "log_level", "INFO"))
+        return _status(args.url, args.model, args.admin_key, as_json=args.json)
+    try:
+        return _serve(
+            getattr(args, "config", None),
+            getattr(args, "log_level", "INFO"),
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+        )
+    except OSError as error:
+        # _serve checks the address before it starts anything; this is the rare case of a
+        # process taking the port between that check and the bind.
+        if error.errno != errno.EADDRINUSE:
+            raise
+        print(f"activator: {error.strerror}; {PICK_ANOTHER_PORT}", file=sys.stderr)
+        return 1
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return port
 
 
 def _load(path: str) -> Settings | None:
@@ -64,11 +105,16 @@ def _check_config(path: str) -> int:
     settings = _load(path)
     if settings is None:
         return 1
-    print(f"{path}: ok ({len(settings.models)} models, {len(settings.pools)} pools)")
+    models, pools = len(settings.models), len(settings.pools)
+    print(f"{path}: ok ({_plural(models, 'model')}, {_plural(pools, 'pool')})")
     return 0
 
 
-def _serve(config: str | None, log_level: str) -> int:
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _serve(config: str | None, log_level: str, *, host: str | None, port: int | None) -> int:
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -78,6 +124,11 @@ def _serve(config: str | None, log_level: str) -> int:
     settings = _load(path)
     if settings is None:
         return 2
+    settings = _listen_on(settings, host=host, port=port)
+    problem = _cannot_listen(settings.server.host, settings.server.port, config=config)
+    if problem is not None:
+        print(f"activator: {problem}", file=sys.stderr)
+        return 1
     from aiohttp import web
 
     from activator.app import build_app
@@ -114,21 +165,76 @@ def _serve(config: str | None, log_level: str) -> int:
     return 0
 
 
-def _status(url: str, admin_key: str | None, *, as_json: bool) -> int:
-    request = urllib.request.Request(url.rstrip("/") + "/admin/models")
+def _listen_on(settings: Settings, *, host: str | None, port: int | None) -> Settings:
+    """The settings with --host/--port, where given, in place of server.host/server.port."""
+    changes: dict[str, Any] = {}
+    if host is not None:
+        changes["host"] = host
+    if port is not None:
+        changes["port"] = port
+    if not changes:
+        return settings
+    return dataclasses.replace(settings, server=dataclasses.replace(settings.server, **changes))
+
+
+def _cannot_listen(host: str, port: int, *, config: str | None) -> str | None:
+    """Why `serve` could not listen on host:port (one line), or None if it can.
+
+    Checked before the app is built, so that an activator started twice by mistake starts,
+    adopts and stops nothing. Binds each address the host resolves to the way aiohttp's
+    server will (SO_REUSEADDR, IPv6 sockets v6-only), then lets go."""
+    where = f"server.port in {config}" if config else "server.port in a --config file"
+    how = f"pick another port with --port N or {where}"
+    if port == 0:
+        return None  # the kernel picks a free one
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        return f"cannot listen on {host}: {error.strerror}; pick another address with --host"
+    for family, kind, proto, _, address in addresses:
+        shown = f"[{address[0]}]:{port}" if family == socket.AF_INET6 else f"{address[0]}:{port}"
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return f"{shown} is already in use (is another activator running?); {how}"
+            return f"cannot listen on {shown}: {error.strerror}; pick another with --host/--port"
+    return None
+
+
+def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool) -> int:
+    """Print the models' table (or one model's row) from a running activator's admin API."""
+    key_source = "--admin-key" if admin_key else None  # said in errors; the key never is
+    if admin_key is None and os.environ.get(ADMIN_KEY_ENV):
+        admin_key, key_source = os.environ[ADMIN_KEY_ENV], ADMIN_KEY_ENV
+    path = "/admin/models" + ("" if model is None else "/" + urllib.parse.quote(model, safe=""))
+    endpoint = url.rstrip("/") + path
+    request = urllib.request.Request(endpoint)
     if admin_key:
         request.add_header("Authorization", f"Bearer {admin_key}")
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             body: dict[str, Any] = json.load(resp)
+    except urllib.error.HTTPError as error:
+        with error:
+            message = _error_message(error.read(ERROR_BODY_BYTES))
+        print(_admin_error(endpoint, error.code, message, key_source=key_source), file=sys.stderr)
+        return 1
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"cannot read {url}/admin/models: {exc}", file=sys.stderr)
+        print(f"cannot read {endpoint}: {exc}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps(body, indent=2))
         return 0
+    models = [body] if model is not None else body.get("models", [])
     rows = [("MODEL", "STATE", "IN FLIGHT", "QUEUED", "LAST WAKE", "POOL", "LAST ERROR")]
-    for m in body.get("models", []):
+    for m in models:
         wake = m.get("last_wake_seconds")
         rows.append(
             (
@@ -145,3 +251,26 @@ def _status(url: str, admin_key: str | None, *, as_json: bool) -> int:
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _admin_error(endpoint: str, status: int, message: str | None, *, key_source: str | None) -> str:
+    """One line for an admin API error; `key_source` is where the key came from, if any."""
+    if status == 401 and key_source is None:
+        return (
+            f"{endpoint}: this activator has an admin key (server.admin_api_key); "
+            f"pass it with --admin-key KEY or the {ADMIN_KEY_ENV} environment variable"
+        )
+    if status == 401:
+        return f"{endpoint}: the admin key from {key_source} does not match server.admin_api_key"
+    return f"{endpoint}: HTTP {status}: {message or 'no error message'}"
+
+
+def _error_message(body: bytes) -> str | None:
+    """The message of an OpenAI error envelope, or None for any other body."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    error = document.get("error") if isinstance(document, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None

@@ -22,15 +22,17 @@ class ModelRegistry:
     def __iter__(self) -> Iterator[Model]:
         return iter(self.models.values())
 
-    def resolve(self, name: object) -> Model:
-        """The model a client asked for; 404 (listing the names) if it is not configured.
-        A configured model is never a 404, whatever its state."""
+    def resolve(self, name: object, *, param: str = "model") -> Model:
+        """The model named `name` or one of its aliases; 404 (listing every name) if it is
+        not configured, with `param` naming where the name came from. The one lookup for
+        clients and the admin API alike. A configured model is never a 404, whatever its
+        state."""
         model = self._by_name.get(name) if isinstance(name, str) else None
         if model is None:
             shown = name if isinstance(name, str) and len(name) <= 200 else "(invalid)"
             raise ModelNotFound(
                 f"model {shown!r} does not exist; available: {', '.join(sorted(self._by_name))}",
-                param="model",
+                param=param,
             )
         return model
 

@@ -1,15 +1,24 @@
-"""The command line, run as real subprocesses: `check-config` and `status`."""
+"""The command line, run as real subprocesses: `serve`, `check-config` and `status`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
+import pytest
+import yaml
 
-from tests.harness import chat, model_config, unique
-from tests.serve_process import run_cli, serving
+from tests.harness import chat, model_config, unique, wait_for
+from tests.serve_process import PROCESS_WAIT_S, free_port, run_cli, serving
+
+ADMIN_KEY_ENV = "ACTIVATOR_ADMIN_KEY"  # documented in the README: a contract, not a detail
 
 GOOD_CONFIG = """\
 server: {host: 127.0.0.1, port: 8080}
@@ -44,7 +53,18 @@ async def test_check_config_accepts_a_valid_file(tmp_path: Path) -> None:
     path.write_text(GOOD_CONFIG)
     code, out, err = await run_cli("check-config", str(path))
     assert (code, err) == (0, "")
-    assert out.strip() == f"{path}: ok (1 models, 0 pools)"
+    assert out.strip() == f"{path}: ok (1 model, 0 pools)"
+
+
+async def test_check_config_counts_in_words_that_agree(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    config = yaml.safe_load(GOOD_CONFIG)
+    config["pools"] = {"l4": {"gpus": 1}}
+    config["models"]["other"] = {**config["models"]["qwen"], "aliases": [], "pool": "l4"}
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = await run_cli("check-config", str(path))
+    assert (code, err) == (0, "")
+    assert out.strip() == f"{path}: ok (2 models, 1 pool)"
 
 
 async def test_check_config_prints_one_line_per_problem_naming_the_key(tmp_path: Path) -> None:
@@ -106,9 +126,57 @@ async def test_status_prints_the_model_table_of_a_running_activator(tmp_path: Pa
         assert code == 0
         assert [m["name"] for m in json.loads(out)["models"]] == ["alpha", "beta"]
 
-        code, _, err = await run_cli("status", "--url", served.url)  # no admin key
-        assert code != 0
-        assert "401" in err
+
+async def test_status_says_how_to_pass_the_admin_key_and_never_prints_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    config = {
+        "server": {"admin_api_key": "s3cret-adm"},
+        "models": {"alpha": model_config(unique("status-key"))},
+    }
+    async with serving(config, workdir=tmp_path, engines=[]) as served:
+        code, out, err = await run_cli("status", "--url", served.url)
+        assert (code, out) == (1, "")
+        [line] = err.splitlines()
+        assert "HTTP Error" not in line
+        assert "admin key" in line and "--admin-key" in line and ADMIN_KEY_ENV in line
+
+        code, out, err = await run_cli("status", "--url", served.url, "--admin-key", "wrong-key")
+        assert (code, out) == (1, "")
+        [line] = err.splitlines()
+        assert "--admin-key" in line and "does not match" in line
+        assert "wrong-key" not in line and "s3cret" not in line
+
+        monkeypatch.setenv(ADMIN_KEY_ENV, "s3cret-adm")  # the subprocess inherits it
+        code, out, err = await run_cli("status", "--url", served.url)
+        assert (code, err) == (0, "")
+        assert out.splitlines()[1].split()[:2] == ["alpha", "stopped"]
+    assert "s3cret" not in served.output()
+
+
+async def test_status_shows_one_model_by_name_or_alias(tmp_path: Path) -> None:
+    config = {
+        "models": {
+            "demo-small": {**model_config(unique("status-one")), "aliases": ["small"]},
+            "chat": model_config(unique("status-one")),
+        }
+    }
+    async with serving(config, workdir=tmp_path, engines=[]) as served:
+        for name in ("demo-small", "small"):
+            code, out, err = await run_cli("status", name, "--url", served.url)
+            assert (code, err) == (0, ""), name
+            header, *rows = out.splitlines()
+            assert header.split()[:2] == ["MODEL", "STATE"]
+            assert [row.split()[:2] for row in rows] == [["demo-small", "stopped"]], name
+
+        code, out, _ = await run_cli("status", "small", "--url", served.url, "--json")
+        assert (code, json.loads(out)["name"]) == (0, "demo-small")
+
+        code, out, err = await run_cli("status", "nope", "--url", served.url)
+        assert (code, out) == (1, "")
+        [line] = err.splitlines()
+        assert "404" in line and "available: chat, demo-small, small" in line
 
 
 async def test_status_against_nothing_fails_cleanly() -> None:
@@ -125,3 +193,79 @@ async def test_console_script_and_module_are_the_same_cli() -> None:
     by_module = await run_cli("--version")
     assert by_script == by_module
     assert by_module[0] == 0 and by_module[1].startswith("activator ")
+
+
+@contextmanager
+def port_in_use() -> Iterator[int]:
+    """A loopback port another server listens on (as a first `activator serve` would)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port: int = taken.getsockname()[1]
+        yield port
+
+
+def serve_config(tmp_path: Path, *, host: str, port: int) -> Path:
+    path = tmp_path / "local.yaml"
+    config = {"server": {"host": host, "port": port}, "models": {"m": model_config(unique("p"))}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> None:
+    with port_in_use() as port:
+        path = serve_config(tmp_path, host="127.0.0.1", port=port)
+        code, out, err = await run_cli("serve", "--config", str(path))
+    assert code != 0
+    assert out == ""
+    [line] = err.splitlines()  # no traceback, no "serving" line before it
+    assert f"127.0.0.1:{port} is already in use" in line
+    assert f"--port N or server.port in {path}" in line
+
+
+async def test_serve_port_flag_on_a_port_in_use_says_so_too() -> None:
+    with port_in_use() as port:
+        code, out, err = await run_cli("serve", "--port", str(port))  # the embedded demo
+    assert (code, out) == (1, "")
+    [line] = err.splitlines()
+    assert f"127.0.0.1:{port} is already in use" in line and "--port N" in line
+
+
+async def test_serve_host_and_port_flags_override_the_config(tmp_path: Path) -> None:
+    port = free_port()
+    with port_in_use() as taken:
+        # The config's address is unusable: only the flags' address can serve.
+        path = serve_config(tmp_path, host="127.0.0.2", port=taken)
+        log = tmp_path / "serve.log"
+        with log.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "activator", "serve", "--config", str(path)),
+                *("--host", "127.0.0.1", "--port", str(port)),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+            )
+        try:
+            async with aiohttp.ClientSession() as session:
+
+                async def ready() -> bool:
+                    assert process.returncode is None, log.read_text()
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                            return resp.status == 200
+                    except aiohttp.ClientConnectionError:
+                        return False
+
+                await wait_for(ready, timeout=PROCESS_WAIT_S, what="serve --port /readyz")
+            assert f"on http://127.0.0.1:{port} " in log.read_text()
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(PROCESS_WAIT_S):
+                    code = await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                raise
+    assert code == 0, log.read_text()

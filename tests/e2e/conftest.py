@@ -6,8 +6,11 @@ Without it the tests skip, unless ACTIVATOR_REQUIRE_VLLM=1 (CI), where they fail
 
 Each activator is started as `python -m activator serve --config FILE` from the
 config template next to this file (tests/e2e/vllm.yaml), with the tiny model built
-once per session. Every engine it launches carries a unique tag in its environment,
-so the tests can find all of the engine's processes (vLLM forks workers) in /proc.
+once per session. The template's `${VLLM_PYTHON}` and `${TINY_MODEL_DIR}` are filled
+into the config file, not exported: activator's engines inherit its environment, and
+vLLM warns about (or, validating strictly, refuses) VLLM_* variables it does not know.
+Every engine it launches carries a unique tag in its environment, so the tests can find
+all of the engine's processes (vLLM forks workers) in /proc.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 TEMPLATE = HERE / "vllm.yaml"
 TAG_VARIABLE = "ACTIVATOR_E2E_TAG"
+# Where the tests find vLLM and the model: the harness's business, never an engine's.
+# Kept out of the environment activator (and so every engine) runs with.
+HARNESS_VARIABLES = ("VLLM_PYTHON", "VLLM_VENV", "TINY_MODEL_DIR")
 
 # Budgets, not expectations: vLLM on 2 CPU cores takes 20-45 s from spawn to /health,
 # so every wait is several times that to stay robust on a slow CI machine.
@@ -229,6 +235,19 @@ def model_config(
     return entry
 
 
+def fill_in(config: Any, values: Mapping[str, str]) -> Any:
+    """`config` with each `${NAME}` of `values` replaced, as activator would substitute it
+    from its environment. A `$` in a value is written `$$`, so activator keeps it as is."""
+    if isinstance(config, dict):
+        return {key: fill_in(value, values) for key, value in config.items()}
+    if isinstance(config, list):
+        return [fill_in(value, values) for value in config]
+    if isinstance(config, str):
+        for name, value in values.items():
+            config = config.replace("${" + name + "}", value.replace("$", "$$"))
+    return config
+
+
 def stop_activator(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM, bounded wait (it stops its engines first), then SIGKILL of its group."""
     if process.poll() is None:
@@ -254,6 +273,50 @@ def kill_leftovers(tags: Mapping[str, str]) -> list[int]:
 ActivatorFactory = Callable[[dict[str, Any]], AbstractContextManager[Activator]]
 
 
+@contextmanager
+def launch_activator(
+    config: dict[str, Any], *, workdir: Path, values: Mapping[str, str]
+) -> Iterator[Activator]:
+    """Run one activator process on `config` (the template's shape, `${NAME}`s filled in
+    from `values`) until it is ready; see `activator_factory`."""
+    port = free_port()
+    config = fill_in({**config, "server": {**config.get("server", {}), "port": port}}, values)
+    config_path = workdir / "activator.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log_path = workdir / "activator.log"
+    env = {name: value for name, value in os.environ.items() if name not in HARNESS_VARIABLES}
+    tags = {name: entry["process"]["env"][TAG_VARIABLE] for name, entry in config["models"].items()}
+    activator = Activator(url=f"http://127.0.0.1:{port}", log_path=log_path, engine_tags=tags)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "activator", "serve", "--config", config_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own group, so a hung one can be killed whole
+        )
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                pytest.fail(f"activator exited ({process.returncode}):\n{activator.log_tail()}")
+            try:
+                return http("GET", f"{activator.url}/readyz", timeout=5)[0] == 200
+            except OSError:
+                return False  # not listening yet
+
+        poll(ready, timeout=ACTIVATOR_READY_BUDGET, what="activator /readyz")
+        yield activator
+    finally:
+        # Shown by pytest only when a test using this activator failed.
+        print(activator.diagnostics())
+        stop_activator(process)
+        leftovers = kill_leftovers(tags)
+    assert not leftovers, (
+        f"engine processes {leftovers} outlived activator's shutdown:\n{activator.log_tail()}"
+    )
+
+
 @pytest.fixture(scope="session")
 def activator_factory(
     vllm_python: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
@@ -265,49 +328,11 @@ def activator_factory(
     process of its engines is left (and kills any, so one failure does not leak into
     the next test).
     """
+    values = {"VLLM_PYTHON": str(vllm_python), "TINY_MODEL_DIR": str(tiny_model)}
 
-    @contextmanager
-    def run(config: dict[str, Any]) -> Iterator[Activator]:
+    def run(config: dict[str, Any]) -> AbstractContextManager[Activator]:
         workdir = tmp_path_factory.mktemp("activator")
-        port = free_port()
-        config = {**config, "server": {**config.get("server", {}), "port": port}}
-        config_path = workdir / "activator.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        log_path = workdir / "activator.log"
-        # The template refers to these; activator substitutes ${...} when it loads it.
-        env = {**os.environ, "VLLM_PYTHON": str(vllm_python), "TINY_MODEL_DIR": str(tiny_model)}
-        tags = {
-            name: entry["process"]["env"][TAG_VARIABLE] for name, entry in config["models"].items()
-        }
-        activator = Activator(url=f"http://127.0.0.1:{port}", log_path=log_path, engine_tags=tags)
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "activator", "serve", "--config", config_path],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # its own group, so a hung one can be killed whole
-            )
-        try:
-
-            def ready() -> bool:
-                if process.poll() is not None:
-                    pytest.fail(f"activator exited ({process.returncode}):\n{activator.log_tail()}")
-                try:
-                    return http("GET", f"{activator.url}/readyz", timeout=5)[0] == 200
-                except OSError:
-                    return False  # not listening yet
-
-            poll(ready, timeout=ACTIVATOR_READY_BUDGET, what="activator /readyz")
-            yield activator
-        finally:
-            # Shown by pytest only when a test using this activator failed.
-            print(activator.diagnostics())
-            stop_activator(process)
-            leftovers = kill_leftovers(tags)
-        assert not leftovers, (
-            f"engine processes {leftovers} outlived activator's shutdown:\n{activator.log_tail()}"
-        )
+        return launch_activator(config, workdir=workdir, values=values)
 
     return run
 
