@@ -122,8 +122,9 @@ class Model:
         self.last_wake_from: str | None = None  # "zero" (a cold start) or "sleep"
         self.last_sleep_seconds: float | None = None
         self.phases: dict[str, float] = {}
-        # Host memory the engine's weights hold while asleep (reserved from the moment a
-        # sleep is decided until the engine is awake or gone): the pool's accounting.
+        # Host memory the engine holds for its sleeping weights: reserved when its first
+        # sleep is decided, kept until the engine stops (vLLM keeps its pinned backup
+        # after a wake, #16663). The pool's host-memory accounting.
         self.host_held = 0
         self.blocked = False  # starting, but the engine cannot be placed yet
         self._leases: set[Lease] = set()
@@ -370,7 +371,6 @@ class Model:
     def _effect_release(self, **_: Any) -> None:
         self.ready_since = self.last_activity = self._clock()
         self.last_error = None
-        self.host_held = 0
         waiters, self._waiters = self._waiters, {}
         for future, arrived in waiters.values():
             self._holds.count -= 1

@@ -64,8 +64,8 @@ class ModelView:
     max_wait: float = 300.0
     # Sleep mode: None when the model has none. `sleep_host` is the host memory its
     # weights take once asleep (level 1; ~0 at level 2); `host_held` what its engine
-    # holds in host memory right now (reserved from the moment it starts falling asleep
-    # until it is awake again or stopped).
+    # holds in host memory now: reserved from the moment its first sleep is decided
+    # until the engine stops (vLLM keeps its pinned backup after a wake, #16663).
     sleep_level: int | None = None
     sleep_host: int = 0
     host_held: int = 0
@@ -180,13 +180,14 @@ def plan_sleeps(
         if free is None:
             sleep.add(v.name)
             continue
-        while v.sleep_host > free and sleepers:
+        need = max(0, v.sleep_host - v.host_held)  # an engine that slept before keeps it
+        while need > free and sleepers:
             gone = sleepers.pop(0)
             evict.append(gone)
             free += gone.host_held
-        if v.sleep_host <= free:
+        if need <= free:
             sleep.add(v.name)
-            free -= v.sleep_host
+            free -= need
     if evict:
         return [Stop(m.name, "host_memory") for m in evict], set()
     return [], sleep

@@ -19,7 +19,7 @@ from typing import Any
 
 from activator.lifecycle import Model
 from activator.metrics import Metrics
-from activator.policy import Decision, decide, gpus_in_use, host_in_use
+from activator.policy import Decision, decide, gpus_in_use, host_in_use, plan_sleeps
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,24 @@ class PoolScheduler:
             self._metrics.pool_gpus_in_use.labels(pool=self.name).set(gpus_in_use(after))
             self._metrics.pool_host_memory_in_use.labels(pool=self.name).set(host_in_use(after))
         return decision.wake_at
+
+    def sleep_by_hand(self, model: Model) -> str | None:
+        """Admin sleep: put `model` to sleep now if its weights fit in the pool's free
+        host memory; else say why not (the pool never goes over its host memory, and an
+        admin call does not evict other sleepers)."""
+        if model.settings.sleep is None:
+            return f"model {model.name!r} has no sleep mode (set sleep: {{level, host_memory}})"
+        if model.state != "ready":
+            return f"model {model.name!r} is {model.state}, not ready: only a ready model can sleep"
+        views = [m.view() for m in self.models]
+        evict, sleep = plan_sleeps([model.view()], views, host_memory=self.host_memory, keep="")
+        if evict or model.name not in sleep:
+            return (
+                f"no room in pool {self.name}'s host memory for {model.name!r} "
+                f"({host_in_use(views)} of {self.host_memory} bytes held by sleeping models)"
+            )
+        model.begin_stop(reason="admin", sleep=True)
+        return None
 
     def describe(self) -> dict[str, Any]:
         now = self._clock()

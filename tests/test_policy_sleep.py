@@ -40,7 +40,7 @@ def sleepy(name: str, state: str = "ready", *, gib: float = 8, **keys: Any) -> M
     keys.setdefault("sleep_level", 1)
     keys.setdefault("sleep_host", int(gib * GIB))
     if state in ("sleeping", "falling_asleep", "waking"):
-        keys.setdefault("host_held", int(gib * GIB) if keys["sleep_level"] == 1 else 0)
+        keys.setdefault("host_held", keys["sleep_host"])
     return view(name, state, **keys)
 
 
@@ -160,6 +160,14 @@ CASES = [
         waiting=("x",),
     ),
     Case(
+        "a_model_that_slept_before_needs_no_more_host_memory_to_sleep_again",
+        1,
+        16,
+        [sleepy("a", host_held=8 * GIB), sleepy("b", "sleeping", queued=1, oldest_wait=NOW - 1)],
+        stop=(Stop("a", "swap", for_model="b", sleep=True),),
+        waiting=("b",),
+    ),
+    Case(
         "an_idle_sleeper_stops_after_its_idle_timeout",
         1,
         64,
@@ -257,7 +265,10 @@ def random_pool(rng: random.Random) -> tuple[int, int, list[ModelView]]:
         level = rng.choice([None, 1, 1, 2])
         sleep_host = rng.choice([4, 8, 12]) * GIB if level == 1 else 0
         state = rng.choice(STATES if level is not None else STATES[:6] + ("stopping",))
-        host_held = sleep_host if state in ("sleeping", "falling_asleep", "waking") else 0
+        slept = state in ("sleeping", "falling_asleep", "waking") or (
+            level == 1 and state in ("ready", "draining", "stopping") and rng.random() < 0.3
+        )
+        host_held = sleep_host if slept else 0
         if held + host_held > host_cap:  # the pool starts within its bound
             state, host_held = "stopped", 0
         held += host_held
@@ -299,7 +310,7 @@ def test_sleep_invariants_hold_for_random_pools(seed: int) -> None:
         sleeps = [s for s in d.stop if s.sleep]
         assert all(by_name[s.model].sleep_level is not None for s in sleeps)
         assert all(by_name[s.model].state == "ready" for s in sleeps)
-        new_host = sum(by_name[s.model].sleep_host for s in sleeps)
+        new_host = sum(max(0, by_name[s.model].sleep_host - by_name[s.model].host_held) for s in sleeps)
         assert host_in_use(models) + new_host <= host_cap, (d, models)
         evictions = [s for s in d.stop if s.reason == "host_memory"]
         assert not (evictions and sleeps)
