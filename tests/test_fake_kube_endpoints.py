@@ -289,3 +289,19 @@ async def test_slices_are_watched_through_scale_up(kube: FakeKube, api: client.A
                     break
     assert event["type"] == "MODIFIED"
     assert event["raw_object"]["metadata"]["generation"] >= 2
+
+
+async def test_a_pod_stuck_pulling_its_image_has_an_ip_and_a_not_ready_endpoint(
+    kube: FakeKube,
+) -> None:
+    kube.add_workload("coder-chat", engine=False)
+    kube.fail_image_pull("coder-chat")
+    kube.scale("coder-chat", 1)
+
+    def endpoints() -> list[dict[str, Any]]:
+        return [e for s in kube.endpoint_slices("coder-chat") for e in s["endpoints"] or []]
+
+    await kube.wait_until(lambda: bool(endpoints()))
+    (endpoint,) = endpoints()
+    assert endpoint["conditions"] == {"ready": False, "serving": False, "terminating": False}
+    assert kube.routable("coder-chat") == []

@@ -214,3 +214,16 @@ async def test_gpu_pods_spread_over_gpus_before_sharing() -> None:
         kube.add_workload("a", engine=False, gpu=True, replicas=2)
         await kube.wait_until(lambda: ready(kube, "a", 2))
         assert sorted(kube.gpu_assignments().values()) == [0, 1]
+
+
+async def test_killing_one_pods_engine_leaves_the_others_serving(kube: FakeKube) -> None:
+    kube.add_workload("coder-chat", served_model_name="coder", replicas=2)
+    await kube.wait_until(lambda: ready(kube, "coder-chat", 2))
+    victim, survivor = sorted(kube.pod_urls("coder-chat"))
+    kube.kill_engine("coder-chat", pod=victim)
+    await kube.wait_until(lambda: ready(kube, "coder-chat", 1))
+    assert [r[0] for r in kube.routable("coder-chat")] == [
+        p["status"]["podIP"] for p in kube.pods("coder-chat") if p["metadata"]["name"] == survivor
+    ]
+    async with aiohttp.ClientSession() as session:
+        assert await served_model(session, kube.pod_urls("coder-chat")[survivor]) == "coder"

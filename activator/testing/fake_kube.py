@@ -371,10 +371,18 @@ class FakeKube:
         self.update_plan(name, namespace=namespace, kind=kind, crash="oom")
 
     def kill_engine(
-        self, name: str, *, oom: bool = False, namespace: str = "serving", kind: Kind = "Deployment"
+        self,
+        name: str,
+        *,
+        oom: bool = False,
+        pod: str | None = None,
+        namespace: str = "serving",
+        kind: Kind = "Deployment",
     ) -> None:
-        """The running engine dies now (OOMKilled when oom=True)."""
-        self.kubelet.kill_engine(self.workload(name, namespace=namespace, kind=kind), oom=oom)
+        """The running engines die now (OOMKilled when oom=True): every pod's, or only
+        `pod`'s. The pod then stays in CrashLoopBackOff (the fake does not restart)."""
+        workload = self.workload(name, namespace=namespace, kind=kind)
+        self.kubelet.kill_engine(workload, oom=oom, pod=pod)
 
     # -- API faults ------------------------------------------------------------------
 

@@ -189,12 +189,12 @@ class Kubelet:
         if pod.engine_ready and not pod.terminating:
             self._set_ready(workload, pod, ok)
 
-    def kill_engine(self, workload: Workload, *, oom: bool) -> None:
-        for pod in workload.pods.values():
-            if not pod.terminating:
-                pod.plan = replace(pod.plan, crash="oom" if oom else "crash_loop")
-                if pod.process is not None and pod.process.returncode is None:
-                    pod.process.kill()
+    def kill_engine(self, workload: Workload, *, oom: bool, pod: str | None = None) -> None:
+        for sim in workload.pods.values():
+            if not sim.terminating and pod in (None, sim.name):
+                sim.plan = replace(sim.plan, crash="oom" if oom else "crash_loop")
+                if sim.process is not None and sim.process.returncode is None:
+                    sim.process.kill()
 
     async def aclose(self) -> None:
         for workload in self.workloads.values():
@@ -328,6 +328,7 @@ class Kubelet:
 
     async def _run_pod(self, workload: Workload, pod: PodSim) -> None:
         await self._schedule(workload, pod)
+        self._sandbox(workload, pod)
         if not await self._pull(workload, pod):
             return
         await self._run_container(workload, pod)
@@ -390,6 +391,18 @@ class Kubelet:
             component="default-scheduler",
         )
 
+    def _sandbox(self, workload: Workload, pod: PodSim) -> None:
+        """The pod sandbox is up: the network plugin gave it its IP (before any image
+        is pulled, so a pod stuck in ImagePullBackOff has one too)."""
+        ip = pod.ip = self.network.allocate(port=workload.container_port)
+
+        def addressed(obj: Obj) -> None:
+            obj["status"]["podIP"] = ip
+            obj["status"]["podIPs"] = [{"ip": ip}]
+            obj["status"].setdefault("startTime", now_iso())
+
+        self._pod_update(workload, pod, addressed)
+
     def _unschedulable(self, workload: Workload, pod: PodSim, message: str) -> None:
         def pending(obj: Obj) -> None:
             obj["status"]["conditions"] = [
@@ -438,16 +451,12 @@ class Kubelet:
     async def _run_container(self, workload: Workload, pod: PodSim) -> None:
         plan = pod.plan
         self._pod_event(workload, pod, "Created", "Created container engine")
-        pod.ip = self.network.allocate(port=workload.container_port)
         if workload.engine:
             pod.process = await self._start_engine(workload, pod)
         self._pod_event(workload, pod, "Started", "Started container engine")
-        ip = pod.ip
 
         def running(obj: Obj) -> None:
             obj["status"]["phase"] = "Running"
-            obj["status"]["podIP"] = ip
-            obj["status"]["podIPs"] = [{"ip": ip}]
             obj["status"]["conditions"] = [
                 _cond("PodScheduled", True),
                 _cond("Initialized", True),
