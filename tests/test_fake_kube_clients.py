@@ -132,3 +132,8 @@ async def test_faults_can_target_one_client(
         await leases(replicas["replica-b"]).list_namespaced_lease(NS)
     assert caught.value.status == 500
     assert kube.faults.pending() == 0
+
+
+async def test_a_client_name_that_cannot_name_a_file_is_refused(kube: FakeKube) -> None:
+    with pytest.raises(ValueError, match="client name"):
+        kube.kubeconfig_for("../replica")

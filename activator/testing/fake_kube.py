@@ -25,6 +25,7 @@ It writes a kubeconfig so clients connect to it exactly as to a cluster:
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import socket
 import tempfile
@@ -154,6 +155,8 @@ class FakeKube:
         """A kubeconfig with a token of its own: requests made with it are recorded
         under `client`, and faults can single it out (partition, fail_next(client=)).
         The default `kubeconfig` is the client "activator"."""
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", client) is None:
+            raise ValueError(f"client name {client!r}: letters, digits, '.', '_', '-' only")
         if client not in self._kubeconfigs:
             token = secrets.token_hex(16)
             self._state.clients[token] = client

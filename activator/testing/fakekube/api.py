@@ -200,13 +200,15 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             if rule.status == 403:
                 known = RESOURCES.get(resource.split("/")[0])
                 group = known.group if known is not None else ""
+                qualified = known.qualified if known is not None else resource
                 return status_response(
                     403,
                     "Forbidden",
-                    f'{resource.split("/")[0]} "{name or ""}" is forbidden: User '
+                    f'{qualified} "{name or ""}" is forbidden: User '
                     f'"system:serviceaccount:activator:{client}" cannot {verb} resource '
                     f'"{resource}" in API group "{group}" in the namespace "{ns}"',
                     name=name or "",
+                    group=group,
                     kind=resource.split("/")[0],
                 )
             if rule.status == 409:
