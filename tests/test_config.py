@@ -31,6 +31,7 @@ from activator.settings import (
     ServerSettings,
     Settings,
 )
+from tests.serve_process import run_cli
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 EXAMPLE_ENV = {
@@ -99,11 +100,13 @@ def test_local_config_loads_with_no_environment() -> None:
         assert served == model.served_model_name
 
 
-def test_example_config_loads_with_its_environment() -> None:
-    settings = load_config(CONFIG_DIR / "example.yaml", environ=EXAMPLE_ENV)
+def test_example_config_loads_with_an_empty_environment() -> None:
+    # `activator check-config config/example.yaml` passes as shipped: its secrets are
+    # commented ${VAR} lines (see example_with_secrets).
+    settings = load_config(CONFIG_DIR / "example.yaml", environ={})
 
-    assert settings.server.api_keys == ("client-secret-1",)
-    assert settings.server.admin_api_key == "admin-secret-2"
+    assert settings.server.api_keys == ()
+    assert settings.server.admin_api_key is None
     assert settings.server.access_log == "json"
     assert settings.kubernetes.in_cluster is None
     assert settings.pools["a100x8"] == PoolSettings(name="a100x8", gpus=8)
@@ -114,7 +117,7 @@ def test_example_config_loads_with_its_environment() -> None:
         url="http://coder-chat.serving.svc.cluster.local:8000",
         kind="Deployment",
     )
-    assert chat.upstream_api_key == "engine-secret-3"
+    assert chat.upstream_api_key is None
     assert chat.idle_timeout == 900.0  # its own
     assert chat.startup_timeout == 1200.0  # from defaults
     assert settings.models["gpt-oss-120b"].kubernetes is not None
@@ -124,8 +127,38 @@ def test_example_config_loads_with_its_environment() -> None:
     assert small.process.env == {"HF_HUB_OFFLINE": "1"}
 
 
-def test_example_config_names_missing_variables_without_loading() -> None:
-    path = CONFIG_DIR / "example.yaml"
+async def test_check_config_accepts_the_shipped_example() -> None:
+    code, out, err = await run_cli("check-config", str(CONFIG_DIR / "example.yaml"))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"{CONFIG_DIR / 'example.yaml'}: ok")
+
+
+def example_with_secrets(tmp_path: Path) -> Path:
+    """example.yaml with each commented `#   key: ${VAR}` line in force, replacing the
+    line under it that sets the same key, so the commented examples cannot go stale."""
+    lines = (CONFIG_DIR / "example.yaml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if match := re.fullmatch(r"(\s*)#\s+(\w+): (.*\$\{.*)", line):
+            indent, key, value = match.groups()
+            lines[index] = f"{indent}{key}: {value}"
+            if lines[index + 1].startswith(f"{indent}{key}:"):
+                lines[index + 1] = ""
+    path = tmp_path / "example.yaml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_example_secrets_come_from_the_environment(tmp_path: Path) -> None:
+    settings = load_config(example_with_secrets(tmp_path), environ=EXAMPLE_ENV)
+
+    assert settings.server.api_keys == ("client-secret-1",)
+    assert settings.server.admin_api_key == "admin-secret-2"
+    assert settings.models["coder-chat"].upstream_api_key == "engine-secret-3"
+    assert settings.models["local-small"].upstream_api_key is None
+
+
+def test_example_secrets_name_missing_variables(tmp_path: Path) -> None:
+    path = example_with_secrets(tmp_path)
     with pytest.raises(ConfigError) as caught:
         load_config(path, environ={})
     assert caught.value.problems == [
