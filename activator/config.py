@@ -338,16 +338,25 @@ def _workload(target: dict[Any, Any], loc: Loc, problems: _Problems) -> dict[Any
 
 
 def _check_names(models: Mapping[str, ModelSettings | None], problems: _Problems) -> None:
-    """Every name a client may send (a model's name or alias) means one model."""
+    """Every name a client may send (a model's name, alias or served name) means one model."""
     owners = {name: (name, "the name") for name in models}  # name -> (its model, as what)
+    served = "the served_model_name"
     for name, model in models.items():
-        for index, alias in enumerate(model.aliases if model else ()):
-            owner, owned_as = owners.setdefault(alias, (name, "an alias"))
-            if alias == name:
-                problems.add(("models", name, "aliases", index), "repeats the model's own name")
+        claims: list[tuple[Loc, str, str]] = [
+            (("aliases", index), alias, "an alias")
+            for index, alias in enumerate(model.aliases if model else ())
+        ]
+        if model is not None and model.served_model_name != name:
+            claims.append((("served_model_name",), model.served_model_name, served))
+        for key, claimed, role in claims:
+            owner, owned_as = owners.setdefault(claimed, (name, role))
+            why = " (a served_model_name is accepted as a model name too)"
+            if claimed == name:
+                problems.add(("models", name, *key), "repeats the model's own name")
             elif owner != name:
-                message = f"{alias} is already {owned_as} of model {owner}"
-                problems.add(("models", name, "aliases", index), message)
+                why = why if served in (role, owned_as) else ""
+                message = f"{claimed} is already {owned_as} of model {owner}{why}"
+                problems.add(("models", name, *key), message)
 
 
 def _check_pools(

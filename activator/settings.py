@@ -169,7 +169,10 @@ class ModelSettings(ModelDefaults):
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
+        """Every name clients may send: the name, the aliases, and the engine's served
+        name (replies carry it as their "model", and clients send it back)."""
+        names = (self.name, *self.aliases)
+        return names if self.served_model_name in names else (*names, self.served_model_name)
 
     @property
     def backend_kind(self) -> str:

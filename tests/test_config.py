@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, get_args
 
+import openai
 import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -31,6 +32,8 @@ from activator.settings import (
     ServerSettings,
     Settings,
 )
+from tests.conftest import ActivatorFactory
+from tests.harness import model_config, unique
 from tests.serve_process import run_cli
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
@@ -705,6 +708,61 @@ def test_alias_collisions_are_errors(aliases: list[str], expected: str) -> None:
 def test_alias_colliding_with_a_later_model_name_is_an_error() -> None:
     data = patched("models.a.aliases", ["b"])
     assert problems_of(data) == ["models.a.aliases[0]: b is already the name of model b"]
+
+
+def test_served_model_name_is_also_a_name_clients_may_send() -> None:
+    models = load_config(CONFIG_DIR / "local.yaml", environ={}).models
+    assert models["demo-chat"].names == ("demo-chat", "chat", "tiny-chat-v1")
+    assert models["demo-small"].names == ("demo-small", "small")  # served as its name
+
+
+async def test_the_model_a_reply_names_can_be_sent_back(activator: ActivatorFactory) -> None:
+    served = unique("sent-back")
+    running = await activator({"models": {"m": model_config(served)}})
+    messages: Any = [{"role": "user", "content": "hi"}]
+    async with openai.AsyncOpenAI(base_url=running.v1, api_key="-", max_retries=0) as client:
+        first = await client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+        again = await client.chat.completions.create(
+            model=first.model, messages=messages, max_tokens=1
+        )
+    assert first.model == again.model == served
+
+
+@pytest.mark.parametrize(
+    ("b", "expected"),
+    [
+        (
+            {"served_model_name": "a"},
+            "models.b.served_model_name: a is already the name of model a",
+        ),
+        (
+            {"served_model_name": "alpha"},
+            "models.b.served_model_name: alpha is already an alias of model a",
+        ),
+        (
+            {"served_model_name": "engine-a"},
+            "models.b.served_model_name: engine-a is already the served_model_name of model a",
+        ),
+        (
+            {"aliases": ["engine-a"]},
+            "models.b.aliases[0]: engine-a is already the served_model_name of model a",
+        ),
+    ],
+)
+def test_served_model_name_colliding_with_another_models_name_is_an_error(
+    b: dict[str, Any], expected: str
+) -> None:
+    # Two models with one served name, even on two engines, would make a request for that
+    # name ambiguous: it is an error too.
+    data = patched("models.a.served_model_name", "engine-a")
+    data["models"]["b"].update(b)
+    [line] = problems_of(data)
+    assert line == f"{expected} (a served_model_name is accepted as a model name too)"
+
+
+def test_served_model_name_may_repeat_the_models_own_alias() -> None:
+    data = patched("models.a.served_model_name", "alpha")
+    assert parse_config(data, environ={}).models["a"].names == ("a", "alpha")
 
 
 def test_model_name_with_spaces_is_an_error() -> None:
