@@ -54,8 +54,7 @@ class ConfigError(Exception):
 
 # --- the file's shape, where it differs from the settings ------------------------------
 
-# Fields that a file gives by its structure (a model's name is its key under `models:`),
-# and file keys that are not fields (they are reshaped by parse_config).
+# Fields that a file gives by its structure (a model's name is its key under `models:`)...
 FROM_STRUCTURE: Mapping[type[BaseModel], frozenset[str]] = {
     ModelSettings: frozenset({"name"}),
     PoolSettings: frozenset({"name"}),
@@ -63,6 +62,7 @@ FROM_STRUCTURE: Mapping[type[BaseModel], frozenset[str]] = {
 }
 WORKLOADS: Mapping[str, WorkloadKind] = {"deployment": "Deployment", "statefulset": "StatefulSet"}
 TARGETS = ("process", "kubernetes")
+# ...and file keys that are not fields (parse_config reshapes them).
 FILE_ONLY: Mapping[type[BaseModel], tuple[str, ...]] = {
     Settings: ("defaults",),
     KubernetesTarget: tuple(WORKLOADS),
@@ -107,7 +107,7 @@ class _Problems:
     ) -> dict[Any, Any]:
         """`data` less the keys its place in the file gives (reported as unknown keys)."""
         given = FROM_STRUCTURE.get(section, frozenset())
-        for key in given & data.keys():
+        for key in [key for key in data if key in given]:  # in file order
             self.add((*loc, key), "unknown key" + _hint(key, file_keys(section)))
         return {key: value for key, value in data.items() if key not in given}
 
@@ -350,12 +350,12 @@ def _check_names(models: Mapping[str, ModelSettings | None], problems: _Problems
             claims.append((("served_model_name",), model.served_model_name, served))
         for key, claimed, role in claims:
             owner, owned_as = owners.setdefault(claimed, (name, role))
-            why = " (a served_model_name is accepted as a model name too)"
             if claimed == name:
                 problems.add(("models", name, *key), "repeats the model's own name")
             elif owner != name:
-                why = why if served in (role, owned_as) else ""
-                message = f"{claimed} is already {owned_as} of model {owner}{why}"
+                message = f"{claimed} is already {owned_as} of model {owner}"
+                if served in (role, owned_as):
+                    message += " (a served_model_name is accepted as a model name too)"
                 problems.add(("models", name, *key), message)
 
 

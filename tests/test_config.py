@@ -29,6 +29,7 @@ from activator.settings import (
     ModelSettings,
     PoolSettings,
     ProcessTarget,
+    Section,
     ServerSettings,
     Settings,
 )
@@ -209,6 +210,11 @@ def test_example_config_uses_every_key(section: str) -> None:
     if section == "models":  # models may leave the defaultable keys to `defaults:`
         used |= set(ModelDefaults.model_fields)
     assert used == keys
+
+
+def test_every_settings_class_is_a_section_checked_against_the_example() -> None:
+    # A new section class must be added to SECTIONS (and so documented in example.yaml).
+    assert set(settings_classes()) - {Section} == set(SECTIONS.values())
 
 
 def test_example_config_comments_every_key() -> None:
