@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +23,9 @@ from activator.proxy import ENDPOINTS, Proxy
 from activator.registry import ModelRegistry
 from activator.settings import ModelSettings, Settings
 from activator.tasks import TaskGroup
+from activator.ui import SESSION_COOKIE, EventStreams, session_token, ui_routes
+from activator.ui.auth import cookie_may_authorize
+from activator.ui.summary import snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,15 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
         app.router.add_post(path, proxy.handle)
     app.router.add_get("/v1/models", _list_models(registry))
     app.router.add_routes(admin_routes(registry=registry, metrics=metrics, is_ready=ready))
+    streams = EventStreams(lambda: snapshot(registry, metrics))
+    app.router.add_routes(
+        ui_routes(
+            admin_key=settings.server.admin_api_key,
+            is_admin=_is_admin(settings),
+            streams=streams,
+            metrics=metrics,
+        )
+    )
     app.router.add_route("*", "/{tail:.*}", _not_found)
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -111,16 +123,16 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
 
     app.cleanup_ctx.append(lifetime)
     app.on_shutdown.append(_reject_held)
+    app.on_shutdown.append(streams.close)  # open status pages must not hold up shutdown
     return app
 
 
 def _auth_middleware(settings: Settings) -> Any:
     api_keys = [k.encode() for k in settings.server.api_keys]
-    admin_key = settings.server.admin_api_key
-    admin_keys = [admin_key.encode()] if admin_key else []
+    admin_keys, admin_sessions = _admin_credentials(settings)
     # Each 401 names the key it wants: an admin sent a client key (or none) is told so.
     client_key_hint = "API key (Authorization: Bearer <key>)"
-    admin_key_hint = "admin key (Authorization: Bearer <server.admin_api_key>)"
+    admin_key_hint = "admin key (Authorization: Bearer <server.admin_api_key>, or log in at /ui)"
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -128,15 +140,23 @@ def _auth_middleware(settings: Settings) -> Any:
         if path.startswith("/v1/") and api_keys:
             _check(request, api_keys, what=client_key_hint)
         elif path.startswith("/admin/") and admin_keys:
-            _check(request, admin_keys, what=admin_key_hint)
+            _check(request, admin_keys, what=admin_key_hint, sessions=admin_sessions)
         response: web.StreamResponse = await handler(request)
         return response
 
     return auth
 
 
-def _check(request: web.Request, keys: list[bytes], *, what: str) -> None:
-    """401 unless the request's Bearer token is one of `keys`; `what` names the key."""
+def _check(
+    request: web.Request, keys: list[bytes], *, what: str, sessions: Sequence[bytes] = ()
+) -> None:
+    """401 unless the request's Bearer token is one of `keys` or its status-page session
+    cookie one of `sessions`; `what` names the key."""
+    if not _authorized(request, keys, sessions=sessions):
+        raise Unauthorized(f"missing or invalid {what}")
+
+
+def _authorized(request: web.Request, keys: list[bytes], *, sessions: Sequence[bytes]) -> bool:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     given = token.strip().encode() if scheme.lower() == "bearer" else b""
@@ -144,8 +164,25 @@ def _check(request: web.Request, keys: list[bytes], *, what: str) -> None:
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given, key)
-    if not matched:
-        raise Unauthorized(f"missing or invalid {what}")
+    # The cookie counts for reads, and for changes only from the page (activator.ui.auth).
+    if sessions and cookie_may_authorize(request):
+        cookie = request.cookies.get(SESSION_COOKIE, "").encode()
+        for session in sessions:
+            matched |= hmac.compare_digest(cookie, session)
+    return matched
+
+
+def _admin_credentials(settings: Settings) -> tuple[list[bytes], list[bytes]]:
+    """The admin key and the status-page session cookie that stands for it; none if no
+    admin key is set."""
+    key = settings.server.admin_api_key
+    return ([key.encode()], [session_token(key).encode()]) if key else ([], [])
+
+
+def _is_admin(settings: Settings) -> Callable[[web.Request], bool]:
+    """For the status page itself (it redirects to its login instead of a 401)."""
+    keys, sessions = _admin_credentials(settings)
+    return lambda request: not keys or _authorized(request, keys, sessions=sessions)
 
 
 def default_backend_factory(settings: Settings) -> tuple[BackendFactory, Callable[[], Any]]:

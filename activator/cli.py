@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import errno
 import json
 import logging
@@ -174,7 +173,7 @@ def _listen_on(settings: Settings, *, host: str | None, port: int | None) -> Set
         changes["port"] = port
     if not changes:
         return settings
-    return dataclasses.replace(settings, server=dataclasses.replace(settings.server, **changes))
+    return settings.model_copy(update={"server": settings.server.model_copy(update=changes)})
 
 
 def _cannot_listen(host: str, port: int, *, config: str | None) -> str | None:

@@ -1,155 +1,215 @@
 """Typed, frozen settings. `activator.config` builds these from YAML; nothing else parses config.
 
-Every default says why it is what it is. Durations are seconds (float).
+Each class is a pydantic model and the single description of its config section: a field
+is a key of the same name (except where activator.config says otherwise: a model's name is
+its key under `models:`), its type says what values are valid (activator.config_types),
+its default says why it is what it is. Unknown keys are errors. Durations are seconds.
+
+A new section is a small class here plus a field that holds it; activator.config needs
+no change. Types come from activator.config_types (not plain int/float/bool, which would
+read YAML text as numbers), secrets are marked SECRET, and a check within one object is a
+validator of its class (see ProcessTarget).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from activator.config_types import (
+    SECRET,
+    UNQUOTED_OFF,
+    Command,
+    Count,
+    Duration,
+    DurationOrZero,
+    EnvMap,
+    FrozenMap,
+    HealthPath,
+    InCluster,
+    Keepalive,
+    Port,
+    Size,
+    Text,
+    TextList,
+    Url,
+    problem_at,
+)
 
 AccessLogFormat = Literal["text", "json", "off"]
 WorkloadKind = Literal["Deployment", "StatefulSet"]
 ShutdownAction = Literal["keep", "stop"]
+SleepLevel = Literal[1, 2]
 
 
-def _frozen_map() -> Mapping[str, str]:
-    return MappingProxyType({})
+def _no_entries() -> Mapping[str, Any]:
+    return MappingProxyType({})  # a factory: pydantic deep-copies plain defaults
 
 
-@dataclass(frozen=True, kw_only=True)
-class ServerSettings:
-    host: str = "127.0.0.1"  # loopback by default: an engine front door is not public by accident
-    port: int = 8080
-    api_keys: tuple[str, ...] = ()  # empty = /v1/* is open
-    admin_api_key: str | None = None  # None = /admin/* is open
+class Section(BaseModel):
+    """Base of every settings class: read-only, and no key it does not know."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        fields = type(self).model_fields
+        for key, value in super().__repr_args__():
+            secret = key in fields and SECRET in fields[key].metadata
+            yield key, "***" if secret and value else value
+
+
+class ServerSettings(Section):
+    host: Text = "127.0.0.1"  # loopback by default: an engine front door is not public by accident
+    port: Port = 8080
+    api_keys: Annotated[TextList, SECRET] = ()  # empty = /v1/* is open
+    admin_api_key: Annotated[Text | None, SECRET] = None  # None = /admin/* is open
     # 32 MiB: long-context prompts and embedding batches are large, but a body is held in
     # memory while the model wakes, so it must be capped.
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: Size = 32 * 1024 * 1024
     # Caps held requests over all models together (per-model caps are max_queued).
-    max_queued_total: int = 20_000
+    max_queued_total: Count = 20_000
     # On SIGTERM: how long in-flight requests may run before they are cut.
-    shutdown_grace: float = 30.0
+    shutdown_grace: Duration = 30.0
     # Longest time a request body may take to arrive once the headers are in (a client
     # that sends a byte every few seconds would otherwise hold a slot forever) -> 408.
-    body_timeout: float = 60.0
-    access_log: AccessLogFormat = "text"
+    body_timeout: Duration = 60.0
+    access_log: Annotated[AccessLogFormat, UNQUOTED_OFF] = "text"
 
 
-@dataclass(frozen=True, kw_only=True)
-class KubernetesSettings:
+class KubernetesSettings(Section):
     """How activator reaches the Kubernetes API (server-level)."""
 
-    kubeconfig: str | None = None  # None = the default kubeconfig lookup
-    in_cluster: bool | None = None  # None = auto: in-cluster when the service account is mounted
-    context: str | None = None
+    kubeconfig: Text | None = None  # None = the default kubeconfig lookup
+    in_cluster: InCluster = None  # None = auto: in-cluster when the service account is mounted
+    context: Text | None = None
     # Each API call is bounded; a watch is re-established after this many seconds.
-    request_timeout: float = 30.0
-    watch_timeout: float = 300.0
+    request_timeout: Duration = 30.0
+    watch_timeout: Duration = 300.0
     # How long a pod may sit in FailedScheduling with no word from a cluster autoscaler
     # before the start fails: the autoscaler scans every 10 s; 45 s leaves room for a slow
     # scan without holding requests on a cluster that has no autoscaler.
-    scheduling_grace: float = 45.0
+    scheduling_grace: Duration = 45.0
     # Scale to 0, then wait this long for the pods to be deleted (the pod's 30 s default
     # termination grace plus a vLLM drain).
-    stop_timeout: float = 300.0
+    stop_timeout: Duration = 300.0
     # GitOps reverts tolerated in one wake before the start fails with the fix: a
     # controller that keeps writing replicas: 0 wins every race.
-    revert_limit: int = 3
+    revert_limit: Count = 3
     # What SIGTERM does to Kubernetes models: "keep" leaves them as they are so the next
     # activator (a rolling restart) adopts them warm; "stop" scales them to 0 as before.
     on_shutdown: ShutdownAction = "keep"
 
 
-@dataclass(frozen=True, kw_only=True)
-class ProcessTarget:
+class ProcessTarget(Section):
     """Local backend: a command that serves the OpenAI API on `{port}`."""
 
-    command: tuple[str, ...]
-    port: int = 0  # 0 = pick a free loopback port for each start
-    host: str = "127.0.0.1"
-    env: Mapping[str, str] = field(default_factory=_frozen_map)
-    cwd: str | None = None
-    stop_grace: float = 30.0  # SIGTERM, then SIGKILL of the process group after this
-    log_lines: int = 200  # lines of engine output kept for errors and the admin API
+    command: Command
+    port: Port = 0  # 0 = pick a free loopback port for each start
+    host: Text = "127.0.0.1"
+    # Extra variables for the engine (it inherits activator's environment); may hold tokens.
+    env: Annotated[EnvMap, SECRET] = Field(default_factory=_no_entries)
+    cwd: Text | None = None
+    stop_grace: Duration = 30.0  # SIGTERM, then SIGKILL of the process group after this
+    log_lines: Count = 200  # lines of engine output kept for errors and the admin API
+
+    @model_validator(mode="after")
+    def _port_placeholder(self) -> ProcessTarget:
+        if self.port == 0 and not any("{port}" in arg for arg in self.command):
+            raise problem_at("command", "must contain {port} when port is 0", self.command)
+        return self
 
 
-@dataclass(frozen=True, kw_only=True)
-class KubernetesTarget:
-    """Kubernetes backend: a workload with a scale subresource, reached through `url`."""
+class KubernetesTarget(Section):
+    """Kubernetes backend: a workload with a scale subresource, reached through `url`.
+    (In a file, `deployment: x` or `statefulset: x` gives name and kind.)"""
 
-    namespace: str
-    name: str
-    url: str
+    namespace: Text
+    name: Text
+    url: Url
     kind: WorkloadKind = "Deployment"
 
 
-@dataclass(frozen=True, kw_only=True)
-class PoolSettings:
-    name: str
-    gpus: int
+class PoolSettings(Section):
+    name: str  # its key under `pools:`
+    gpus: Count
     # Host RAM that the pool's sleeping (level 1) models may hold together; None = no
-    # model of the pool sleeps at level 1 (config requires it when one does).
-    host_memory: int | None = None
+    # model of the pool sleeps at level 1 (activator.config requires it when one does).
+    host_memory: Size | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class SleepSettings:
-    """vLLM sleep mode: put to sleep instead of stopped when the pool needs the GPU."""
+class SleepSettings(Section):
+    """vLLM sleep mode: put to sleep instead of stopped when the pool needs the GPU.
+    The engine must run with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1."""
 
-    level: Literal[1, 2] = 1
-    # Host memory the weights take once asleep at level 1 (about none at level 2).
-    host_memory: int = 0
-    # One sleep or wake call sequence: a level-1 sleep copies the weights to host memory
-    # (vLLM allocates pinned memory for it at each sleep: seconds per 10 GB).
-    timeout: float = 120.0
+    level: SleepLevel = 1
+    # Host memory the engine holds for its weights once it has slept at level 1 (about
+    # none at level 2): measure it (vLLM keeps its pinned backup after a wake, rounded up).
+    host_memory: Size | None = None
+    # Bound on one sleep or one wake. A level-1 sleep copies the weights to host memory,
+    # and vLLM allocates that pinned memory at the first sleep: seconds per 10 GB.
+    timeout: Duration = 120.0
+
+    @model_validator(mode="after")
+    def _host_memory_for_level_one(self) -> SleepSettings:
+        if self.level == 1 and self.host_memory is None:
+            raise problem_at("host_memory", "required for level 1 (the weights' size)", None)
+        return self
 
     @property
     def host_bytes(self) -> int:
-        return self.host_memory if self.level == 1 else 0
+        """Host memory the engine holds once asleep: the weights at level 1, none at 2."""
+        return (self.host_memory or 0) if self.level == 1 else 0
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelSettings:
-    name: str
-    served_model_name: str
-    aliases: tuple[str, ...] = ()
+class ModelDefaults(Section):
+    """The per-model keys that `defaults:` may also set (for every model at once)."""
+
     # 10 min: long enough to cover a person's think time between requests, short enough
     # that an idle GPU does not bill for long.
-    idle_timeout: float = 600.0
+    idle_timeout: Duration = 600.0
     # 20 min: a cold GPU node (provision + image pull + weights) took up to 18 min.
-    startup_timeout: float = 1200.0
-    max_queued: int = 1000
-    upstream_api_key: str | None = None
-    health_path: str = "/health"
+    startup_timeout: Duration = 1200.0
+    max_queued: Count = 1000
+    health_path: HealthPath = "/health"
     # Interval of SSE comment lines sent to a held streaming client; None = off.
-    stream_keepalive: float | None = None
+    stream_keepalive: Keepalive = None
     # Longest silence allowed while reading an upstream response (the SDK's own default).
-    upstream_read_timeout: float = 600.0
-    pool: str | None = None
-    gpus: int = 1
-    # Pool swap policy (see activator.policy).
-    min_residency: float = 30.0
-    drain_timeout: float = 120.0
-    max_wait: float = 300.0
-    sleep: SleepSettings | None = None
+    upstream_read_timeout: Duration = 600.0
+    # Pool swap policy (see activator.policy). 0 min_residency: no protected time.
+    min_residency: DurationOrZero = 30.0
+    drain_timeout: Duration = 120.0
+    max_wait: Duration = 300.0
+    upstream_api_key: Annotated[Text | None, SECRET] = None  # None = forward the client's
+
+
+class ModelSettings(ModelDefaults):
+    name: str  # its key under `models:`
+    # What the engine serves (activator rewrites "model" to it); a file's default: the name.
+    served_model_name: Text
+    aliases: TextList = ()
+    pool: Text | None = None
+    gpus: Count = 1
+    sleep: SleepSettings | None = None  # None = stopped, never put to sleep
     process: ProcessTarget | None = None
     kubernetes: KubernetesTarget | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
+        """Every name clients may send: the name, the aliases, and the engine's served
+        name (replies carry it as their "model", and clients send it back)."""
+        names = (self.name, *self.aliases)
+        return names if self.served_model_name in names else (*names, self.served_model_name)
 
     @property
     def backend_kind(self) -> str:
         return "kubernetes" if self.kubernetes is not None else "process"
 
 
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    server: ServerSettings = field(default_factory=ServerSettings)
-    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
-    pools: Mapping[str, PoolSettings] = field(default_factory=lambda: MappingProxyType({}))
-    models: Mapping[str, ModelSettings] = field(default_factory=lambda: MappingProxyType({}))
+class Settings(Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    pools: Annotated[Mapping[str, PoolSettings], FrozenMap] = Field(default_factory=_no_entries)
+    models: Annotated[Mapping[str, ModelSettings], FrozenMap] = Field(default_factory=_no_entries)

@@ -74,7 +74,8 @@ async def test_check_config_prints_one_line_per_problem_naming_the_key(tmp_path:
     assert code != 0
     assert out == ""
     lines = err.splitlines()
-    by_key = {line.split(": ", 1)[0]: line for line in lines}  # each line: key path first
+    assert all(line.startswith(f"{path}: ") for line in lines), err  # the file, then the key
+    by_key = {line.removeprefix(f"{path}: ").split(": ", 1)[0]: line for line in lines}
     keys = sorted(by_key)
     assert keys == [
         "models.other.process.stop_grac",

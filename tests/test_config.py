@@ -4,25 +4,38 @@ example config documents every key the settings have."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+import openai
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from activator import config as config_module
-from activator.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+from activator import settings as settings_module
+from activator.config import (
+    ConfigError,
+    file_keys,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
 from activator.settings import (
     KubernetesSettings,
     KubernetesTarget,
+    ModelDefaults,
     ModelSettings,
     PoolSettings,
     ProcessTarget,
+    Section,
     ServerSettings,
     Settings,
 )
+from tests.conftest import ActivatorFactory
+from tests.harness import model_config, unique
+from tests.serve_process import run_cli
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 EXAMPLE_ENV = {
@@ -91,11 +104,13 @@ def test_local_config_loads_with_no_environment() -> None:
         assert served == model.served_model_name
 
 
-def test_example_config_loads_with_its_environment() -> None:
-    settings = load_config(CONFIG_DIR / "example.yaml", environ=EXAMPLE_ENV)
+def test_example_config_loads_with_an_empty_environment() -> None:
+    # `activator check-config config/example.yaml` passes as shipped: its secrets are
+    # commented ${VAR} lines (see example_with_secrets).
+    settings = load_config(CONFIG_DIR / "example.yaml", environ={})
 
-    assert settings.server.api_keys == ("client-secret-1",)
-    assert settings.server.admin_api_key == "admin-secret-2"
+    assert settings.server.api_keys == ()
+    assert settings.server.admin_api_key is None
     assert settings.server.access_log == "json"
     assert settings.kubernetes.in_cluster is None
     assert settings.pools["a100x8"] == PoolSettings(name="a100x8", gpus=8)
@@ -106,7 +121,7 @@ def test_example_config_loads_with_its_environment() -> None:
         url="http://coder-chat.serving.svc.cluster.local:8000",
         kind="Deployment",
     )
-    assert chat.upstream_api_key == "engine-secret-3"
+    assert chat.upstream_api_key is None
     assert chat.idle_timeout == 900.0  # its own
     assert chat.startup_timeout == 1200.0  # from defaults
     assert settings.models["gpt-oss-120b"].kubernetes is not None
@@ -116,44 +131,60 @@ def test_example_config_loads_with_its_environment() -> None:
     assert small.process.env == {"HF_HUB_OFFLINE": "1"}
 
 
-def test_example_config_names_missing_variables_without_loading() -> None:
+async def test_check_config_accepts_the_shipped_example() -> None:
+    code, out, err = await run_cli("check-config", str(CONFIG_DIR / "example.yaml"))
+    assert (code, err) == (0, "")
+    assert out.startswith(f"{CONFIG_DIR / 'example.yaml'}: ok")
+
+
+def example_with_secrets(tmp_path: Path) -> Path:
+    """example.yaml with each commented `#   key: ${VAR}` line in force, replacing the
+    line under it that sets the same key, so the commented examples cannot go stale."""
+    lines = (CONFIG_DIR / "example.yaml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if match := re.fullmatch(r"(\s*)#\s+(\w+): (.*\$\{.*)", line):
+            indent, key, value = match.groups()
+            lines[index] = f"{indent}{key}: {value}"
+            if lines[index + 1].startswith(f"{indent}{key}:"):
+                lines[index + 1] = ""
+    path = tmp_path / "example.yaml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_example_secrets_come_from_the_environment(tmp_path: Path) -> None:
+    settings = load_config(example_with_secrets(tmp_path), environ=EXAMPLE_ENV)
+
+    assert settings.server.api_keys == ("client-secret-1",)
+    assert settings.server.admin_api_key == "admin-secret-2"
+    assert settings.models["coder-chat"].upstream_api_key == "engine-secret-3"
+    assert settings.models["local-small"].upstream_api_key is None
+
+
+def test_example_secrets_name_missing_variables(tmp_path: Path) -> None:
+    path = example_with_secrets(tmp_path)
     with pytest.raises(ConfigError) as caught:
-        load_config(CONFIG_DIR / "example.yaml", environ={})
+        load_config(path, environ={})
     assert caught.value.problems == [
-        "server.api_keys[0]: environment variable ACTIVATOR_API_KEY is not set"
+        f"{path}: server.api_keys[0]: environment variable ACTIVATOR_API_KEY is not set"
         " (use ${ACTIVATOR_API_KEY:-default})",
-        "server.admin_api_key: environment variable ACTIVATOR_ADMIN_KEY is not set"
+        f"{path}: server.admin_api_key: environment variable ACTIVATOR_ADMIN_KEY is not set"
         " (use ${ACTIVATOR_ADMIN_KEY:-default})",
-        "models.coder-chat.upstream_api_key: environment variable VLLM_API_KEY is not set"
-        " (use ${VLLM_API_KEY:-default})",
+        f"{path}: models.coder-chat.upstream_api_key: environment variable VLLM_API_KEY is not"
+        " set (use ${VLLM_API_KEY:-default})",
     ]
 
 
-# Settings fields that are not YAML keys of the same section, and why.
-NOT_KEYS = {
-    Settings: {"server", "kubernetes", "pools", "models"} - {"defaults"},
-    PoolSettings: {"name"},  # the key under `pools:`
-    ModelSettings: {"name"},  # the key under `models:`
-    KubernetesTarget: {"name", "kind"},  # from `deployment:` or `statefulset:`
+SECTIONS = {
+    "top": Settings,
+    "server": ServerSettings,
+    "kubernetes": KubernetesSettings,
+    "pools": PoolSettings,
+    "defaults": ModelDefaults,
+    "models": ModelSettings,
+    "process": ProcessTarget,
+    "target": KubernetesTarget,
 }
-SCHEMA = [
-    (ServerSettings, config_module.SERVER_KEYS),
-    (KubernetesSettings, config_module.KUBERNETES_KEYS),
-    (PoolSettings, config_module.POOL_KEYS),
-    (ModelSettings, config_module.MODEL_KEYS),
-    (ProcessTarget, config_module.PROCESS_KEYS),
-    (KubernetesTarget, config_module.KUBERNETES_TARGET_KEYS),
-]
-
-
-@pytest.mark.parametrize(
-    ("settings_class", "keys"), SCHEMA, ids=lambda v: getattr(v, "__name__", "")
-)
-def test_every_settings_field_is_a_config_key(settings_class: type, keys: dict[str, Any]) -> None:
-    fields = {f.name for f in dataclasses.fields(settings_class)} - NOT_KEYS.get(
-        settings_class, set()
-    )
-    assert fields <= set(keys), f"{settings_class.__name__} fields not readable from YAML"
 
 
 def sections_of_example() -> dict[str, set[str]]:
@@ -172,25 +203,23 @@ def sections_of_example() -> dict[str, set[str]]:
     }
 
 
-def test_example_config_uses_every_key() -> None:
-    used = sections_of_example()
+@pytest.mark.parametrize("section", SECTIONS)
+def test_example_config_uses_every_key(section: str) -> None:
+    used = sections_of_example()[section]
+    keys = set(file_keys(SECTIONS[section]))
+    if section == "models":  # models may leave the defaultable keys to `defaults:`
+        used |= set(ModelDefaults.model_fields)
+    assert used == keys
 
-    assert used["top"] == config_module.TOP_LEVEL_KEYS
-    assert used["server"] == set(config_module.SERVER_KEYS)
-    assert used["kubernetes"] == set(config_module.KUBERNETES_KEYS)
-    assert used["pools"] == set(config_module.POOL_KEYS)
-    assert used["defaults"] == set(config_module.DEFAULTABLE_KEYS)
-    # Models may leave the defaultable keys to `defaults:`, where each is documented.
-    assert used["models"] | set(config_module.DEFAULTABLE_KEYS) == set(config_module.MODEL_KEYS)
-    assert used["process"] == set(config_module.PROCESS_KEYS)
-    assert used["target"] == set(config_module.KUBERNETES_TARGET_KEYS)
+
+def test_every_settings_class_is_a_section_checked_against_the_example() -> None:
+    # A new section class must be added to SECTIONS (and so documented in example.yaml).
+    assert set(settings_classes()) - {Section} == set(SECTIONS.values())
 
 
 def test_example_config_comments_every_key() -> None:
     lines = (CONFIG_DIR / "example.yaml").read_text().splitlines()
-    every_key = set(config_module.TOP_LEVEL_KEYS).union(
-        *(keys for _, keys in SCHEMA), config_module.DEFAULTABLE_KEYS
-    )
+    every_key = set().union(*(file_keys(section) for section in SECTIONS.values()))
     for key in sorted(every_key):
         first = next(i for i, line in enumerate(lines) if re.match(rf"\s*(# )?{key}:", line))
         commented = (
@@ -314,8 +343,8 @@ def test_settings_are_read_only() -> None:
     settings = parse_config(base(), environ={})
     with pytest.raises(TypeError):
         settings.models["c"] = settings.models["a"]  # type: ignore[index]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        settings.server.port = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.server.port = 1
 
 
 # --- environment substitution ----------------------------------------------------------
@@ -388,8 +417,8 @@ def test_malformed_reference_is_an_error() -> None:
 ERRORS = [
     # (dotted path to set, value, expected problem line)
     ("server.port", 70000, "server.port: must be 0..65535"),
-    ("server.port", True, "server.port: expected an integer, got a boolean"),
-    ("server.port", "8080", "server.port: expected an integer, got a string"),
+    ("server.port", True, "server.port: expected an integer (got true)"),
+    ("server.port", "8080", "server.port: expected an integer (got '8080')"),
     ("server.host", "", "server.host: must not be empty"),
     ("server.api_keys", "key", "server.api_keys: expected a list, got a string"),
     ("server.api_keys", ["ok", "", 3], "server.api_keys[1]: must not be empty"),
@@ -420,15 +449,15 @@ ERRORS = [
     ("models.a.idle_timeout", "soon", "models.a.idle_timeout: expected a duration like 10m"),
     ("models.a.idle_timeout", 0, "models.a.idle_timeout: must be greater than 0"),
     ("models.a.startup_timeout", -5, "models.a.startup_timeout: expected a duration like 10m"),
-    ("models.a.max_queued", 1.5, "models.a.max_queued: expected an integer, got a number"),
+    ("models.a.max_queued", 1.5, "models.a.max_queued: expected an integer (got 1.5)"),
     ("models.a.health_path", "health", "models.a.health_path: must start with /"),
     ("models.a.stream_keepalive", "on", "models.a.stream_keepalive: expected a duration like 10m"),
     ("models.a.upstream_api_key", "", "models.a.upstream_api_key: must not be empty"),
-    ("models.a.aliases", "alpha", "models.a.aliases: expected a list, got a string"),
+    ("models.a.aliases", "alpha", "models.a.aliases: expected a list (got 'alpha')"),
     (
         "models.a.served_model_name",
         7,
-        "models.a.served_model_name: expected a string, got an integer",
+        "models.a.served_model_name: expected a string (got 7)",
     ),
     ("models.a.pool", "h100", "models.a.pool: unknown pool h100 (pools: l4)"),
     ("models.a.gpus", 0, "models.a.gpus: must be 1 or more"),
@@ -438,7 +467,7 @@ ERRORS = [
         "models.a.idle_timout: unknown key (did you mean idle_timeout?)",
     ),
     ("models.a", None, "models.a: needs exactly one of process or kubernetes"),
-    ("models.a", "x", "models.a: expected a mapping, got a string"),
+    ("models.a", "x", "models.a: expected a mapping (got 'x')"),
     (
         "models.b.process",
         {"command": COMMAND},
@@ -454,7 +483,7 @@ ERRORS = [
     (
         "models.a.process.command",
         "serve",
-        "models.a.process.command: expected a list, got a string",
+        "models.a.process.command: expected a list (got 'serve')",
     ),
     ("models.a.process.command", ["serve", 3], "models.a.process.command[1]: expected a string"),
     (
@@ -472,7 +501,7 @@ ERRORS = [
     ("models.a.process.env", ["A=1"], "models.a.process.env: expected a mapping, got a list"),
     ("models.a.process.stop_grace", "1 hour", "models.a.process.stop_grace: expected a duration"),
     ("models.a.process.log_lines", 0, "models.a.process.log_lines: must be 1 or more"),
-    ("models.a.process", "python", "models.a.process: expected a mapping, got a string"),
+    ("models.a.process", "python", "models.a.process: expected a mapping (got 'python')"),
     ("models.b.kubernetes.namespace", ..., "models.b.kubernetes.namespace: required"),
     ("models.b.kubernetes.url", ..., "models.b.kubernetes.url: required"),
     (
@@ -561,6 +590,112 @@ def test_all_problems_are_reported_at_once() -> None:
     ]
 
 
+def test_problem_shows_the_offending_value() -> None:
+    problems = problems_of(patched("models.a.idle_timeout", "10 minutes"))
+    assert problems == [
+        "models.a.idle_timeout: expected a duration like 10m, 30s, 1h30m, 250ms or 2d"
+        " (got '10 minutes')"
+    ]
+
+
+def test_long_values_are_cut_short() -> None:
+    [line] = problems_of(patched("models.a.health_path", "x" * 5000))
+    assert line.startswith("models.a.health_path: must start with / (got 'xxx")
+    assert line.endswith("...)")
+    assert len(line) < 120
+
+
+SECRET_VALUE = 31415926535  # a numeric token written without quotes: not a string
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("server.api_keys", [SECRET_VALUE]),
+        ("server.admin_api_key", SECRET_VALUE),
+        ("defaults.upstream_api_key", SECRET_VALUE),
+        ("models.a.upstream_api_key", SECRET_VALUE),
+        ("models.a.process.env", {"TOKEN": True}),
+    ],
+)
+def test_secret_values_are_never_shown(path: str, value: Any) -> None:
+    [line] = problems_of(patched(path, value))
+    assert line.startswith(path)
+    assert str(SECRET_VALUE) not in line
+    assert "(got" not in line
+
+
+def test_secrets_are_hidden_in_repr() -> None:
+    data = patched("server", {"api_keys": ["k-123"], "admin_api_key": "adm-456"})
+    data["models"]["a"]["upstream_api_key"] = "up-789"
+    data["models"]["a"]["process"]["env"] = {"TOKEN": "env-000"}
+
+    text = repr(parse_config(data, environ={}))
+
+    assert "api_keys='***'" in text
+    assert "env='***'" in text
+    assert not {"k-123", "adm-456", "up-789", "env-000"} & set(re.findall(r"[\w-]+", text))
+
+
+def test_values_from_the_environment_are_never_shown() -> None:
+    data = patched("models.a.idle_timeout", "${IDLE}")
+    assert problems_of(data, environ={"IDLE": "hunter2"}) == [
+        "models.a.idle_timeout: expected a duration like 10m, 30s, 1h30m, 250ms or 2d"
+    ]
+
+
+def test_a_bad_default_is_reported_once_not_under_every_model() -> None:
+    data = patched("defaults", {"idle_timeout": "soon", "max_queued": 5})
+    assert problems_of(data) == [
+        "defaults.idle_timeout: expected a duration like 10m, 30s, 1h30m, 250ms or 2d (got 'soon')"
+    ]
+
+
+def test_problems_between_models_are_reported_with_the_models_own() -> None:
+    data = base()
+    data["models"]["b"].update(idle_timeout="soon", aliases=["alpha"], pool="h100")
+    data["models"]["b"]["kubernetes"]["url"] = "nowhere"
+
+    assert [line.split(":")[0] for line in problems_of(data)] == [
+        "models.b.idle_timeout",
+        "models.b.kubernetes.url",
+        "models.b.aliases[0]",
+        "models.b.pool",
+    ]
+
+
+def settings_classes() -> list[type[BaseModel]]:
+    return [
+        value
+        for value in vars(settings_module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseModel)
+        and value.__module__ == settings_module.__name__
+    ]
+
+
+def scalar_fields(*types: type) -> list[Any]:
+    """A param (class, field) for each settings field of one of these types (or | None)."""
+    return [
+        pytest.param(cls, key, id=f"{cls.__name__}.{key}")
+        for cls in settings_classes()
+        for key, field in cls.model_fields.items()
+        if key in cls.__annotations__  # declared there, not inherited
+        and (set(get_args(field.annotation)) or {field.annotation}) - {type(None)} <= set(types)
+    ]
+
+
+@pytest.mark.parametrize(("cls", "key"), scalar_fields(int, float, bool))
+def test_numbers_and_booleans_are_not_read_from_yaml_strings(
+    cls: type[BaseModel], key: str
+) -> None:
+    # pydantic's plain int/float/bool would turn "1" into a number; a YAML string in a
+    # numeric field is a mistake worth reporting (activator.config_types).
+    with pytest.raises(ValidationError) as caught:
+        cls.model_validate({key: "1"})
+    assert (key,) in [error["loc"] for error in caught.value.errors()]
+
+
 # --- names, aliases and pools ----------------------------------------------------------
 
 
@@ -579,6 +714,61 @@ def test_alias_collisions_are_errors(aliases: list[str], expected: str) -> None:
 def test_alias_colliding_with_a_later_model_name_is_an_error() -> None:
     data = patched("models.a.aliases", ["b"])
     assert problems_of(data) == ["models.a.aliases[0]: b is already the name of model b"]
+
+
+def test_served_model_name_is_also_a_name_clients_may_send() -> None:
+    models = load_config(CONFIG_DIR / "local.yaml", environ={}).models
+    assert models["demo-chat"].names == ("demo-chat", "chat", "tiny-chat-v1")
+    assert models["demo-small"].names == ("demo-small", "small")  # served as its name
+
+
+async def test_the_model_a_reply_names_can_be_sent_back(activator: ActivatorFactory) -> None:
+    served = unique("sent-back")
+    running = await activator({"models": {"m": model_config(served)}})
+    messages: Any = [{"role": "user", "content": "hi"}]
+    async with openai.AsyncOpenAI(base_url=running.v1, api_key="-", max_retries=0) as client:
+        first = await client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+        again = await client.chat.completions.create(
+            model=first.model, messages=messages, max_tokens=1
+        )
+    assert first.model == again.model == served
+
+
+@pytest.mark.parametrize(
+    ("b", "expected"),
+    [
+        (
+            {"served_model_name": "a"},
+            "models.b.served_model_name: a is already the name of model a",
+        ),
+        (
+            {"served_model_name": "alpha"},
+            "models.b.served_model_name: alpha is already an alias of model a",
+        ),
+        (
+            {"served_model_name": "engine-a"},
+            "models.b.served_model_name: engine-a is already the served_model_name of model a",
+        ),
+        (
+            {"aliases": ["engine-a"]},
+            "models.b.aliases[0]: engine-a is already the served_model_name of model a",
+        ),
+    ],
+)
+def test_served_model_name_colliding_with_another_models_name_is_an_error(
+    b: dict[str, Any], expected: str
+) -> None:
+    # Two models with one served name, even on two engines, would make a request for that
+    # name ambiguous: it is an error too.
+    data = patched("models.a.served_model_name", "engine-a")
+    data["models"]["b"].update(b)
+    [line] = problems_of(data)
+    assert line == f"{expected} (a served_model_name is accepted as a model name too)"
+
+
+def test_served_model_name_may_repeat_the_models_own_alias() -> None:
+    data = patched("models.a.served_model_name", "alpha")
+    assert parse_config(data, environ={}).models["a"].names == ("a", "alpha")
 
 
 def test_model_name_with_spaces_is_an_error() -> None:
@@ -602,6 +792,12 @@ def test_pool_members_get_their_pool_and_gpus() -> None:
     settings = parse_config(data, environ={})
     assert (settings.models["a"].pool, settings.models["a"].gpus) == ("l4", 1)
     assert (settings.models["b"].pool, settings.models["b"].gpus) == (None, 1)
+
+
+def test_a_reference_to_an_invalid_pool_is_not_reported_again() -> None:
+    data = patched("pools.l4.gpus", 0)
+    data["models"]["a"]["pool"] = "l4"
+    assert problems_of(data) == ["pools.l4.gpus: must be 1 or more (got 0)"]
 
 
 def test_pool_reference_without_pools_says_none_are_defined() -> None:
@@ -655,7 +851,7 @@ def test_missing_file_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("", "models: required: define at least one model"),
+        ("", "<file>: models: required: define at least one model"),
         ("- a\n- b\n", "<file>: expected a mapping at the top level, got a list"),
     ],
 )

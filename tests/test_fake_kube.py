@@ -1,5 +1,10 @@
 """The fake Kubernetes API server, exercised with kubernetes_asyncio exactly as a client in a
-cluster would use it: the wire behaviour the backend relies on must be the real one."""
+cluster would use it: the wire behaviour the backend relies on must be the real one.
+
+Workloads, watches, the scale subresource and pod failures here; several pods per workload
+and GPUs in test_fake_kube_pods.py, Services/EndpointSlices/kube-proxy in
+test_fake_kube_endpoints.py, Leases and leader election in test_fake_kube_leases.py,
+per-client identities and partitions in test_fake_kube_clients.py."""
 
 from __future__ import annotations
 

@@ -1,37 +1,74 @@
 """A faithful fake Kubernetes API server for tests, on loopback.
 
 `FakeKube` runs a real HTTP server (activator.testing.fakekube.api) in front of an
-etcd-like store, with a simulated controller and kubelet (fakekube.kubelet) that turn
-replica changes into pods running a stand-in engine process, and a fault-injection API
-for everything a real cluster does to a scaler. It writes a kubeconfig so clients connect
-to it exactly as to a cluster:
+etcd-like store, with simulated cluster components around it:
 
-    async with FakeKube() as kube:
-        coder = kube.add_workload("coder-chat", namespace="serving")
+- workload controllers and a kubelet (fakekube.kubelet): spec.replicas N -> N pods, each
+  running a stand-in engine process on its own loopback pod IP (fakekube.ipam), scaled
+  down in the ReplicaSet's order (fakekube.replicaset); GPU pods wait for a GPU, shared
+  only with device-plugin time-slicing (fakekube.devices);
+- Services, the EndpointSlice controller (fakekube.endpoints) and kube-proxy
+  (fakekube.proxy): a workload's `url` is its Service address, balanced over ready pods;
+- Leases (fakekube.leases, fakekube.writes) with the real API's optimistic concurrency,
+  and a log of every write to measure failover;
+- per-client identities and faults (fakekube.faults): fail, hang or reset requests, 410
+  watches, partition one client from the API.
+
+It writes a kubeconfig so clients connect to it exactly as to a cluster:
+
+    async with FakeKube(gpus=1) as kube:
+        coder = kube.add_workload("coder-chat", namespace="serving", gpu=True)
         settings = KubernetesSettings(kubeconfig=kube.kubeconfig)
-        ...  # coder.url is where the engine listens once the pod runs
+        ...  # coder.url: the Service address, routable once a pod is Ready
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from aiohttp import web
 
-from activator.testing.fakekube.api import ApiState, RequestRecord, build_app, set_replicas
-from activator.testing.fakekube.faults import Faults, Rule
-from activator.testing.fakekube.kubelet import Autoscaler, Kubelet, PodPlan, Workload
+from activator.testing.fakekube.api import (
+    DEFAULT_CLIENT,
+    ApiState,
+    RequestRecord,
+    build_app,
+    reset_streams,
+    set_replicas,
+)
+from activator.testing.fakekube.devices import GpuPool, node_object
+from activator.testing.fakekube.endpoints import (
+    SERVICE_NAME,
+    Address,
+    EndpointsController,
+    service_object,
+)
+from activator.testing.fakekube.faults import Faults, PartitionMode, Rule
+from activator.testing.fakekube.ipam import PodNetwork
+from activator.testing.fakekube.kubelet import NODE, Autoscaler, Kubelet, PodPlan, Workload
+from activator.testing.fakekube.leases import LeaseLog, LeaseRecord, Takeover, format_micro_time
+from activator.testing.fakekube.proxy import KubeProxy, usable_endpoints
 from activator.testing.fakekube.store import ABORT, BOOKMARK, CLOSE, Obj, Store
 
-__all__ = ["FakeKube", "PodPlan", "RequestRecord", "Workload"]
+__all__ = [
+    "Address",
+    "FakeKube",
+    "LeaseRecord",
+    "PodPlan",
+    "RequestRecord",
+    "Takeover",
+    "Workload",
+]
 
 Kind = Literal["Deployment", "StatefulSet"]
 RESOURCES: dict[str, str] = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
@@ -45,19 +82,35 @@ def free_port() -> int:
         return port
 
 
+ZONE = "fake-zone-a"
+
+
 class FakeKube:
     def __init__(
         self,
         *,
         gpus: int | None = None,
+        gpu_sharing: int = 1,
+        endpoint_delay: float = 0.0,
+        pod_cidr: str | None = None,
         bookmark_interval: float = 1.0,
         history_limit: int = 10_000,
     ) -> None:
-        """gpus: GPU capacity of the simulated node pool (None = unlimited); pods of
-        workloads added with gpu=True stay Pending (FailedScheduling) until one is free."""
+        """gpus: GPUs of the simulated node (None = unlimited); pods of workloads added
+        with gpu=True stay Pending (FailedScheduling) until one is free, and hold it
+        until deleted (asleep or not). gpu_sharing: device-plugin time-slicing replicas
+        per GPU (2: two GPU pods share each GPU). endpoint_delay: seconds from a pod
+        change to its EndpointSlice update (and so to kube-proxy routing it).
+        pod_cidr: the node's pod network in 127.0.0.0/8 (default: a random /24)."""
         self.store = Store(history_limit=history_limit)
         self.faults = Faults()
-        self.kubelet = Kubelet(self.store, gpus=gpus)
+        self.gpus = GpuPool(gpus, sharing=gpu_sharing)
+        self.network = PodNetwork(cidr=pod_cidr)
+        self.kubelet = Kubelet(self.store, gpus=self.gpus, network=self.network)
+        self.leases = LeaseLog(self.store)
+        self.endpoints = EndpointsController(self.store, delay=endpoint_delay, zone=ZONE)
+        self.proxy = KubeProxy(self.store)
+        self._kubeconfigs: dict[str, str] = {}
         self._state = ApiState(
             store=self.store,
             faults=self.faults,
@@ -80,25 +133,43 @@ class FakeKube:
         port = self._runner.addresses[0][1]
         self.url = f"http://127.0.0.1:{port}"
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-kube-")
-        path = Path(self._tmp.name) / "kubeconfig"
-        path.write_text(yaml.safe_dump(self._kubeconfig_dict()))
-        self.kubeconfig = str(path)
+        self.kubeconfig = self._write_kubeconfig(DEFAULT_CLIENT, self._state.token)
+        self.store.create("nodes", node_object(NODE, gpus=self.gpus, zone=ZONE))
 
-    def _kubeconfig_dict(self) -> dict[str, Any]:
-        return {
+    def _write_kubeconfig(self, client: str, token: str) -> str:
+        assert self._tmp is not None, "start() first"
+        path = Path(self._tmp.name) / f"kubeconfig-{client}"
+        config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "activator", "user": {"token": self._state.token}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "activator"}}],
+            "users": [{"name": client, "user": {"token": token}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": client}}],
             "current-context": "fake",
         }
+        path.write_text(yaml.safe_dump(config))
+        self._kubeconfigs[client] = str(path)
+        return str(path)
+
+    def kubeconfig_for(self, client: str) -> str:
+        """A kubeconfig with a token of its own: requests made with it are recorded
+        under `client`, and faults can single it out (partition, fail_next(client=)).
+        The default `kubeconfig` is the client "activator"."""
+        if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", client) is None:
+            raise ValueError(f"client name {client!r}: letters, digits, '.', '_', '-' only")
+        if client not in self._kubeconfigs:
+            token = secrets.token_hex(16)
+            self._state.clients[token] = client
+            self._write_kubeconfig(client, token)
+        return self._kubeconfigs[client]
 
     async def aclose(self) -> None:
         # Order: release hung requests and end watch streams so the server's shutdown does
-        # not wait on them, then stop engines, then the server.
+        # not wait on them, then the Service proxies, then engines, then the server.
         self.faults.release.set()
         self.store.broadcast(CLOSE)
+        self.endpoints.close()
+        await self.proxy.aclose()
         await self.kubelet.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -127,7 +198,8 @@ class FakeKube:
         port: int | None = None,
         plan: PodPlan | None = None,
     ) -> Workload:
-        """Create a Deployment/StatefulSet (seed style: Recreate, selector app=name).
+        """Create a Deployment/StatefulSet (seed style: Recreate, selector app=name) and
+        its Service (`port`, default a free one: the returned Workload's url).
         engine=False: pods run no process (for tests of the API alone)."""
         resource = RESOURCES[kind]
         labels = {"app": name}
@@ -152,6 +224,7 @@ class FakeKube:
             spec["strategy"] = {"type": "Recreate"}
         else:
             spec["serviceName"] = name
+            spec["podManagementPolicy"] = "Parallel"  # pods start together, not in order
         self.store.create(
             resource,
             {
@@ -178,6 +251,12 @@ class FakeKube:
             plan=plan or PodPlan(),
         )
         self.kubelet.add(workload)
+        if self.store.get("services", namespace, name) is None:
+            self.store.create(
+                "services",
+                service_object(name, namespace=namespace, port=workload.port, selector=labels),
+            )
+            self.proxy.add(namespace=namespace, name=name, port=workload.port)
         if replicas:
             self.kubelet.reconcile(resource, namespace, name)
         return workload
@@ -295,10 +374,18 @@ class FakeKube:
         self.update_plan(name, namespace=namespace, kind=kind, crash="oom")
 
     def kill_engine(
-        self, name: str, *, oom: bool = False, namespace: str = "serving", kind: Kind = "Deployment"
+        self,
+        name: str,
+        *,
+        oom: bool = False,
+        pod: str | None = None,
+        namespace: str = "serving",
+        kind: Kind = "Deployment",
     ) -> None:
-        """The running engine dies now (OOMKilled when oom=True)."""
-        self.kubelet.kill_engine(self.workload(name, namespace=namespace, kind=kind), oom=oom)
+        """The running engines die now (OOMKilled when oom=True): every pod's, or only
+        `pod`'s. The pod then stays in CrashLoopBackOff (the fake does not restart)."""
+        workload = self.workload(name, namespace=namespace, kind=kind)
+        self.kubelet.kill_engine(workload, oom=oom, pod=pod)
 
     # -- API faults ------------------------------------------------------------------
 
@@ -309,22 +396,33 @@ class FakeKube:
         status: int = 500,
         verb: str | None = None,
         resource: str | None = None,
+        client: str | None = None,
     ) -> None:
         """The next `count` matching requests answer `status` (500, 503, 409, 429...)."""
-        self.faults.add(Rule("status", verb, resource, count, status))
+        self.faults.add(Rule("status", verb, resource, count, status, client=client))
 
     def hang_next(
-        self, count: int = 1, *, verb: str | None = None, resource: str | None = None
+        self,
+        count: int = 1,
+        *,
+        verb: str | None = None,
+        resource: str | None = None,
+        client: str | None = None,
     ) -> None:
         """The next `count` matching requests never answer (the client must time out)."""
-        self.faults.add(Rule("hang", verb, resource, count))
+        self.faults.add(Rule("hang", verb, resource, count, client=client))
 
     def reset_next(
-        self, count: int = 1, *, verb: str | None = None, resource: str | None = None
+        self,
+        count: int = 1,
+        *,
+        verb: str | None = None,
+        resource: str | None = None,
+        client: str | None = None,
     ) -> None:
         """The next `count` matching requests have their connection reset. aiohttp
         clients repeat an idempotent request once after a disconnect: a GET needs 2."""
-        self.faults.add(Rule("reset", verb, resource, count))
+        self.faults.add(Rule("reset", verb, resource, count, client=client))
 
     def forbid(self, verb: str, resource: str) -> None:
         """RBAC denies `verb` on `resource` (e.g. "patch", "deployments/scale")."""
@@ -354,3 +452,152 @@ class FakeKube:
     def compact(self) -> None:
         """Forget the event history: watches from an older resourceVersion get 410."""
         self.store.compact()
+
+    def partition(self, client: str, *, mode: PartitionMode = "hang") -> None:
+        """Cut `client` (see kubeconfig_for) off the API until heal(client); others are
+        untouched. "hang": its requests never answer and are never applied (reset at the
+        heal), its watch streams stall and resume after the heal. "refuse": its
+        connections are reset at once, open watch streams included."""
+        self.faults.partition(client, mode)
+        if mode == "refuse":
+            reset_streams(self._state, client)
+
+    def heal(self, client: str) -> None:
+        self.faults.heal(client)
+
+    # -- pods, Services and routing --------------------------------------------------
+
+    def _pod_owner(self, pod: str, namespace: str) -> Workload:
+        for workload in self.kubelet.workloads.values():
+            if workload.namespace == namespace and pod in workload.pods:
+                return workload
+        raise KeyError(f"no pod {namespace}/{pod}")
+
+    def delete_pod(
+        self, pod: str, *, namespace: str = "serving", grace: float | None = None
+    ) -> None:
+        """kubectl delete pod: it terminates (deletionTimestamp, its grace or `grace`
+        seconds) and its controller creates a replacement."""
+        self.kubelet.delete_pod(self._pod_owner(pod, namespace), pod, grace=grace)
+
+    def set_pod_ready(self, pod: str, ready: bool, *, namespace: str = "serving") -> None:
+        """The pod's readiness probe fails (False) or passes again (True); the engine
+        keeps running. Its endpoint follows after endpoint_delay."""
+        self.kubelet.set_probe(self._pod_owner(pod, namespace), pod, ok=ready)
+
+    def pod_urls(
+        self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> dict[str, str]:
+        """Pod name -> http://<pod IP>:<containerPort>, for pods that have an IP."""
+        workload = self.workload(name, namespace=namespace, kind=kind)
+        urls = {pod: workload.pod_url(pod) for pod in workload.pods}
+        return {pod: url for pod, url in urls.items() if url is not None}
+
+    def add_service(
+        self,
+        name: str,
+        *,
+        namespace: str = "serving",
+        port: int | None = None,
+        selector: dict[str, str] | None = None,
+        port_name: str = "http",
+        target_port: int | str = "http",
+    ) -> str:
+        """A Service; without `selector` its endpoints are the test's (set_endpoints),
+        e.g. the activator replicas' own Service. Returns its address, which kube-proxy
+        balances over its usable endpoints."""
+        port = port or free_port()
+        self.store.create(
+            "services",
+            service_object(
+                name,
+                namespace=namespace,
+                port=port,
+                selector=selector,
+                port_name=port_name,
+                target_port=target_port,
+            ),
+        )
+        self.proxy.add(namespace=namespace, name=name, port=port)
+        return f"http://127.0.0.1:{port}"
+
+    def set_endpoints(
+        self,
+        service: str,
+        addresses: Sequence[Address | tuple[str, int]],
+        *,
+        namespace: str = "serving",
+    ) -> None:
+        """The endpoints of a Service without selector: v1 Endpoints plus their mirrored
+        EndpointSlices, e.g. [("127.0.0.1", 8081), Address("127.0.0.1", 8082, ready=False)]."""
+        listed = [a if isinstance(a, Address) else Address(*a) for a in addresses]
+        self.endpoints.set_endpoints(namespace, service, listed)
+
+    def endpoint_slices(self, service: str, *, namespace: str = "serving") -> list[Obj]:
+        return self.store.list(
+            "endpointslices",
+            namespace,
+            lambda s: s["metadata"].get("labels", {}).get(SERVICE_NAME) == service,
+        )
+
+    def routable(self, service: str, *, namespace: str = "serving") -> list[tuple[str, int]]:
+        """(ip, port) kube-proxy sends new connections of the Service to, right now."""
+        svc = self.store.get("services", namespace, service)
+        port_name = (svc["spec"].get("ports") or [{}])[0].get("name", "") if svc else ""
+        return usable_endpoints(self.endpoint_slices(service, namespace=namespace), port_name)
+
+    def gpu_assignments(self) -> dict[str, int]:
+        """Pod name -> index of the physical GPU it holds (a replica of, when shared)."""
+        return dict(self.gpus.assignments)
+
+    # -- Leases ----------------------------------------------------------------------
+
+    def lease(self, name: str, *, namespace: str = "serving") -> Obj | None:
+        return self.store.get("leases", namespace, name)
+
+    def lease_history(self, name: str, *, namespace: str = "serving") -> list[LeaseRecord]:
+        """Every write of the Lease, with its commit time (time.monotonic())."""
+        return self.leases.history(name, namespace=namespace)
+
+    def lease_holders(self, name: str, *, namespace: str = "serving") -> list[str | None]:
+        return self.leases.holders(name, namespace=namespace)
+
+    def lease_takeovers(self, name: str, *, namespace: str = "serving") -> list[Takeover]:
+        return self.leases.takeovers(name, namespace=namespace)
+
+    def put_lease(
+        self,
+        name: str,
+        *,
+        holder: str | None,
+        namespace: str = "serving",
+        duration: int = 15,
+        renew_time: datetime | None = None,
+        acquire_time: datetime | None = None,
+        transitions: int = 0,
+    ) -> Obj:
+        """Another actor writes the Lease (e.g. one held by a replica that is gone)."""
+        now = datetime.now(UTC)
+        spec: Obj = {
+            "leaseDurationSeconds": duration,
+            "acquireTime": format_micro_time(acquire_time or renew_time or now),
+            "renewTime": format_micro_time(renew_time or now),
+            "leaseTransitions": transitions,
+        }
+        if holder is not None:
+            spec["holderIdentity"] = holder
+        if self.store.get("leases", namespace, name) is None:
+            return self.store.create(
+                "leases",
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": spec,
+                },
+            )
+
+        def write(obj: Obj) -> None:
+            obj["spec"] = spec
+
+        return self.store.update("leases", namespace, name, write)

@@ -4,14 +4,16 @@ Speaks the paths a scaler uses, with the apiserver's wire behaviour: List object
 collection resourceVersion, `watch=true` as a chunked stream of one JSON event per line,
 410 Gone delivered as an ERROR event inside a 200 stream, BOOKMARK events when
 `allowWatchBookmarks` is set, Status objects for errors, the scale subresource with
-merge-patch, strategic-merge-patch and json-patch bodies, and bearer-token auth.
+merge-patch, strategic-merge-patch and json-patch bodies, and bearer-token auth with one
+token per client (so faults can single one client out). Reads cover workloads, pods,
+events, services, endpoints, nodes, EndpointSlices and Leases; Lease writes live in
+fakekube.writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,22 +22,22 @@ from typing import Any
 
 from aiohttp import web
 
+from activator.testing.fakekube import writes
 from activator.testing.fakekube.faults import Faults
+from activator.testing.fakekube.resources import RESOURCES, resource
 from activator.testing.fakekube.store import ABORT, BOOKMARK, CLOSE, Change, Gone, Obj, Store
+from activator.testing.fakekube.wire import (
+    PATCH_TYPES,
+    conflict,
+    json_patch,
+    merge_patch,
+    not_found,
+    status,
+    status_response,
+    unsupported_media_type,
+)
 
 log = logging.getLogger(__name__)
-
-KINDS = {
-    "deployments": ("Deployment", "apps/v1"),
-    "statefulsets": ("StatefulSet", "apps/v1"),
-    "pods": ("Pod", "v1"),
-    "events": ("Event", "v1"),
-}
-PATCH_TYPES = (
-    "application/merge-patch+json",
-    "application/strategic-merge-patch+json",
-    "application/json-patch+json",
-)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class RequestRecord:
     name: str | None
     content_type: str | None
     body: Any
+    client: str = ""  # whose token: see FakeKube.kubeconfig_for()
+
+
+DEFAULT_CLIENT = "activator"
 
 
 @dataclass
@@ -59,29 +65,29 @@ class ApiState:
     on_workload_change: Callable[[str, str, str], None]
     bookmark_interval: float = 1.0
     requests: list[RequestRecord] = field(default_factory=list)
-    # Open watch stream tasks, closed on shutdown so the runner never waits on them.
-    streams: set[web.StreamResponse] = field(default_factory=set)
+    # Open watch streams (their requests) and whose they are: reset when their client is
+    # partitioned with mode "refuse".
+    streams: dict[int, tuple[str, web.Request]] = field(default_factory=dict)
+    # Bearer token -> client name; `token` is the default client's.
+    clients: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.clients.setdefault(self.token, DEFAULT_CLIENT)
 
 
 STATE = web.AppKey("fake_kube_state", ApiState)
 FORCE_GONE = web.RequestKey("fake_kube_force_gone", bool)
+CLIENT = web.RequestKey("fake_kube_client", str)
 
 
-def status(code: int, reason: str, message: str, **details: Any) -> Obj:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "details": details,
-        "code": code,
-    }
-
-
-def status_response(code: int, reason: str, message: str, **details: Any) -> web.Response:
-    return web.json_response(status(code, reason, message, **details), status=code)
+def reset_streams(state: ApiState, client: str) -> int:
+    """Reset the open watch streams of `client` (a partition that refuses)."""
+    count = 0
+    for owner, request in list(state.streams.values()):
+        if owner == client and request.transport is not None:
+            request.transport.abort()
+            count += 1
+    return count
 
 
 # -- selectors --------------------------------------------------------------------------
@@ -148,8 +154,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = request.app[STATE]
-    if request.headers.get("Authorization") != f"Bearer {state.token}":
+    auth = request.headers.get("Authorization", "")
+    client = state.clients.get(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+    if client is None:
         return status_response(401, "Unauthorized", "Unauthorized")
+    request[CLIENT] = client
+    partition = state.faults.partitioned(client)
+    if partition is not None:
+        # The request never reaches the server: nothing is recorded or applied.
+        if partition.mode == "hang":
+            await state.faults.until_healed(partition)
+        if request.transport is not None:
+            request.transport.abort()
+        return web.Response(status=503)
     verb, resource, name = classify(request)
     body: Any = None
     if request.can_read_body:
@@ -164,9 +181,10 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             name=name,
             content_type=request.headers.get("Content-Type"),
             body=body,
+            client=client,
         )
     )
-    rule = state.faults.take(verb, resource)
+    rule = state.faults.take(verb, resource, client)
     if rule is not None:
         log.info("fake kube: fault %s for %s %s", rule.kind, verb, resource)
         if rule.kind == "hang":
@@ -180,14 +198,17 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if rule.kind == "status":
             ns = request.match_info.get("namespace", "")
             if rule.status == 403:
-                group = "apps" if resource.split("/")[0] in ("deployments", "statefulsets") else ""
+                known = RESOURCES.get(resource.split("/")[0])
+                group = known.group if known is not None else ""
+                qualified = known.qualified if known is not None else resource
                 return status_response(
                     403,
                     "Forbidden",
-                    f'{resource.split("/")[0]} "{name or ""}" is forbidden: User '
-                    f'"system:serviceaccount:activator:activator" cannot {verb} resource '
+                    f'{qualified} "{name or ""}" is forbidden: User '
+                    f'"system:serviceaccount:activator:{client}" cannot {verb} resource '
                     f'"{resource}" in API group "{group}" in the namespace "{ns}"',
                     name=name or "",
+                    group=group,
                     kind=resource.split("/")[0],
                 )
             if rule.status == 409:
@@ -207,11 +228,11 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
 # -- handlers ---------------------------------------------------------------------------
 
 
-def _list_object(store: Store, resource: str, items: list[Obj]) -> Obj:
-    kind, api_version = KINDS[resource]
+def _list_object(store: Store, plural: str, items: list[Obj]) -> Obj:
+    known = resource(plural)
     return {
-        "kind": f"{kind}List",
-        "apiVersion": api_version,
+        "kind": f"{known.kind}List",
+        "apiVersion": known.api_version,
         "metadata": {"resourceVersion": str(store.revision)},
         "items": items,
     }
@@ -219,32 +240,40 @@ def _list_object(store: Store, resource: str, items: list[Obj]) -> Obj:
 
 async def collection(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    ns, resource = request.match_info["namespace"], request.match_info["resource"]
+    # Cluster-scoped resources (nodes) live under the namespace "".
+    ns, plural = request.match_info.get("namespace", ""), request.match_info["resource"]
     match = selector(request.query.get("labelSelector"), request.query.get("fieldSelector"))
     if _flag(request.query.get("watch")):
-        return await _watch(request, state, resource, ns, match)
-    items = state.store.list(resource, ns, match)
-    return web.json_response(_list_object(state.store, resource, items))
+        return await _watch(request, state, plural, ns, match)
+    items = state.store.list(plural, ns, match)
+    return web.json_response(_list_object(state.store, plural, items))
 
 
 async def _watch(
-    request: web.Request, state: ApiState, resource: str, ns: str, match: Callable[[Obj], bool]
+    request: web.Request, state: ApiState, plural: str, ns: str, match: Callable[[Obj], bool]
 ) -> web.StreamResponse:
     rv_param = request.query.get("resourceVersion")
     since = int(rv_param) if rv_param not in (None, "", "0") else None
     timeout = float(request.query.get("timeoutSeconds") or 1800)
     bookmarks = _flag(request.query.get("allowWatchBookmarks"))
-    kind, api_version = KINDS[resource]
+    known = resource(plural)
+    client = request[CLIENT]
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     response.enable_chunked_encoding()
 
     async def send(event_type: str, obj: Obj) -> None:
+        partition = state.faults.partitioned(client)
+        if partition is not None:
+            if partition.mode == "hang":
+                await state.faults.until_healed(partition)  # the stream stalls
+            elif request.transport is not None:
+                request.transport.abort()
         await response.write(json.dumps({"type": event_type, "object": obj}).encode() + b"\n")
 
     try:
         if request.get(FORCE_GONE):
             raise Gone(since or 0, state.store.revision)
-        watcher = state.store.watch(resource, ns, since=since, match=match)
+        watcher = state.store.watch(plural, ns, since=since, match=match)
     except Gone as gone:
         await response.prepare(request)
         await send("ERROR", status(410, "Expired", str(gone)))
@@ -252,14 +281,14 @@ async def _watch(
         return response
 
     await response.prepare(request)
-    state.streams.add(response)
+    state.streams[id(request)] = (client, request)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
 
     def bookmark() -> Obj:
         return {
-            "kind": kind,
-            "apiVersion": api_version,
+            "kind": known.kind,
+            "apiVersion": known.api_version,
             "metadata": {"resourceVersion": str(state.store.revision)},
         }
 
@@ -292,24 +321,17 @@ async def _watch(
         log.debug("fake kube: watch client went away")
     finally:
         state.store.unwatch(watcher)
-        state.streams.discard(response)
+        state.streams.pop(id(request), None)
     return response
 
 
 async def item(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     info = request.match_info
-    obj = state.store.get(info["resource"], info["namespace"], info["name"])
+    obj = state.store.get(info["resource"], info.get("namespace", ""), info["name"])
     if obj is None:
-        return _not_found(info["resource"], info["name"])
+        return not_found(info["resource"], info["name"])
     return web.json_response(obj)
-
-
-def _not_found(resource: str, name: str) -> web.Response:
-    group = ".apps" if resource in ("deployments", "statefulsets") else ""
-    return status_response(
-        404, "NotFound", f'{resource}{group} "{name}" not found', name=name, kind=resource
-    )
 
 
 def scale_view(workload: Obj) -> Obj:
@@ -338,42 +360,8 @@ async def get_scale(request: web.Request) -> web.StreamResponse:
     info = request.match_info
     obj = state.store.get(info["resource"], info["namespace"], info["name"])
     if obj is None:
-        return _not_found(info["resource"], info["name"])
+        return not_found(info["resource"], info["name"])
     return web.json_response(scale_view(obj))
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-def json_patch(target: Obj, ops: list[dict[str, Any]]) -> Obj:
-    """RFC 6902 for the operations a scale patch uses (add, replace, remove, test)."""
-    doc = copy.deepcopy(target)
-    for op in ops:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        parent: Any = doc
-        for part in parts[:-1]:
-            parent = parent[part]
-        leaf = parts[-1]
-        if op["op"] in ("add", "replace"):
-            parent[leaf] = op["value"]
-        elif op["op"] == "remove":
-            del parent[leaf]
-        elif op["op"] == "test":
-            if parent.get(leaf) != op["value"]:
-                raise ValueError(f"test failed at {op['path']}")
-        else:
-            raise ValueError(f"unsupported op {op['op']}")
-    return doc
 
 
 async def patch_scale(request: web.Request) -> web.StreamResponse:
@@ -382,15 +370,10 @@ async def patch_scale(request: web.Request) -> web.StreamResponse:
     resource, ns, name = info["resource"], info["namespace"], info["name"]
     obj = state.store.get(resource, ns, name)
     if obj is None:
-        return _not_found(resource, name)
+        return not_found(resource, name)
     content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
     if content_type not in PATCH_TYPES:
-        return status_response(
-            415,
-            "UnsupportedMediaType",
-            f"the body of the request was in an unknown format "
-            f"- accepted media types include: {', '.join(PATCH_TYPES)}",
-        )
+        return unsupported_media_type(PATCH_TYPES)
     try:
         body = json.loads(await request.read())
         current = scale_view(obj)
@@ -405,11 +388,7 @@ async def patch_scale(request: web.Request) -> web.StreamResponse:
         (body.get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
     )
     if wanted_rv is not None and wanted_rv != obj["metadata"]["resourceVersion"]:
-        return status_response(
-            409,
-            "Conflict",
-            f'Operation cannot be fulfilled on {resource} "{name}": the object has been modified',
-        )
+        return conflict(resource, name)
     replicas = patched.get("spec", {}).get("replicas")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         return status_response(422, "Invalid", f"spec.replicas: Invalid value: {replicas!r}")
@@ -439,7 +418,7 @@ def build_app(state: ApiState) -> web.Application:
     app = web.Application(middlewares=[middleware])
     app[STATE] = state
     workloads = "{resource:deployments|statefulsets}"
-    core = "{resource:pods|events}"
+    core = "{resource:pods|events|services|endpoints}"
     app.router.add_get("/version", version)
     app.router.add_get(f"/apis/apps/v1/namespaces/{{namespace}}/{workloads}", collection)
     app.router.add_get(f"/apis/apps/v1/namespaces/{{namespace}}/{workloads}/{{name}}", item)
@@ -451,4 +430,11 @@ def build_app(state: ApiState) -> web.Application:
     )
     app.router.add_get(f"/api/v1/namespaces/{{namespace}}/{core}", collection)
     app.router.add_get(f"/api/v1/namespaces/{{namespace}}/{core}/{{name}}", item)
+    app.router.add_get("/api/v1/{resource:nodes}", collection)
+    app.router.add_get("/api/v1/{resource:nodes}/{name}", item)
+    for plural in ("endpointslices", "leases"):
+        path = f"{RESOURCES[plural].prefix}/namespaces/{{namespace}}/{{resource:{plural}}}"
+        app.router.add_get(path, collection)
+        app.router.add_get(f"{path}/{{name}}", item)
+    writes.add_routes(app, "leases", state.store)
     return app

@@ -1,11 +1,15 @@
 """Simulated workload controller, scheduler, cluster autoscaler and kubelet.
 
-When a workload's replicas go up, a pod is created and walks the path a real GPU pod
-walks: Pending -> scheduled (or FailedScheduling, with the cluster autoscaler's verdict)
--> image pulled (or ErrImagePull/ImagePullBackOff) -> container running (a stand-in
-engine process on the workload's loopback port) -> Ready once the engine prints READY
-(or crash loops / OOMKilled). Scaling down marks the pod terminating, stops the engine
-(SIGTERM, then SIGKILL after the grace) and deletes the pod only once the process exited.
+When a workload's replicas go up, one pod per missing replica is created and walks the
+path a real GPU pod walks: Pending -> scheduled (or FailedScheduling, with the cluster
+autoscaler's verdict; a GPU pod waits for a free GPU of fakekube.devices) -> image
+pulled (or ErrImagePull/ImagePullBackOff) -> container running (a stand-in engine
+process on the pod's own loopback IP from fakekube.ipam, at the containerPort) -> Ready
+once the engine prints READY (or crash loops / OOMKilled). Scaling down picks pods the
+way the workload's controller does (fakekube.replicaset), marks them terminating
+(deletionTimestamp), stops the engine (SIGTERM, then SIGKILL after the grace), reports
+the container terminated and deletes the pod only once the process exited. A deleted pod
+(delete_pod) is replaced, as a ReplicaSet replaces it.
 
 Delays here are the simulated world's clock, not test synchronisation.
 """
@@ -23,6 +27,13 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from activator.testing.fakekube.devices import GpuPool
+from activator.testing.fakekube.ipam import PodNetwork
+from activator.testing.fakekube.replicaset import (
+    Candidate,
+    replicaset_victims,
+    statefulset_victims,
+)
 from activator.testing.fakekube.store import Obj, Store, now_iso
 
 log = logging.getLogger(__name__)
@@ -65,12 +76,21 @@ class Workload:
     engine: bool
     gpu: bool
     plan: PodPlan
+    container_port: int = 8000
     pods: dict[str, PodSim] = field(default_factory=dict)
     ordinal: int = 0
 
     @property
     def url(self) -> str:
+        """The workload's Service address (fakekube.proxy forwards it to ready pods)."""
         return f"http://127.0.0.1:{self.port}"
+
+    def pod_url(self, pod: str) -> str | None:
+        """Where the pod's engine listens, once the pod has an IP."""
+        sim = self.pods.get(pod)
+        if sim is None or sim.ip is None:
+            return None
+        return f"http://{sim.ip}:{self.container_port}"
 
 
 @dataclass
@@ -84,18 +104,29 @@ class PodSim:
     terminating: bool = False
     has_gpu: bool = False
     ready_at: float | None = None  # time.monotonic() when the Ready condition went True
+    ip: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    # The readiness probe's verdict while the engine runs (FakeKube.set_pod_ready).
+    probe_ok: bool = True
+    engine_ready: bool = False
 
 
 class Kubelet:
-    def __init__(self, store: Store, *, gpus: int | None) -> None:
+    def __init__(self, store: Store, *, gpus: GpuPool, network: PodNetwork) -> None:
         self._store = store
         self.workloads: dict[tuple[str, str, str], Workload] = {}
-        self._gpus = gpus
-        self.gpus_in_use = 0
-        self.max_gpus_in_use = 0
-        self._gpu_freed = asyncio.Condition()
+        self.gpus = gpus
+        self.network = network
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready_times: list[tuple[str, float]] = []  # (pod name, monotonic time of Ready)
+
+    @property
+    def gpus_in_use(self) -> int:
+        return self.gpus.in_use
+
+    @property
+    def max_gpus_in_use(self) -> int:
+        return self.gpus.max_in_use
 
     # -- API -------------------------------------------------------------------------
 
@@ -110,18 +141,60 @@ class Kubelet:
             return
         desired = int(obj["spec"].get("replicas") or 0)
         live = [p for p in workload.pods.values() if not p.terminating]
+        if desired > len(live):
+            self._event(
+                workload.namespace,
+                workload.name,
+                kind=obj["kind"],
+                reason="ScalingReplicaSet",
+                message=f"Scaled up replica set {workload.name}-7d9f8c6b5 to {desired} "
+                f"from {len(live)}",
+                component="deployment-controller",
+            )
         for _ in range(desired - len(live)):
             self._create_pod(workload, obj)
-        for pod in sorted(live, key=lambda p: p.name, reverse=True)[: max(0, len(live) - desired)]:
+        for name in self._victims(workload, live, len(live) - desired):
+            pod = workload.pods[name]
+            pod.terminating = True  # now, so the next reconcile does not count it
             self._spawn(self._terminate(workload, pod), f"fake-kube-terminate-{pod.name}")
         self.sync_status(workload)
 
-    def kill_engine(self, workload: Workload, *, oom: bool) -> None:
-        for pod in workload.pods.values():
-            if not pod.terminating:
-                pod.plan = replace(pod.plan, crash="oom" if oom else "crash_loop")
-                if pod.process is not None and pod.process.returncode is None:
-                    pod.process.kill()
+    def _victims(self, workload: Workload, live: list[PodSim], count: int) -> list[str]:
+        if count <= 0:
+            return []
+        if workload.resource == "statefulsets":
+            return statefulset_victims([p.name for p in live], count)
+        candidates = []
+        for pod in live:
+            obj = self._store.get("pods", workload.namespace, pod.name)
+            if obj is not None:
+                candidates.append(Candidate(obj, pod.created, pod.ready_at))
+        return replicaset_victims(candidates, count)
+
+    def delete_pod(self, workload: Workload, name: str, *, grace: float | None = None) -> None:
+        """Someone deletes the pod (kubectl delete pod, an eviction): it terminates with
+        its grace (or `grace`), and the workload's controller creates a replacement."""
+        pod = workload.pods[name]
+        if pod.terminating:
+            return
+        pod.terminating = True
+        self._spawn(self._terminate(workload, pod, grace=grace), f"fake-kube-terminate-{name}")
+        self.reconcile(workload.resource, workload.namespace, workload.name)
+
+    def set_probe(self, workload: Workload, name: str, *, ok: bool) -> None:
+        """The pod's readiness probe starts failing (ok=False) or passing again: Ready
+        follows while the engine runs; the container keeps running either way."""
+        pod = workload.pods[name]
+        pod.probe_ok = ok
+        if pod.engine_ready and not pod.terminating:
+            self._set_ready(workload, pod, ok)
+
+    def kill_engine(self, workload: Workload, *, oom: bool, pod: str | None = None) -> None:
+        for sim in workload.pods.values():
+            if not sim.terminating and pod in (None, sim.name):
+                sim.plan = replace(sim.plan, crash="oom" if oom else "crash_loop")
+                if sim.process is not None and sim.process.returncode is None:
+                    sim.process.kill()
 
     async def aclose(self) -> None:
         for workload in self.workloads.values():
@@ -192,14 +265,6 @@ class Kubelet:
         pod = PodSim(name=name, plan=workload.plan)
         workload.pods[name] = pod
         pod.task = asyncio.create_task(self._run_pod(workload, pod), name=f"fake-kube-pod-{name}")
-        self._event(
-            workload.namespace,
-            workload.name,
-            kind=obj["kind"],
-            reason="ScalingReplicaSet",
-            message=f"Scaled up replica set {workload.name}-7d9f8c6b5 to 1",
-            component="deployment-controller",
-        )
 
     def _pod_update(self, workload: Workload, pod: PodSim, mutate: object) -> None:
         if self._store.get("pods", workload.namespace, pod.name) is not None:
@@ -263,6 +328,7 @@ class Kubelet:
 
     async def _run_pod(self, workload: Workload, pod: PodSim) -> None:
         await self._schedule(workload, pod)
+        self._sandbox(workload, pod)
         if not await self._pull(workload, pod):
             return
         await self._run_container(workload, pod)
@@ -270,7 +336,7 @@ class Kubelet:
     async def _schedule(self, workload: Workload, pod: PodSim) -> None:
         plan = pod.plan
         message = plan.unschedulable
-        if message is None and workload.gpu and not self._gpu_free():
+        if message is None and workload.gpu and not self.gpus.free():
             message = (
                 "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: "
                 "0/1 nodes are available: 1 No preemption victims found for incoming pod."
@@ -307,11 +373,8 @@ class Kubelet:
                 await asyncio.Event().wait()
         if workload.gpu:
             # The scheduler retries when capacity frees up (a GPU pod was deleted).
-            async with self._gpu_freed:
-                await self._gpu_freed.wait_for(self._gpu_free)
-                self.gpus_in_use += 1
-                self.max_gpus_in_use = max(self.max_gpus_in_use, self.gpus_in_use)
-                pod.has_gpu = True
+            await self.gpus.acquire(pod.name)
+            pod.has_gpu = True
         await asyncio.sleep(plan.schedule_delay)
 
         def scheduled(obj: Obj) -> None:
@@ -328,8 +391,17 @@ class Kubelet:
             component="default-scheduler",
         )
 
-    def _gpu_free(self) -> bool:
-        return self._gpus is None or self.gpus_in_use < self._gpus
+    def _sandbox(self, workload: Workload, pod: PodSim) -> None:
+        """The pod sandbox is up: the network plugin gave it its IP (before any image
+        is pulled, so a pod stuck in ImagePullBackOff has one too)."""
+        ip = pod.ip = self.network.allocate(port=workload.container_port)
+
+        def addressed(obj: Obj) -> None:
+            obj["status"]["podIP"] = ip
+            obj["status"]["podIPs"] = [{"ip": ip}]
+            obj["status"].setdefault("startTime", now_iso())
+
+        self._pod_update(workload, pod, addressed)
 
     def _unschedulable(self, workload: Workload, pod: PodSim, message: str) -> None:
         def pending(obj: Obj) -> None:
@@ -385,7 +457,6 @@ class Kubelet:
 
         def running(obj: Obj) -> None:
             obj["status"]["phase"] = "Running"
-            obj["status"]["podIP"] = "127.0.0.1"
             obj["status"]["conditions"] = [
                 _cond("PodScheduled", True),
                 _cond("Initialized", True),
@@ -422,7 +493,8 @@ class Kubelet:
                 )
                 return
         await asyncio.sleep(plan.ready_delay)
-        self._set_ready(workload, pod, True)
+        pod.engine_ready = True
+        self._set_ready(workload, pod, pod.probe_ok)
         if pod.process is not None:
             await pod.process.wait()
             if not pod.terminating:
@@ -439,9 +511,9 @@ class Kubelet:
             "-m",
             "activator.testing.fake_engine",
             "--port",
-            str(workload.port),
+            str(workload.container_port),
             "--host",
-            "127.0.0.1",
+            str(pod.ip),
             "--served-model-name",
             workload.served_model_name,
             "--startup-delay",
@@ -463,6 +535,7 @@ class Kubelet:
     async def _crashed(
         self, workload: Workload, pod: PodSim, *, reason: str, exit_code: int
     ) -> None:
+        pod.engine_ready = False
         self._set_ready(workload, pod, False)
         self._set_container(
             workload,
@@ -526,9 +599,11 @@ class Kubelet:
             self.ready_times.append((pod.name, pod.ready_at))
         self._pod_update(workload, pod, mutate)
 
-    async def _terminate(self, workload: Workload, pod: PodSim) -> None:
+    async def _terminate(
+        self, workload: Workload, pod: PodSim, *, grace: float | None = None
+    ) -> None:
         pod.terminating = True
-        grace = pod.plan.termination_grace
+        grace = pod.plan.termination_grace if grace is None else grace
 
         def deleting(obj: Obj) -> None:
             obj["metadata"]["deletionTimestamp"] = now_iso()
@@ -541,14 +616,40 @@ class Kubelet:
             with contextlib.suppress(asyncio.CancelledError):
                 await pod.task
         await _stop_process(pod, grace=grace)
+        self._terminated(workload, pod)
         self._store.delete("pods", workload.namespace, pod.name)
         workload.pods.pop(pod.name, None)
         if pod.has_gpu:
             pod.has_gpu = False
-            self.gpus_in_use -= 1
-            async with self._gpu_freed:
-                self._gpu_freed.notify_all()
+            await self.gpus.release(pod.name)
         self.sync_status(workload)
+
+    def _terminated(self, workload: Workload, pod: PodSim) -> None:
+        """The kubelet's last status before the pod object goes: container terminated,
+        not Ready, and a terminal phase (kubelets since 1.27 report one before deletion)."""
+        current = self._store.get("pods", workload.namespace, pod.name)
+        if current is None or current["status"].get("phase") != "Running":
+            return  # nothing ran: the pod just goes
+        code = pod.process.returncode if pod.process is not None else 0
+        code = 0 if code is None else (128 - code if code < 0 else code)
+
+        def terminated(obj: Obj) -> None:
+            obj["status"]["phase"] = "Succeeded" if code == 0 else "Failed"
+            for cond in obj["status"].get("conditions", []):
+                if cond["type"] in ("Ready", "ContainersReady") and cond["status"] == "True":
+                    cond.update(_cond(cond["type"], False))
+            for status in obj["status"].get("containerStatuses", []):
+                status["ready"] = False
+                status["started"] = False
+                status["state"] = {
+                    "terminated": {
+                        "exitCode": code,
+                        "reason": "Completed" if code == 0 else "Error",
+                        "finishedAt": now_iso(),
+                    }
+                }
+
+        self._pod_update(workload, pod, terminated)
 
     def sync_status(self, workload: Workload) -> None:
         """The workload controller's status: counts of live and ready pods."""

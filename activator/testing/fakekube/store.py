@@ -12,6 +12,7 @@ import asyncio
 import copy
 import itertools
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,6 +48,8 @@ class Change:
     resource: str
     type: str  # ADDED, MODIFIED, DELETED
     obj: Obj
+    # time.monotonic() of the commit: lets tests measure (failover, endpoint lag).
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)
@@ -82,7 +85,17 @@ class Store:
         # Watches asking for a revision below this get 410 Gone.
         self.oldest = 0
         self._watchers: set[Watcher] = set()
+        self._observers: list[Callable[[Change], None]] = []
+        self._unobserved: deque[Change] = deque()
+        self._observing = False
         self._pulse = asyncio.Event()
+
+    def observe(self, observer: Callable[[Change], None]) -> None:
+        """Call `observer` with every committed change, in commit order: the in-process
+        controllers' informer. It runs synchronously after the write and may write
+        itself (a controller reacting at once): such writes commit immediately and
+        reach every observer after the change being observed. It must not raise."""
+        self._observers.append(observer)
 
     def next_change(self) -> asyncio.Event:
         """An event set by the next write: lets tests wait for a condition, not poll."""
@@ -122,13 +135,23 @@ class Store:
         for watcher in list(self._watchers):
             if watcher.resource == resource and watcher.namespace == ns and watcher.match(obj):
                 watcher.offer(change)
+        self._unobserved.append(change)
+        if not self._observing:
+            self._observing = True
+            try:
+                while self._unobserved:
+                    observed = self._unobserved.popleft()
+                    for observer in self._observers:
+                        observer(observed)
+            finally:
+                self._observing = False
         return copy.deepcopy(obj)
 
     def create(self, resource: str, obj: Obj) -> Obj:
         meta = obj.setdefault("metadata", {})
-        key = (resource, meta["namespace"], meta["name"])
+        key = (resource, meta.get("namespace", ""), meta["name"])  # "": cluster-scoped
         if key in self._objects:
-            raise KeyError(f"{resource} {meta['namespace']}/{meta['name']} exists")
+            raise KeyError(f"{resource} {key[1]}/{key[2]} exists")
         meta.setdefault("uid", str(uuid.uuid4()))
         meta.setdefault("creationTimestamp", now_iso())
         stored = copy.deepcopy(obj)

@@ -1,0 +1,9 @@
+"""The status page at /ui: static HTML, CSS and JavaScript served from the package, the
+login that puts an admin session cookie in the browser, and the live data it reads
+(/admin/events, /admin/wake-durations). No build step, nothing fetched from elsewhere."""
+
+from activator.ui.auth import SESSION_COOKIE, UI_HEADER, session_token
+from activator.ui.events import EventStreams
+from activator.ui.routes import ui_routes
+
+__all__ = ["SESSION_COOKIE", "UI_HEADER", "EventStreams", "session_token", "ui_routes"]

@@ -1,0 +1,144 @@
+"""Routes of the status page: the page, its login and logout, its static files, and
+the two data routes it reads (under /admin/, so they sit behind the admin key like the
+rest of the admin API).
+
+Every URL the page uses is relative (`ui/static/app.js`, `admin/events`), and redirects
+are relative too: the page works unchanged behind a proxy that mounts activator under a
+path prefix.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from importlib import resources
+
+from aiohttp import web
+
+from activator.errors import BadRequest, BodyTooLarge, NotFound
+from activator.metrics import Metrics
+from activator.ui.auth import clear_session, session_token, set_session
+from activator.ui.events import EventStreams
+from activator.ui.summary import wake_durations
+
+logger = logging.getLogger(__name__)
+
+UI_PATH = "/ui"
+EVENTS_PATH = "/admin/events"
+WAKE_DURATIONS_PATH = "/admin/wake-durations"
+# A login form is one short field; anything bigger is not from our form.
+LOGIN_MAX_BYTES = 4096
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+# Nothing but our own files: no inline script or style, no framing, forms post only here.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+LOGIN_ERROR = '<p class="error" role="alert">That is not the admin key.</p>'
+
+
+def ui_routes(
+    *,
+    admin_key: str | None,
+    is_admin: Callable[[web.Request], bool],
+    streams: EventStreams,
+    metrics: Metrics,
+) -> list[web.RouteDef]:
+    """`is_admin` says whether a request carries the admin key (Bearer or the session
+    cookie); it is always true when no admin key is configured."""
+    files = _load_static()
+    page = files.pop("index.html").replace(b"{{login}}", b"on" if admin_key else b"off")
+    login_page = files.pop("login.html")
+
+    def html(body: bytes, *, status: int = 200) -> web.Response:
+        return web.Response(
+            body=body,
+            status=status,
+            headers={**SECURITY_HEADERS, "Content-Type": STATIC_TYPES[".html"]},
+        )
+
+    async def show_page(request: web.Request) -> web.Response:
+        if not is_admin(request):
+            return _see_other("ui/login")
+        return html(page)
+
+    async def trailing_slash(request: web.Request) -> web.Response:
+        return _see_other("../ui")
+
+    async def show_login(request: web.Request) -> web.Response:
+        if admin_key is None or is_admin(request):
+            return _see_other("../ui")
+        return html(login_page.replace(b"<!--error-->", b""))
+
+    async def login(request: web.Request) -> web.Response:
+        if admin_key is None:
+            return _see_other("../ui")
+        if request.content_length is None:
+            raise BadRequest("the login form must be sent with a Content-Length")
+        if request.content_length > LOGIN_MAX_BYTES:
+            raise BodyTooLarge(f"a login form is at most {LOGIN_MAX_BYTES} bytes")
+        form = await request.post()
+        given = form.get("key")
+        given_bytes = given.encode() if isinstance(given, str) else b""
+        if not hmac.compare_digest(given_bytes, admin_key.encode()):
+            # The key given is never logged; where it came from helps spot guessing.
+            logger.warning("status page: wrong admin key from %s", request.remote)
+            return html(login_page.replace(b"<!--error-->", LOGIN_ERROR.encode()), status=401)
+        response = _see_other("../ui")
+        set_session(response, request, session_token(admin_key))
+        return response
+
+    async def logout(request: web.Request) -> web.Response:
+        response = _see_other("login")
+        clear_session(response, request)
+        return response
+
+    async def static(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = files.get(name)
+        if body is None:
+            raise NotFound(f"no status page file {name!r}")
+        suffix = name[name.rfind(".") :]
+        return web.Response(
+            body=body, headers={**SECURITY_HEADERS, "Content-Type": STATIC_TYPES[suffix]}
+        )
+
+    async def durations(request: web.Request) -> web.Response:
+        return web.json_response(wake_durations(metrics))
+
+    return [
+        web.get(UI_PATH, show_page),
+        web.get(UI_PATH + "/", trailing_slash),
+        web.get(UI_PATH + "/login", show_login),
+        web.post(UI_PATH + "/login", login),
+        web.post(UI_PATH + "/logout", logout),
+        web.get(UI_PATH + "/static/{name}", static),
+        web.get(EVENTS_PATH, streams.handle, allow_head=False),  # a HEAD would never end
+        web.get(WAKE_DURATIONS_PATH, durations),
+    ]
+
+
+def _see_other(location: str) -> web.Response:
+    """303 to a location relative to the request's URL (see the module's docstring)."""
+    return web.Response(status=303, headers={"Location": location, **SECURITY_HEADERS})
+
+
+def _load_static() -> dict[str, bytes]:
+    """The page's files, read once from the package (they are package data)."""
+    folder = resources.files("activator.ui").joinpath("static")
+    return {
+        entry.name: entry.read_bytes()
+        for entry in folder.iterdir()
+        if entry.is_file() and entry.name[entry.name.rfind(".") :] in STATIC_TYPES
+    }

@@ -1,0 +1,466 @@
+// activator status page. Plain JavaScript, no dependencies, no build step.
+//
+// Data: one EventSource on admin/events pushes a snapshot ({models, pools,
+// wake_durations}) whenever something changed. Every URL is relative to the page (/ui),
+// so "admin/events" is /admin/events, also behind a proxy that adds a path prefix.
+// Every string from the server goes into the page as text (textContent), never as HTML.
+"use strict";
+
+(() => {
+  const KNOWN_STATES = new Set([
+    "stopped", "starting", "ready", "draining", "stopping", "failed", "unknown",
+    "falling_asleep", "sleeping", "waking",
+  ]);
+  // Stop is refused by the server in these states anyway; the button says so up front.
+  const NOT_STOPPABLE = new Set(["stopped", "failed", "stopping", "draining", "starting", "waking"]);
+  const NOT_WAKEABLE = new Set(["ready", "starting", "waking"]);
+  const SVG = "http://www.w3.org/2000/svg";
+  const RETRY_MS = 3000;
+
+  const cards = new Map(); // model name -> the parts of its card that change
+  let source = null;
+
+  // ----- small helpers --------------------------------------------------------------
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs)) {
+      if (value !== null && value !== undefined && value !== false) {
+        node.setAttribute(key, value === true ? "" : String(value));
+      }
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) {
+        node.append(typeof child === "string" ? document.createTextNode(child) : child);
+      }
+    }
+    return node;
+  }
+
+  function svg(tag, attrs = {}, text = null) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, String(value));
+    if (text !== null) node.textContent = text;
+    return node;
+  }
+
+  function seconds(value) {
+    if (value === null || value === undefined || Number.isNaN(value)) return "–";
+    if (value < 1) return `${Math.round(value * 1000)} ms`;
+    if (value < 60) return `${value.toFixed(value < 10 ? 2 : 1)} s`;
+    const minutes = Math.floor(value / 60);
+    const rest = Math.round(value % 60);
+    if (minutes < 60) return rest ? `${minutes} min ${rest} s` : `${minutes} min`;
+    return minutes % 60 ? `${Math.floor(minutes / 60)} h ${minutes % 60} min` : `${Math.floor(minutes / 60)} h`;
+  }
+
+  function bytes(value) {
+    if (typeof value !== "number") return value === null || value === undefined ? "–" : String(value);
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let size = value;
+    let unit = 0;
+    while (size >= 1024 && unit < units.length - 1) {
+      size /= 1024;
+      unit += 1;
+    }
+    return `${size.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
+  }
+
+  function bound(value) {
+    if (value === null) return "more";
+    if (value < 1) return `${Math.round(value * 1000)}ms`;
+    if (value < 60) return `${value}s`;
+    return `${value / 60}m`;
+  }
+
+  function stateBadge(state) {
+    const known = KNOWN_STATES.has(state) ? state : "other";
+    return el("span", { class: `state state-${known}` }, String(state).replace("_", " "));
+  }
+
+  function fact(label, value) {
+    return el("div", {}, el("dt", {}, label), el("dd", {}, value));
+  }
+
+  function notice(text, kind = "info") {
+    const node = document.getElementById("notice");
+    node.textContent = text;
+    node.dataset.kind = kind;
+  }
+
+  function setConnection(text, kind) {
+    const node = document.getElementById("connection");
+    node.textContent = text;
+    node.dataset.kind = kind;
+  }
+
+  function toLogin() {
+    window.location.assign("ui/login");
+  }
+
+  // ----- actions --------------------------------------------------------------------
+
+  async function post(url) {
+    // The header tells activator this came from the page itself (see activator/ui/auth.py).
+    return fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-Activator-UI": "1" },
+    });
+  }
+
+  async function act(name, action) {
+    if (action === "stop" && !window.confirm(
+      `Stop model ${name}? Requests in flight are drained first; the next request wakes it again.`,
+    )) {
+      return;
+    }
+    let response;
+    try {
+      response = await post(`admin/models/${encodeURIComponent(name)}/${action}`);
+    } catch (error) {
+      notice(`${action} ${name}: activator cannot be reached (${error})`, "error");
+      return;
+    }
+    if (response.status === 401) {
+      toLogin();
+      return;
+    }
+    let body = {};
+    try {
+      body = await response.json();
+    } catch (error) {
+      body = {};
+    }
+    if (!response.ok) {
+      const message = body.error && body.error.message ? body.error.message : response.statusText;
+      notice(`${action} ${name} failed: ${message}`, "error");
+    } else if (action === "stop" && body.stopping === false) {
+      notice(`${name} was not stopped: it is ${body.state}.`, "info");
+    } else {
+      notice(`${action === "stop" ? "Stopping" : "Waking"} ${name}.`, "info");
+    }
+  }
+
+  async function loadLog(name, pre) {
+    pre.textContent = "loading…";
+    try {
+      const response = await fetch(`admin/models/${encodeURIComponent(name)}/logs`, {
+        credentials: "same-origin",
+      });
+      if (response.status === 401) {
+        toLogin();
+        return;
+      }
+      const body = await response.json();
+      if (!response.ok) {
+        pre.textContent = body.error && body.error.message ? body.error.message : response.statusText;
+        return;
+      }
+      pre.textContent = body.lines && body.lines.length ? body.lines.join("\n") : "(no output yet)";
+    } catch (error) {
+      pre.textContent = `cannot load the log: ${error}`;
+    }
+  }
+
+  // ----- models ---------------------------------------------------------------------
+
+  function modelCard(name) {
+    const title = el("h3", {}, name);
+    const badge = el("span", { class: "state" });
+    const facts = el("dl", { class: "facts" });
+    const phases = el("div", { class: "phases" });
+    const sleep = el("div", { class: "sleep" });
+    const error = el("div", { class: "last-error" });
+    const pre = el("pre", { class: "log-lines", tabindex: "0" });
+    const details = el("details", { class: "log" }, el("summary", {}, "Engine log"), pre);
+    details.addEventListener("toggle", () => {
+      if (details.open) loadLog(name, pre);
+    });
+    const wake = el("button", { type: "button", class: "wake" }, "Wake");
+    wake.addEventListener("click", () => act(name, "wake"));
+    const stop = el("button", { type: "button", class: "stop danger" }, "Stop");
+    stop.addEventListener("click", () => act(name, "stop"));
+    wake.setAttribute("aria-label", `Wake ${name}`);
+    stop.setAttribute("aria-label", `Stop ${name}`);
+    const head = el("header", {}, title, badge);
+    const root = el(
+      "article",
+      { class: "card model", "data-model": name, "aria-label": `model ${name}` },
+      head, facts, phases, sleep, error, details,
+      el("div", { class: "actions" }, wake, stop),
+    );
+    return { root, head, badge, facts, phases, sleep, error, details, pre, wake, stop, lastError: null };
+  }
+
+  function phaseBar(model) {
+    const entries = Object.entries(model.wake_phases || {})
+      .filter(([, at]) => typeof at === "number")
+      .sort((a, b) => a[1] - b[1]);
+    if (!entries.length) return null;
+    const total = Math.max(entries[entries.length - 1][1], model.last_wake_seconds || 0, 1e-6);
+    const width = 1000;
+    const bar = svg("svg", {
+      viewBox: `0 0 ${width} 14`, preserveAspectRatio: "none", class: "phase-bar",
+      "aria-hidden": "true", focusable: "false",
+    });
+    let start = 0;
+    let x = 0;
+    entries.forEach(([phase, at], i) => {
+      const w = Math.max(((at - start) / total) * width, 4);
+      const rect = svg("rect", { x: x.toFixed(1), y: 0, width: w.toFixed(1), height: 14, class: `phase p${i % 6}` });
+      rect.append(svg("title", {}, `${phase}: ${seconds(at - start)} (at ${seconds(at)})`));
+      bar.append(rect);
+      x += w;
+      start = at;
+    });
+    bar.setAttribute("viewBox", `0 0 ${Math.max(x, width).toFixed(1)} 14`);
+    const legend = el("ol", { class: "phase-legend" });
+    start = 0;
+    entries.forEach(([phase, at], i) => {
+      legend.append(el("li", {}, el("span", { class: `swatch p${i % 6}`, "aria-hidden": "true" }),
+        `${phase} ${seconds(at - start)}`));
+      start = at;
+    });
+    const label = model.state === "starting" || model.state === "waking" ? "this wake so far" : "last wake";
+    return el("div", {}, el("p", { class: "phase-title" }, `Phases of ${label}`), bar, legend);
+  }
+
+  function sleepInfo(model) {
+    const sleep = model.sleep;
+    if (!sleep || typeof sleep !== "object") return null;
+    const list = el("dl", { class: "facts" });
+    if (sleep.level !== undefined) list.append(fact("sleep level", String(sleep.level)));
+    if (sleep.host_memory !== undefined) list.append(fact("host memory", bytes(sleep.host_memory)));
+    if (sleep.host_held !== undefined) list.append(fact("host memory held", bytes(sleep.host_held)));
+    if (sleep.last_sleep_seconds !== undefined) {
+      list.append(fact("last sleep", seconds(sleep.last_sleep_seconds)));
+    }
+    return list;
+  }
+
+  function updateModel(card, model) {
+    card.root.dataset.state = model.state;
+    const badge = stateBadge(model.state);
+    card.badge.replaceWith(badge);
+    card.badge = badge;
+
+    const lastWake = model.last_wake_seconds === null || model.last_wake_seconds === undefined
+      ? "never"
+      : seconds(model.last_wake_seconds) + (model.last_wake_from ? ` (from ${model.last_wake_from})` : "");
+    const facts = [
+      fact("in flight", String(model.in_flight)),
+      fact("held", String(model.queued)),
+      fact("last wake", lastWake),
+      fact("backend", String(model.backend)),
+      fact("pool", model.pool ? `${model.pool} · ${model.gpus} GPU` : "none"),
+      fact("idle timeout", seconds(model.idle_timeout)),
+    ];
+    if (model.aliases && model.aliases.length) facts.push(fact("aliases", model.aliases.join(", ")));
+    card.facts.replaceChildren(...facts);
+
+    card.phases.replaceChildren(...[phaseBar(model)].filter(Boolean));
+    card.sleep.replaceChildren(...[sleepInfo(model)].filter(Boolean));
+
+    if (model.last_error) {
+      card.error.replaceChildren(el("strong", {}, "Last error: "), model.last_error);
+    } else {
+      card.error.replaceChildren();
+    }
+    if (card.details.open && model.last_error !== card.lastError) loadLog(model.name, card.pre);
+    card.lastError = model.last_error;
+
+    card.wake.disabled = NOT_WAKEABLE.has(model.state);
+    card.stop.disabled = NOT_STOPPABLE.has(model.state);
+  }
+
+  function renderModels(models) {
+    const container = document.getElementById("models");
+    const seen = new Set();
+    models.forEach((model, index) => {
+      seen.add(model.name);
+      let card = cards.get(model.name);
+      if (!card) {
+        card = modelCard(model.name);
+        cards.set(model.name, card);
+      }
+      updateModel(card, model);
+      if (container.children[index] !== card.root) container.insertBefore(card.root, container.children[index] || null);
+    });
+    for (const [name, card] of cards) {
+      if (!seen.has(name)) {
+        card.root.remove();
+        cards.delete(name);
+      }
+    }
+  }
+
+  // ----- pools ----------------------------------------------------------------------
+
+  function list(items, empty) {
+    if (!items.length) return el("p", { class: "muted" }, empty);
+    return el("ul", {}, ...items.map((item) => el("li", {}, ...item)));
+  }
+
+  function poolCard(pool) {
+    const parts = [el("header", {}, el("h3", {}, pool.name))];
+    const used = pool.gpus_in_use ?? 0;
+    const id = `pool-gpus-${pool.name}`.replace(/[^A-Za-z0-9_-]/g, "_");
+    parts.push(el("p", {}, el("label", { for: id }, `GPUs in use: ${used} of ${pool.gpus}`)));
+    parts.push(el("meter", { id, min: 0, max: pool.gpus || 1, value: used }, `${used} of ${pool.gpus}`));
+    if (pool.host_memory !== undefined && pool.host_memory !== null) {
+      parts.push(el("p", {}, `Host memory for sleeping models: ${bytes(pool.host_memory_in_use ?? 0)} of ${bytes(pool.host_memory)}`));
+    }
+    parts.push(el("h4", {}, "Holding GPUs"));
+    parts.push(list(
+      (pool.models || []).map((m) => [el("strong", {}, m.name), " ", stateBadge(m.state), ` ${m.gpus} GPU`]),
+      "none",
+    ));
+    parts.push(el("h4", {}, "Waiting"));
+    parts.push(list(
+      (pool.waiting || []).map((w) => [
+        el("strong", {}, w.name), ` ${w.queued} held, for ${seconds(w.oldest_wait_seconds)}`,
+      ]),
+      "nobody",
+    ));
+    if (Array.isArray(pool.sleeping)) {
+      parts.push(el("h4", {}, "Sleeping"));
+      parts.push(list(
+        pool.sleeping.map((s) => [
+          el("strong", {}, s.name),
+          ` level ${s.level ?? "?"}, ${bytes(s.host_memory)} of host memory`,
+        ]),
+        "none",
+      ));
+    }
+    return el("article", { class: "card pool", "data-pool": pool.name, "aria-label": `pool ${pool.name}` }, ...parts);
+  }
+
+  function renderPools(pools) {
+    const container = document.getElementById("pools");
+    if (!pools.length) {
+      container.replaceChildren(el("p", { class: "muted" }, "No GPU pools are configured."));
+      return;
+    }
+    container.replaceChildren(...pools.map(poolCard));
+  }
+
+  // ----- wake durations ---------------------------------------------------------------
+
+  function quantile(bins, bounds, count, q) {
+    let seen = 0;
+    for (let i = 0; i < bins.length; i += 1) {
+      seen += bins[i];
+      if (seen >= q * count) return i < bounds.length ? `≤ ${bound(bounds[i])}` : `> ${bound(bounds[bounds.length - 1])}`;
+    }
+    return "–";
+  }
+
+  function histogram(name, series, bounds, others) {
+    const bins = series.bins;
+    const first = bins.findIndex((n) => n > 0);
+    const last = bins.length - 1 - [...bins].reverse().findIndex((n) => n > 0);
+    let lo = Math.max(0, first - 1);
+    let hi = Math.min(bins.length - 1, last + 1);
+    while (hi - lo < 5 && (lo > 0 || hi < bins.length - 1)) {
+      if (hi < bins.length - 1) hi += 1;
+      if (hi - lo < 5 && lo > 0) lo -= 1;
+    }
+    const shown = bins.slice(lo, hi + 1);
+    const most = Math.max(...shown, 1);
+    const slot = 48;
+    const height = 90;
+    const plot = 60;
+    const width = shown.length * slot;
+    const mean = series.count ? series.sum / series.count : null;
+    const caption = `${name}: ${series.count} wake${series.count === 1 ? "" : "s"}, mean ${seconds(mean)}, `
+      + `median ${quantile(bins, bounds, series.count, 0.5)}, p90 ${quantile(bins, bounds, series.count, 0.9)}`
+      + (others.length ? `; also ${others.join(", ")}` : "");
+    const chart = svg("svg", {
+      viewBox: `0 0 ${width} ${height}`, class: "histogram", role: "img", "aria-label": caption,
+    });
+    shown.forEach((n, i) => {
+      const h = n ? Math.max((n / most) * plot, 2) : 0;
+      const x = i * slot;
+      chart.append(svg("rect", { x: x + 6, y: 14 + plot - h, width: slot - 12, height: h, class: "bin" }));
+      chart.append(svg("line", { x1: x + 2, x2: x + slot - 2, y1: 14 + plot, y2: 14 + plot, class: "axis" }));
+      if (n) chart.append(svg("text", { x: x + slot / 2, y: 10 + plot - h, class: "count" }, String(n)));
+      const index = lo + i;
+      const upper = index < bounds.length ? bounds[index] : null;
+      chart.append(svg("text", { x: x + slot / 2, y: height - 2, class: "tick" }, upper === null ? ">" + bound(bounds[bounds.length - 1]) : "≤" + bound(upper)));
+    });
+    return el("figure", { class: "wake-chart", "data-model": name }, el("figcaption", {}, caption), chart);
+  }
+
+  function renderWakes(models, summary) {
+    const container = document.getElementById("wakes");
+    const figures = [];
+    const bounds = (summary && summary.bounds) || [];
+    for (const model of models) {
+      const outcomes = (summary && summary.models && summary.models[model.name]) || {};
+      const ready = outcomes.ready;
+      const others = Object.entries(outcomes)
+        .filter(([outcome, s]) => outcome !== "ready" && s.count > 0)
+        .map(([outcome, s]) => `${s.count} ${outcome}`);
+      if (ready && ready.count > 0) {
+        figures.push(histogram(model.name, ready, bounds, others));
+      } else if (others.length) {
+        figures.push(el("p", { class: "muted" }, `${model.name}: no successful wake; ${others.join(", ")}`));
+      }
+    }
+    if (!figures.length) figures.push(el("p", { class: "muted" }, "No wake yet."));
+    container.replaceChildren(...figures);
+  }
+
+  // ----- wiring -----------------------------------------------------------------------
+
+  function render(snapshot) {
+    const models = snapshot.models || [];
+    renderModels(models);
+    renderPools(snapshot.pools || []);
+    renderWakes(models, snapshot.wake_durations);
+    document.body.dataset.loaded = "true";
+  }
+
+  async function reconnectLater() {
+    // EventSource gives up on an HTTP error (401 after a key change, 429 with too many
+    // pages open): find out which, then try again.
+    try {
+      const response = await fetch("admin/models", { credentials: "same-origin" });
+      if (response.status === 401) {
+        toLogin();
+        return;
+      }
+    } catch (error) {
+      // activator is down or restarting: keep trying.
+    }
+    window.setTimeout(connect, RETRY_MS);
+  }
+
+  function connect() {
+    source = new EventSource("admin/events");
+    source.addEventListener("open", () => setConnection("live", "live"));
+    source.addEventListener("snapshot", (event) => {
+      setConnection("live", "live");
+      render(JSON.parse(event.data));
+    });
+    source.addEventListener("closing", () => setConnection("activator is shutting down", "down"));
+    source.addEventListener("error", () => {
+      if (source.readyState === EventSource.CLOSED) {
+        source.close();
+        setConnection("disconnected, retrying…", "down");
+        reconnectLater();
+      } else {
+        setConnection("reconnecting…", "down");
+      }
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    if (document.body.dataset.login === "on") document.getElementById("logout").hidden = false;
+    connect();
+  });
+
+  // For tests and for poking at the page from the console: draw any snapshot.
+  window.activatorUI = { render };
+})();

@@ -1,0 +1,55 @@
+"""What the status page shows, as plain JSON: the admin API's views of models and pools,
+and the wake-duration histogram summarised from the app's own metrics registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from activator.metrics import WAKE_BUCKETS, Metrics
+from activator.registry import ModelRegistry
+
+
+def snapshot(registry: ModelRegistry, metrics: Metrics) -> dict[str, Any]:
+    """Everything the page draws, in one object: what /admin/models, /admin/pools and
+    /admin/wake-durations answer. Fields a model or pool gains later are passed through."""
+    return {
+        "models": [m.describe() for m in registry],
+        "pools": [p.describe() for p in registry.pools()],
+        "wake_durations": wake_durations(metrics),
+    }
+
+
+def wake_durations(metrics: Metrics) -> dict[str, Any]:
+    """activator_wake_duration_seconds per model and outcome: count, sum, and how many
+    wakes fell in each bucket (`bins`, not cumulative: bins[i] counts wakes in
+    (bounds[i-1], bounds[i]], the last bin those above the last bound). Series of several
+    backends of one model (there is one in practice) are added up."""
+    bounds = [float(b) for b in WAKE_BUCKETS]
+    index = {b: i for i, b in enumerate(bounds)}
+    cumulative: dict[str, dict[str, list[float]]] = {}
+    totals: dict[str, dict[str, list[float]]] = {}  # [count, sum]
+    for family in metrics.wake_duration.collect():
+        for sample in family.samples:
+            model, outcome = sample.labels["model"], sample.labels["outcome"]
+            series = cumulative.setdefault(model, {}).setdefault(outcome, [0.0] * (len(bounds) + 1))
+            total = totals.setdefault(model, {}).setdefault(outcome, [0.0, 0.0])
+            if sample.name.endswith("_bucket"):
+                # "+Inf" is the only bound not in WAKE_BUCKETS.
+                series[index.get(float(sample.labels["le"]), len(bounds))] += sample.value
+            elif sample.name.endswith("_count"):
+                total[0] += sample.value
+            elif sample.name.endswith("_sum"):
+                total[1] += sample.value
+    models: dict[str, dict[str, Any]] = {}
+    for model, outcomes in cumulative.items():
+        models[model] = {}
+        for outcome, series in outcomes.items():
+            count, total_seconds = totals[model][outcome]
+            bins = [round(series[0])]
+            bins += [round(series[i] - series[i - 1]) for i in range(1, len(series))]
+            models[model][outcome] = {
+                "count": round(count),
+                "sum": round(total_seconds, 6),
+                "bins": bins,
+            }
+    return {"bounds": bounds, "models": models}

@@ -1,0 +1,389 @@
+"""The status page over HTTP (the browser tests are in test_ui_browser.py): its login and
+session cookie, what the cookie may do, the event stream's bounds and its end at
+shutdown, and the wake-duration summary."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from activator.metrics import WAKE_BUCKETS, Metrics
+from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, session_token
+from activator.ui.events import MAX_STREAMS
+from activator.ui.summary import wake_durations
+from tests.conftest import ActivatorFactory
+from tests.harness import Running, chat, error_of, model_config, post, unique, wait_for
+from tests.serve_process import serving
+
+ADMIN_KEY = "adm-s3cret;with=odd chars"
+
+# The stand-in engine, started only once `gate` exists: a wake the test holds in
+# "starting" for as long as it needs, then lets finish (no race with a startup delay).
+GATE_SCRIPT = """
+import pathlib, runpy, sys, time
+gate = pathlib.Path(sys.argv[1])
+while not gate.exists():
+    time.sleep(0.02)
+sys.argv = ["fake_engine", *sys.argv[2:]]
+runpy.run_module("activator.testing.fake_engine", run_name="__main__", alter_sys=True)
+"""
+
+
+def gated_model(served: str, gate: Path, **keys: Any) -> dict[str, Any]:
+    """A model on the stand-in engine that cannot become ready before `gate` exists."""
+    config = model_config(served, startup_delay=0.0, **keys)
+    python, _, _, *flags = config["process"]["command"]  # python -m fake_engine FLAGS
+    config["process"]["command"] = [python, "-c", GATE_SCRIPT, str(gate), *flags]
+    return config
+
+
+class Events:
+    """A server-sent event stream read by a real client: one event (or comment) at a time."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def next(self) -> tuple[str, str] | None:
+        """(event name, data) of the next block; ("comment", text) for a comment line;
+        None at the end of the stream."""
+        try:
+            block = await self.response.content.readuntil(b"\n\n")
+        except aiohttp.ClientPayloadError:
+            return None
+        if not block:
+            return None
+        name, data = "message", []
+        for line in block.decode().splitlines():
+            if line.startswith(":"):
+                return "comment", line[1:].strip()
+            field, _, value = line.partition(":")
+            if field == "event":
+                name = value.strip()
+            elif field == "data":
+                data.append(value.removeprefix(" "))
+            elif field == "retry":
+                return "retry", value.strip()
+        return name, "\n".join(data)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The next snapshot event, skipping comments."""
+        while True:
+            event = await self.next()
+            assert event is not None, "the stream ended before a snapshot"
+            if event[0] == "snapshot":
+                parsed: dict[str, Any] = json.loads(event[1])
+                return parsed
+
+
+def state_of(snapshot: dict[str, Any], model: str) -> str:
+    return str(next(m["state"] for m in snapshot["models"] if m["name"] == model))
+
+
+async def login(running: Running, key: str, **headers: str) -> aiohttp.ClientResponse:
+    async with running.session.post(
+        running.url + "/ui/login", data={"key": key}, headers=headers, allow_redirects=False
+    ) as resp:
+        await resp.read()
+        return resp
+
+
+def session_of(resp: aiohttp.ClientResponse) -> str:
+    """The session cookie's value from a login answer's Set-Cookie."""
+    return resp.cookies[SESSION_COOKIE].value
+
+
+# ----- the page, open and behind the admin key --------------------------------------------
+
+
+async def test_without_an_admin_key_the_page_is_open_and_has_no_login(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": model_config(unique("ui-open"))}})
+    async with running.session.get(running.url + "/ui") as resp:
+        assert resp.status == 200
+        page = await resp.text()
+        # Our own files only: no inline script, nothing from elsewhere.
+        csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert 'data-login="off"' in page
+    assert 'src="ui/static/app.js"' in page and "http" not in page.replace("http-equiv", "")
+    async with running.session.get(running.url + "/ui/login", allow_redirects=False) as resp:
+        assert (resp.status, resp.headers["Location"]) == (303, "../ui")
+    async with running.session.get(running.url + "/ui/", allow_redirects=False) as resp:
+        assert (resp.status, resp.headers["Location"]) == (303, "../ui")
+    for name, content_type in [("app.js", "text/javascript"), ("style.css", "text/css")]:
+        async with running.session.get(running.url + "/ui/static/" + name) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith(content_type)
+    for name in ("nope.js", "..%2F..%2Fapp.py", "index.html"):
+        async with running.session.get(running.url + "/ui/static/" + name) as resp:
+            assert resp.status == 404, name
+
+
+async def test_login_sets_an_httponly_strict_session_cookie_that_is_not_the_key(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-in"))}}
+    )
+    async with running.session.get(running.url + "/ui", allow_redirects=False) as resp:
+        assert (resp.status, resp.headers["Location"]) == (303, "ui/login")
+    async with running.session.get(running.url + "/ui/login") as resp:
+        assert resp.status == 200
+        assert 'type="password"' in await resp.text()
+
+    wrong = await login(running, "not-the-key")
+    assert wrong.status == 401
+    assert SESSION_COOKIE not in wrong.cookies
+
+    resp = await login(running, ADMIN_KEY)
+    assert (resp.status, resp.headers["Location"]) == (303, "../ui")
+    set_cookie = resp.headers["Set-Cookie"]
+    attributes = {part.strip().split("=")[0].lower() for part in set_cookie.split(";")}
+    assert {"httponly", "path"} <= attributes and "secure" not in attributes  # plain http
+    assert "SameSite=Strict" in set_cookie and "Path=/" in set_cookie
+    token = session_of(resp)
+    assert token == session_token(ADMIN_KEY) and ADMIN_KEY not in set_cookie
+
+    cookie = {"Cookie": f"{SESSION_COOKIE}={token}"}
+    async with running.session.get(running.url + "/ui", headers=cookie) as page:
+        assert page.status == 200
+        text = await page.text()
+    assert 'data-login="on"' in text and ADMIN_KEY not in text and token not in text
+    async with running.session.get(running.url + "/admin/models", headers=cookie) as models:
+        assert models.status == 200
+
+
+async def test_the_cookie_changes_things_only_from_the_page_and_bearer_still_works(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-csrf"))}}
+    )
+    token = session_of(await login(running, ADMIN_KEY))
+    cookie = {"Cookie": f"{SESSION_COOKIE}={token}"}
+    stop = running.url + "/admin/models/m/stop"
+
+    # A form posted from another page carries the cookie but cannot add a header.
+    async with running.session.post(stop, headers=cookie) as resp:
+        assert resp.status == 401
+    async with running.session.post(stop, headers={**cookie, UI_HEADER: "1"}) as resp:
+        assert resp.status == 202
+    async with running.session.post(stop, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as resp:
+        assert resp.status == 202
+    for bad in ({"Cookie": f"{SESSION_COOKIE}={ADMIN_KEY}"}, {"Cookie": f"{SESSION_COOKIE}=x"}):
+        async with running.session.get(running.url + "/admin/models", headers=bad) as resp:
+            assert resp.status == 401
+            assert "log in at /ui" in error_of(await resp.json())["message"]
+        async with running.session.get(
+            running.url + "/ui", headers=bad, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+
+
+async def test_logout_clears_the_cookie_and_https_makes_it_secure(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-out"))}}
+    )
+    # TLS ends at an ingress in front of activator: it says so in X-Forwarded-Proto.
+    resp = await login(running, ADMIN_KEY, **{"X-Forwarded-Proto": "https"})
+    assert "Secure" in resp.headers["Set-Cookie"]
+    async with running.session.post(running.url + "/ui/logout", allow_redirects=False) as out:
+        assert (out.status, out.headers["Location"]) == (303, "login")
+        cleared = out.headers["Set-Cookie"]
+    assert f"{SESSION_COOKIE}=" in cleared and "Max-Age=0" in cleared
+    assert "HttpOnly" in cleared and "SameSite=Strict" in cleared
+
+
+async def test_a_login_form_must_be_small(activator: ActivatorFactory) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-big"))}}
+    )
+    big = {"key": "k" * 10_000}
+    async with running.session.post(running.url + "/ui/login", data=big) as resp:
+        assert resp.status == 413
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b"key="
+
+    async with running.session.post(running.url + "/ui/login", data=chunked()) as resp:
+        assert resp.status == 400
+
+
+# ----- the event stream ---------------------------------------------------------------
+
+
+async def test_the_stream_pushes_a_snapshot_each_time_a_model_changes(
+    activator: ActivatorFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    running = await activator({"models": {"m": gated_model(unique("ui-sse"), gate)}})
+    async with running.session.get(running.url + "/admin/events") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        events = Events(resp)
+        assert await events.next() == ("retry", "2000")
+        first = await events.snapshot()
+        assert state_of(first, "m") == "stopped"
+        assert first["pools"] == [] and "bounds" in first["wake_durations"]
+
+        answer = asyncio.create_task(post(running, "/v1/chat/completions", chat("m")))
+        seen = [first]
+        while state_of(seen[-1], "m") != "starting":
+            seen.append(await events.snapshot())
+        gate.touch()
+        while state_of(seen[-1], "m") != "ready":
+            seen.append(await events.snapshot())
+        status, _, _ = await answer
+        assert status == 200
+    # Only changes are pushed: no two snapshots in a row are the same.
+    assert all(a != b for a, b in itertools.pairwise(seen))
+    assert seen[-1]["wake_durations"]["models"]["m"]["ready"]["count"] == 1
+
+
+async def test_a_quiet_stream_sends_heartbeats() -> None:
+    streams = EventStreams(lambda: {"same": True}, heartbeat=0.0, tick=0.01)
+    app = web.Application()
+    app.router.add_get("/events", streams.handle)
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/events")) as resp,
+    ):
+        events = Events(resp)
+        assert await events.next() == ("retry", "2000")
+        assert await events.next() == ("snapshot", '{"same":true}')
+        assert await events.next() == ("comment", "heartbeat")
+
+
+async def test_open_streams_are_capped_and_a_closed_one_frees_its_slot(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": model_config(unique("ui-cap"))}})
+    url = running.url + "/admin/events"
+    open_streams = []
+    for _ in range(MAX_STREAMS):
+        resp = await running.session.get(url)
+        assert resp.status == 200
+        await Events(resp).snapshot()
+        open_streams.append(resp)
+    async with running.session.get(url) as resp:
+        assert resp.status == 429
+        assert error_of(await resp.json())["code"] == "too_many_streams"
+        assert int(resp.headers["Retry-After"]) >= 1
+
+    open_streams.pop().close()  # the client goes away: its handler is cancelled
+
+    async def slot_free() -> bool:
+        async with running.session.get(url) as resp:
+            return resp.status == 200
+
+    await wait_for(slot_free, what="a stream slot freed by a client that left")
+    for resp in open_streams:
+        resp.close()
+
+
+async def test_a_client_that_stops_reading_loses_its_stream() -> None:
+    counter = iter(range(1_000_000))
+    big = "x" * 1_000_000  # every snapshot differs and is large: the socket fills up
+
+    streams = EventStreams(lambda: {"n": next(counter), "pad": big}, tick=0.01, write_timeout=0.2)
+    app = web.Application()
+    app.router.add_get("/events", streams.handle)
+    async with TestServer(app, host="127.0.0.1") as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await wait_for(lambda: streams.active == 1, what="the stream to open")
+        # Never read: the kernel's buffers fill, a write cannot finish, the stream ends.
+        await wait_for(lambda: streams.active == 0, what="the stalled stream to be dropped")
+        writer.close()
+
+
+async def test_streams_end_with_a_closing_event_at_shutdown(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": model_config(unique("ui-bye"))}})
+    async with running.session.get(running.url + "/admin/events") as resp:
+        events = Events(resp)
+        await events.snapshot()
+        closing = asyncio.create_task(running.server.close())
+        rest = []
+        while (event := await events.next()) is not None:
+            rest.append(event[0])
+        await closing
+    # Ended by the shutdown hook, before aiohttp would wait for (then cancel) the handler.
+    assert rest[-1] == "closing"
+
+
+async def test_an_open_status_page_does_not_hold_up_a_sigterm_shutdown(tmp_path: Path) -> None:
+    served_name = unique("ui-term")
+    # A grace far longer than the wait on the exit below: only a stream that ends at
+    # shutdown lets the process exit in time.
+    config = {"server": {"shutdown_grace": "10m"}, "models": {"m": model_config(served_name)}}
+    async with (
+        serving(config, workdir=tmp_path, engines=[served_name]) as served,
+        aiohttp.ClientSession() as session,
+        session.get(served.url + "/admin/events") as resp,
+    ):
+        events = Events(resp)
+        await events.snapshot()
+        served.process.send_signal(signal.SIGTERM)
+        names = []
+        while (event := await events.next()) is not None:
+            names.append(event[0])
+        assert names[-1] == "closing"
+        assert await served.exit_code() == 0, served.output()
+
+
+# ----- wake durations -------------------------------------------------------------------
+
+
+def test_wake_durations_put_each_wake_in_its_bucket() -> None:
+    metrics = Metrics()
+    metrics.add_model("a", backend="process")
+    for took, outcome in [(0.03, "ready"), (0.3, "ready"), (0.3, "ready"), (2000, "ready")]:
+        metrics.wake_duration.labels(model="a", backend="process", outcome=outcome).observe(took)
+    metrics.wake_duration.labels(model="a", backend="process", outcome="failed").observe(7)
+
+    summary = wake_durations(metrics)
+
+    assert summary["bounds"] == [float(b) for b in WAKE_BUCKETS]
+    ready = summary["models"]["a"]["ready"]
+    assert ready["count"] == 4 and abs(ready["sum"] - 2000.63) < 1e-6
+    assert len(ready["bins"]) == len(WAKE_BUCKETS) + 1
+    bins = {i: n for i, n in enumerate(ready["bins"]) if n}
+    assert bins == {0: 1, WAKE_BUCKETS.index(0.5): 2, len(WAKE_BUCKETS): 1}
+    failed = summary["models"]["a"]["failed"]
+    assert failed["count"] == 1 and failed["bins"][WAKE_BUCKETS.index(7.5)] == 1
+    assert summary["models"]["a"]["timeout"]["count"] == 0  # created at zero by add_model
+
+
+async def test_wake_durations_route_counts_a_real_wake(activator: ActivatorFactory) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-wd"))}}
+    )
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with running.session.get(running.url + "/admin/wake-durations") as resp:
+        assert resp.status == 401
+    status, _, _ = await post(running, "/v1/chat/completions", chat("m"))
+    assert status == 200
+    async with running.session.get(running.url + "/admin/wake-durations", headers=admin) as resp:
+        assert resp.status == 200
+        ready = (await resp.json())["models"]["m"]["ready"]
+    assert ready["count"] == 1 and sum(ready["bins"]) == 1
+    took = running.sample(
+        "activator_wake_duration_seconds_sum", model="m", backend="process", outcome="ready"
+    )
+    assert took > 0 and abs(ready["sum"] - took) < 1e-5
