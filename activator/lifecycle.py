@@ -394,7 +394,7 @@ class Model:
 
     def _effect_drain_then_stop(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
         self._spawn(
-            self._run_drain(reason=reason, timeout=drain_timeout, then="drained_for_stop"),
+            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_stop"),
             what="drain",
         )
 
@@ -404,7 +404,7 @@ class Model:
         assert self.settings.sleep is not None
         self.host_held = self.settings.sleep.host_bytes
         self._spawn(
-            self._run_drain(reason=reason, timeout=drain_timeout, then="drained_for_sleep"),
+            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_sleep"),
             what="drain",
         )
 
@@ -479,11 +479,11 @@ class Model:
         except engine_sleep.SleepError as exc:
             logger.warning("model=%s warm-up request failed: %s", self.name, exc)
 
-    async def _run_drain(self, *, reason: str, timeout: float, then: Event) -> None:
+    async def _run_drain(self, *, reason: str, limit: float, then: Event) -> None:
         started = self._clock()
         drained = "drained"
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(limit):
                 await self._drained.wait()
         except TimeoutError:
             drained = "cut"

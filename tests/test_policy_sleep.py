@@ -264,7 +264,7 @@ def random_pool(rng: random.Random) -> tuple[int, int, list[ModelView]]:
         gpus = rng.choice([g for g in (1, 2, 4) if g <= capacity])
         level = rng.choice([None, 1, 1, 2])
         sleep_host = rng.choice([4, 8, 12]) * GIB if level == 1 else 0
-        state = rng.choice(STATES if level is not None else STATES[:6] + ("stopping",))
+        state = rng.choice(STATES if level is not None else (*STATES[:6], "stopping"))
         slept = state in ("sleeping", "falling_asleep", "waking") or (
             level == 1 and state in ("ready", "draining", "stopping") and rng.random() < 0.3
         )
@@ -310,7 +310,9 @@ def test_sleep_invariants_hold_for_random_pools(seed: int) -> None:
         sleeps = [s for s in d.stop if s.sleep]
         assert all(by_name[s.model].sleep_level is not None for s in sleeps)
         assert all(by_name[s.model].state == "ready" for s in sleeps)
-        new_host = sum(max(0, by_name[s.model].sleep_host - by_name[s.model].host_held) for s in sleeps)
+        new_host = sum(
+            max(0, by_name[s.model].sleep_host - by_name[s.model].host_held) for s in sleeps
+        )
         assert host_in_use(models) + new_host <= host_cap, (d, models)
         evictions = [s for s in d.stop if s.reason == "host_memory"]
         assert not (evictions and sleeps)

@@ -22,7 +22,7 @@ import pytest
 
 from activator.testing.sleepmode import read_reports
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, engine_pids, model_config, post, wait_for
+from tests.harness import Running, engine_pids, model_config, post, wait_for
 
 GIB = 2**30
 HELLO: Any = [{"role": "user", "content": "one two three"}]
@@ -70,7 +70,9 @@ class MemoryObserver:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            ours = [r for r in read_reports(self._reports) if r.get("served_model_name") in self._served]
+            ours = [
+                r for r in read_reports(self._reports) if r.get("served_model_name") in self._served
+            ]
             awake = [r for r in ours if r.get("state") != "sleeping"]
             self.max_awake = max(self.max_awake, len(awake))
             self.max_host = max(self.max_host, sum(int(r.get("host_bytes", 0)) for r in ours))
@@ -157,11 +159,12 @@ async def test_a_swap_puts_the_ready_model_to_sleep_and_wakes_it_without_a_cold_
     assert pool.engine("a") == first_a  # the same process: woken, never restarted
     assert pool.wakes("a", "zero") == 1 and pool.wakes("a", "sleep") == 1
     assert pool.wakes("b", "zero") == 1 and pool.wakes("b", "sleep") == 1
-    assert pool.sample(
-        "activator_swaps_total", pool="gpu", from_model="a", to_model="b", mode="sleep"
-    ) == 2
+    assert (
+        pool.sample("activator_swaps_total", pool="gpu", from_model="a", to_model="b", mode="sleep")
+        == 2
+    )
     assert observer.samples > 0 and observer.max_awake == 1
-    pools = (await (await pool.running.session.get(pool.running.url + "/admin/pools")).json())
+    pools = await (await pool.running.session.get(pool.running.url + "/admin/pools")).json()
     (view,) = pools["pools"]
     assert [s["name"] for s in view["sleeping"]] == ["a"]
     assert view["host_memory_in_use"] == 4 * GIB
@@ -185,9 +188,7 @@ async def test_a_failed_sleep_falls_back_to_a_stop_and_nothing_is_lost(
     activator: ActivatorFactory, tmp_path: Path
 ) -> None:
     # Without VLLM_SERVER_DEV_MODE the engine has no /sleep (404): the sleep fails.
-    pool = await start_sleep_pool(
-        activator, tmp_path, models={"a": {"dev_mode": False}, "b": {}}
-    )
+    pool = await start_sleep_pool(activator, tmp_path, models={"a": {"dev_mode": False}, "b": {}})
     await ask(pool, "a")
     assert await ask(pool, "b") == "one two three"
     await wait_for(lambda: not pool.engine("a"), what="a's engine stopped")
@@ -210,13 +211,16 @@ async def test_a_failed_wake_falls_back_to_a_cold_start_and_the_held_request_is_
     await ask(pool, "b")
     assert await ask(pool, "a") == "one two three"
     assert pool.engine("a") and pool.engine("a") != first_a  # a new process
-    assert pool.sample(
-        "activator_wake_duration_seconds_count",
-        model="a",
-        backend="process",
-        outcome="failed",
-        **{"from": "sleep"},
-    ) == 1
+    assert (
+        pool.sample(
+            "activator_wake_duration_seconds_count",
+            model="a",
+            backend="process",
+            outcome="failed",
+            **{"from": "sleep"},
+        )
+        == 1
+    )
     assert pool.wakes("a", "zero") == 2
 
 
@@ -251,9 +255,12 @@ async def test_a_full_host_memory_stops_the_least_recently_used_sleeper(
         await wait_for(lambda: pool.running.model("b").state == "sleeping", what="b asleep")
     assert pool.running.model("a").state == "stopped" and not pool.engine("a")
     assert observer.max_host <= 4 * GIB
-    assert pool.sample(
-        "activator_scale_events_total", model="a", direction="down", reason="host_memory"
-    ) == 1
+    assert (
+        pool.sample(
+            "activator_scale_events_total", model="a", direction="down", reason="host_memory"
+        )
+        == 1
+    )
 
 
 async def test_an_idle_sleeping_model_is_stopped_after_its_idle_timeout(

@@ -63,7 +63,9 @@ def test_gpu_accounting_agrees_with_the_table() -> None:
         ("stopping", "stopped", "stopped_after_failure"),
     ],
 )
-def test_every_task_has_a_success_and_a_failure_exit(state: str, success: str, failure: str) -> None:
+def test_every_task_has_a_success_and_a_failure_exit(
+    state: str, success: str, failure: str
+) -> None:
     assert move(state, success) is not None  # type: ignore[arg-type]
     assert move(state, failure) is not None  # type: ignore[arg-type]
 
