@@ -167,7 +167,8 @@ async def test_a_swap_puts_the_ready_model_to_sleep_and_wakes_it_without_a_cold_
     pools = await (await pool.running.session.get(pool.running.url + "/admin/pools")).json()
     (view,) = pools["pools"]
     assert [s["name"] for s in view["sleeping"]] == ["a"]
-    assert view["host_memory_in_use"] == 4 * GIB
+    # Both engines have slept once: each keeps its weights' host memory until it stops.
+    assert view["host_memory_in_use"] == 8 * GIB
 
 
 async def test_level_two_wake_reloads_the_weights_so_answers_stay_right(
@@ -305,9 +306,10 @@ async def test_the_first_start_runs_one_warm_up_request_before_clients(
     assert url is not None
     async with pool.running.session.get(url + "/metrics") as resp:
         text = await resp.text()
-    # One warm-up (max_tokens 1: finished by length) and the client's one request.
-    assert 'vllm:request_success_total{finished_reason="length"' in text
-    lines = [ln for ln in text.splitlines() if ln.startswith("vllm:request_success_total")]
+    # One warm-up (max_tokens 1: finished by length) and the client's one request
+    # (max_tokens 3 for a three-word prompt: finished by length too).
+    lines = [ln for ln in text.splitlines() if ln.startswith("vllm:request_success_total{")]
+    assert all('finished_reason="length"' in ln for ln in lines), lines
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) == 2
 
 
@@ -336,7 +338,6 @@ async def test_random_interleavings_never_wake_two_at_once_nor_overflow_host_mem
         tmp_path,
         models={"a": {"gib": 2}, "b": {"gib": 2}, "c": {"gib": 2}},
         host_memory="4GiB",
-        max_wait="0s",
     )
     rng = random.Random(20261202)
     order = [rng.choice("abc") for _ in range(1000)]
