@@ -1,4 +1,4 @@
-"""Command line: `activator serve | check-config | status`."""
+"""Command line: `activator serve | check-config | status | litellm-config`."""
 
 from __future__ import annotations
 
@@ -59,7 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"server.admin_api_key, if one is set (or ${ADMIN_KEY_ENV})",
     )
     status.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    lite = sub.add_parser("litellm-config", help="print a LiteLLM proxy config for the models")
+    lite.add_argument("--config", help="YAML config (default: the embedded local demo)")
+    lite.add_argument("--url", help="activator's URL as LiteLLM reaches it (default: server.*)")
+    lite.add_argument("--key-env", default=None, help="variable LiteLLM reads the API key from")
     args = parser.parse_args(argv)
+    if args.command == "litellm-config":
+        return _litellm_config(args.config, url=args.url, key_env=args.key_env)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "status":
@@ -106,6 +112,22 @@ def _check_config(path: str) -> int:
         return 1
     models, pools = len(settings.models), len(settings.pools)
     print(f"{path}: ok ({_plural(models, 'model')}, {_plural(pools, 'pool')})")
+    return 0
+
+
+def _litellm_config(config: str | None, *, url: str | None, key_env: str | None) -> int:
+    from activator import litellm_config as lite
+
+    settings = _load(config or str(embedded_config()))
+    if settings is None:
+        return 2
+    default_url, warning = lite.server_url(settings)
+    if url is None and warning is not None:
+        print(f"activator: {warning}", file=sys.stderr)
+    config_ = lite.litellm_config(
+        settings, url=url or default_url, key_env=key_env or lite.DEFAULT_KEY_ENV
+    )
+    print(lite.render(config_), end="")
     return 0
 
 
