@@ -311,16 +311,7 @@ class Model:
             async with asyncio.timeout(self.settings.startup_timeout):
                 url = adopt_url or await self._race(self.backend.start())
                 self.backend_phase("launched")
-                await self._race(
-                    wait_ready(
-                        self._http.session(self.name),
-                        url=url,
-                        health_path=self.settings.health_path,
-                        served_model_name=self.settings.served_model_name,
-                        api_key=self.settings.upstream_api_key,
-                        nudge=self._nudge,
-                    )
-                )
+                await self._race(self._until_ready(url))
         except TimeoutError:
             outcome = "timeout"
             reason = f"not ready within startup_timeout ({self.settings.startup_timeout:.0f}s)"
@@ -346,6 +337,38 @@ class Model:
                 future.set_result(self._new_lease(cold=True, held=self._clock() - arrived))
         self._update_held()
         self._kick()
+
+    async def _until_ready(self, url: str) -> None:
+        """Until the backend sees the engine it runs up (`Backend.serving`) and `url`
+        answers as a ready engine. `serving` is checked again after the probe: a server we
+        did not start may answer on the URL (another process on a fixed port, a
+        terminating pod behind a lagging Service), and our engine may have exited
+        meanwhile; the backend reports that exit as a failure, which ends the race."""
+        while True:
+            await self._until_serving()
+            await wait_ready(
+                self._http.session(self.name),
+                url=url,
+                health_path=self.settings.health_path,
+                served_model_name=self.settings.served_model_name,
+                api_key=self.settings.upstream_api_key,
+                nudge=self._nudge,
+            )
+            if self.backend.serving():
+                return
+            logger.warning(
+                "model=%s %s answered, but the engine we run is not up: not routing to it",
+                self.name,
+                url,
+            )
+
+    async def _until_serving(self) -> None:
+        # Woken by the backend's progress nudges; a backend failure ends it (via _race).
+        while True:
+            self._nudge.clear()
+            if self.backend.serving():
+                return
+            await self._nudge.wait()
 
     async def _fail_start(self, *, outcome: str, reason: str) -> None:
         tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
@@ -513,6 +536,7 @@ class Model:
             )
             self.unknown = unknown
             self._metrics.set_state(self.name, "unknown" if unknown else self.state)
+            self._nudge.set()  # Backend.serving() may have changed with it
             self._kick()
 
     # ----- shutdown ------------------------------------------------------------------

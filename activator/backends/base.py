@@ -68,6 +68,14 @@ class Backend(Protocol):
         """Stop the engine and return only when it is really gone (process exited, pods
         deleted: the GPU is free). Idempotent; bounded by the backend's own grace."""
 
+    def serving(self) -> bool:
+        """Whether, as far as the backend itself can see, the engine it runs is up and
+        could serve: our process is alive; a pod of the workload is Ready and not
+        terminating. Cheap and synchronous. The model is made ready only while this holds,
+        checked before and after the URL probe, so a server we did not start (another
+        process on the port, a terminating pod behind a lagging Service) never makes a
+        model ready. When it turns true, the backend calls `backend_progress()`."""
+
     def log_tail(self) -> list[str]:
         """The last lines the engine printed (or the last events seen), oldest first."""
 

@@ -73,6 +73,8 @@ class KubernetesBackend:
         self._selector: dict[str, str] = {}
         self._lines: deque[str] = deque(maxlen=self._tuning.log_lines)
         self._pod_summaries: dict[str, str] = {}
+        # Pods of the workload that are Ready and not terminating: the engine can serve.
+        self._ready_pods: set[str] = set()
         self._unreachable: set[str] = set()
         self._informers: dict[str, Informer] = {}
         self._unsubscribe: list[Callable[[], None]] = []
@@ -135,6 +137,10 @@ class KubernetesBackend:
                 f"scaling to 0: {names or '(per the API)'}"
             ) from None
         log.info("kubernetes: %s %s stopped: no pods left", self._model, self._where)
+
+    def serving(self) -> bool:
+        # While the API cannot be observed the cache may be stale: the URL probe decides.
+        return bool(self._ready_pods) or bool(self._unreachable)
 
     def log_tail(self) -> list[str]:
         return list(self._lines)
@@ -254,6 +260,9 @@ class KubernetesBackend:
         labels = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         if labels != self._selector:
             self._selector = dict(labels)
+            # Pods seen before the workload (separate watches) were not known to be ours.
+            views = [view_pod(p) for p in self._pods()]
+            self._ready_pods = {v.name for v in views if v.ready and not v.terminating}
             self._refresh_pods()
         return previous, self._replicas
 
@@ -348,6 +357,7 @@ class KubernetesBackend:
         self._pulse_pods()
         if event_type == "DELETED":
             self._pod_summaries.pop(name, None)
+            self._ready_pods.discard(name)
             self._line(f"pod {name} deleted")
             if self._wake is not None:
                 self._wake.pod_deleted(name)
@@ -356,6 +366,10 @@ class KubernetesBackend:
         if self._pod_summaries.get(name) != view.summary:
             self._pod_summaries[name] = view.summary
             self._line(view.summary)
+        if view.ready and not view.terminating:
+            self._ready_pods.add(name)
+        else:
+            self._ready_pods.discard(name)
         if self._wake is not None:
             self._wake.assess_pod(pod)
 
