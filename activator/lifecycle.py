@@ -8,6 +8,9 @@ which logs it and updates the metric.
 
 States: stopped -> starting -> ready -> draining -> stopping -> stopped; a start that
 fails, or an engine that dies, ends in failed (which behaves like stopped, with a reason).
+A ready model whose engine is lost without failing (a GitOps revert to 0 replicas, its
+pod evicted or not Ready) goes back to starting: new requests are held until the backend
+has brought the engine back and readiness is probed again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -268,10 +271,7 @@ class Model:
             return False
         self._wake_requested_at = None
         self._metrics.scale_events.labels(model=self.name, direction="up", reason=reason).inc()
-        # The state changes now, not when the task first runs: the pool's next decision
-        # and its GPU gauge must already count this model as holding its GPUs.
-        self._set_state("starting")
-        self._transition = self._tasks.spawn(self._run_start(), name=f"start:{self.name}")
+        self._begin_wake(self._run_start(), name=f"start:{self.name}")
         return True
 
     def begin_stop(self, *, reason: str, drain_timeout: float | None = None) -> bool:
@@ -293,19 +293,25 @@ class Model:
         if self.state not in ("stopped", "failed") or self._closing:
             return False
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
-        self._set_state("starting")  # at once, as in begin_start
-        self._transition = self._tasks.spawn(
-            self._run_start(adopt_url=url), name=f"adopt:{self.name}"
-        )
+        self._begin_wake(self._run_start(adopt_url=url), name=f"adopt:{self.name}")
         return True
 
-    # ----- transitions (each runs as the model's one transition task) ----------------
-
-    async def _run_start(self, adopt_url: str | None = None) -> None:
+    def _begin_wake(self, run: Coroutine[Any, Any, None], *, name: str) -> None:
+        """Enter starting and run the wake as the model's transition task. All of it now,
+        not when the task first runs: the pool's next decision and its GPU gauge must
+        already count this model as holding its GPUs, and phases or a failure the backend
+        reports meanwhile belong to this wake."""
         self._wake_started = self._clock()
         self.phases = {}
         self._failure = asyncio.get_running_loop().create_future()
         self._set_state("starting")
+        self._transition = self._tasks.spawn(run, name=name)
+
+    # ----- transitions (each runs as the model's one transition task) ----------------
+
+    async def _run_start(self, *, adopt_url: str | None = None, lost: str | None = None) -> None:
+        """A wake: start the engine (or take over `adopt_url`), then wait until ready.
+        `lost`: the reason the engine of a ready model was lost (a re-wake)."""
         outcome, reason = "ready", ""
         try:
             async with asyncio.timeout(self.settings.startup_timeout):
@@ -324,6 +330,12 @@ class Model:
         if outcome != "ready":
             await self._fail_start(outcome=outcome, reason=reason)
             return
+        if lost is not None:
+            # Requests still on the lost engine would stay on it; pooled connections to it
+            # (behind a Service: to a pod that is gone) must not take new requests.
+            for lease in list(self._leases):
+                lease.cut(f"model {self.name!r} lost its engine ({lost}) and has a new one")
+            await self._http.reset(self.name)
         self.url = url
         self.ready_since = self.last_activity = self._clock()
         self.last_error = None
@@ -528,6 +540,31 @@ class Model:
             self.name,
         )
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="revert").inc()
+        if self.state == "ready":
+            self._lose("scaled to 0 replicas by another client")
+
+    def backend_lost(self, reason: str) -> None:
+        if self.state != "ready":
+            return  # a wake, a stop or a failure under way deals with it
+        self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
+        self._lose(reason)
+
+    def _lose(self, reason: str) -> None:
+        """ready -> starting: the engine went without failing and the backend brings it
+        back. New requests are held from now on; leases in flight are left to end as
+        they will (a terminating pod may still finish them); the re-wake is observed
+        like any wake and bounded by startup_timeout."""
+        assert self.url is not None
+        logger.warning(
+            "model=%s lost its engine while ready (%s): holding requests until it is back",
+            self.name,
+            reason,
+        )
+        self.last_error = f"engine lost: {reason}"
+        self.ready_since = None
+        self._begin_wake(
+            self._run_start(adopt_url=self.url, lost=reason), name=f"rewake:{self.name}"
+        )
 
     def backend_unknown(self, unknown: bool) -> None:
         if unknown != self.unknown:

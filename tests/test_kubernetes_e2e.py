@@ -3,6 +3,7 @@ kubelet running stand-in engines, a real activator on loopback and the official 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ import pytest
 
 from activator.testing.fake_kube import FakeKube
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, post
+from tests.harness import Running, chat, header, post, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +152,90 @@ async def test_running_deployment_is_adopted_at_start(
     status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
     assert status == 200
     assert [r for r in kube.requests if r.verb == "patch"] == []
+
+
+def ready_pods(kube: FakeKube, name: str) -> list[str]:
+    return [
+        p["metadata"]["name"]
+        for p in kube.pods(name)
+        if any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p["status"].get("conditions", [])
+        )
+        and "deletionTimestamp" not in p["metadata"]
+    ]
+
+
+def scale_events(running: Running, reason: str) -> float:
+    return running.sample(
+        "activator_scale_events_total", model="coder", direction="up", reason=reason
+    )
+
+
+def wakes(running: Running) -> float:
+    return running.sample(
+        "activator_wake_duration_seconds_count",
+        model="coder",
+        backend="kubernetes",
+        outcome="ready",
+    )
+
+
+async def test_revert_while_ready_holds_requests_until_the_new_pod_is_ready(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """Argo CD without RespectIgnoreDifferences sets replicas back to 0 while the model
+    serves: the model leaves ready at once, and a request arriving during the new cold
+    start is held and answered, not sent to the pod that is going away."""
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    model = running.model("coder")
+    (first,) = ready_pods(kube, "coder")
+    kube.scale("coder", 0)
+    await wait_for(lambda: model.state == "starting", what="the model left ready")
+    await kube.wait_until(lambda: first not in [p["metadata"]["name"] for p in kube.pods("coder")])
+    status, body, headers = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200, body
+    assert header(headers, "X-Activator-Cold-Start") == "true"
+    assert model.state == "ready"
+    assert scale_events(running, "revert") == 1
+    assert wakes(running) == 2  # the re-wake is observed like any wake
+    assert running.sample("activator_upstream_errors_total", model="coder", kind="connect") == 0
+
+
+async def test_evicted_pod_holds_requests_until_its_replacement_is_ready(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    model = running.model("coder")
+    (first,) = ready_pods(kube, "coder")
+    kube.evict("coder")
+    await wait_for(lambda: model.state == "starting", what="the model left ready")
+    status, body, headers = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200, body
+    assert header(headers, "X-Activator-Cold-Start") == "true"
+    assert first not in ready_pods(kube, "coder")
+    assert scale_events(running, "lost") == 1
+    assert wakes(running) == 2
+    assert [r for r in kube.requests if r.verb == "patch"][1:] == []  # the cluster replaced it
+
+
+async def test_pod_not_ready_holds_requests_until_it_is_ready_again(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """Node loss: the pod turns not Ready while its engine still answers on the URL (as a
+    Service lagging behind would). Requests are held until a pod is Ready again."""
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    model = running.model("coder")
+    kube.set_pods_ready("coder", False)
+    await wait_for(lambda: model.state == "starting", what="the model left ready")
+    held = asyncio.create_task(post(running, "/v1/chat/completions", chat("coder")))
+    await wait_for(lambda: model.queued == 1, what="the request is held")
+    assert model.state == "starting"  # the URL answers, but no pod is Ready
+    kube.set_pods_ready("coder", True)
+    status, body, headers = await held
+    assert status == 200, body
+    assert header(headers, "X-Activator-Cold-Start") == "true"
+    assert scale_events(running, "lost") == 1

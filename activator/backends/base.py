@@ -39,7 +39,16 @@ class BackendListener(Protocol):
 
     def backend_reverted(self) -> None:
         """Someone else scaled the engine to zero while it was wanted (a GitOps revert);
-        the backend is scaling it up again. Logged with the fix and counted."""
+        the backend is scaling it up again. Logged with the fix and counted. A model that
+        was serving stops serving at once, as for `backend_lost` (counted once, as a
+        revert)."""
+
+    def backend_lost(self, reason: str) -> None:
+        """The engine was serving and no longer can, though nothing failed: its last
+        Ready pod was deleted, evicted or turned not Ready (node loss). The backend (or
+        the cluster) is bringing one back. The model stops serving at once: new requests
+        are held, requests in flight on the lost engine end as they will, and the model
+        is ready again once `serving()` holds and the URL answers."""
 
     def backend_unknown(self, unknown: bool) -> None:
         """True while the backend cannot observe the engine (API unreachable).

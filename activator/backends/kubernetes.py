@@ -290,6 +290,9 @@ class KubernetesBackend:
             self._listener.backend_appeared()
 
     def _reverted(self) -> None:
+        if self._ready_pods:
+            # It was serving: what follows is a new wake (its phases are observed again).
+            self._rewake()
         wake = self._wake or self._begin_wake()
         wake.reverts += 1
         log.warning(
@@ -355,12 +358,14 @@ class KubernetesBackend:
     def _pod_event(self, event_type: str, pod: Obj) -> None:
         name = pod["metadata"]["name"]
         self._pulse_pods()
+        was_serving = bool(self._ready_pods)
         if event_type == "DELETED":
             self._pod_summaries.pop(name, None)
             self._ready_pods.discard(name)
             self._line(f"pod {name} deleted")
             if self._wake is not None:
                 self._wake.pod_deleted(name)
+            self._check_lost(was_serving, f"pod {name} was deleted")
             return
         view = view_pod(pod)
         if self._pod_summaries.get(name) != view.summary:
@@ -370,8 +375,28 @@ class KubernetesBackend:
             self._ready_pods.add(name)
         else:
             self._ready_pods.discard(name)
+        self._check_lost(
+            was_serving,
+            f"pod {name} is terminating" if view.terminating else f"pod {name} is not Ready",
+        )
         if self._wake is not None:
             self._wake.assess_pod(pod)
+
+    def _check_lost(self, was_serving: bool, reason: str) -> None:
+        """After a pod change: if the last Ready pod just went while the model is wanted,
+        report the loss (the ReplicaSet, the revert logic or the node coming back bring
+        one again; a pod that cannot come back is then reported as a failure)."""
+        if not (was_serving and not self._ready_pods and self._wanted):
+            return
+        log.warning(
+            "kubernetes: %s %s: no Ready pod left (%s); requests are held until one is",
+            self._model,
+            self._where,
+            reason,
+        )
+        self._line(f"no Ready pod left: {reason}")
+        self._rewake()
+        self._listener.backend_lost(reason)
 
     def _refresh_pods(self) -> None:
         if self._wake is not None:
@@ -422,6 +447,12 @@ class KubernetesBackend:
             line=self._line,
         )
         return self._wake
+
+    def _rewake(self) -> None:
+        """A new wake after the engine was lost: phases are observed again; reverts keep
+        counting (a controller that keeps reverting is fought only `revert_limit` times)."""
+        reverts = self._wake.reverts if self._wake is not None else 0
+        self._begin_wake().reverts = reverts
 
     def _end_wake(self) -> None:
         self._wanted = False
