@@ -11,6 +11,11 @@ fails, or an engine that dies, ends in failed (which behaves like stopped, with 
 A ready model whose engine is lost without failing (a GitOps revert to 0 replicas, its
 pod evicted or not Ready) goes back to starting: new requests are held until the backend
 has brought the engine back and readiness is probed again.
+
+Shutdown is three events, in order: `begin_shutdown` (SIGTERM: held requests get a 503,
+a start under way is cancelled), `cut_in_flight` (shutdown_grace passed: what is still in
+flight ends with a shutting_down error) and `shutdown` (the engine is stopped, or left
+running for the next activator to adopt).
 """
 
 from __future__ import annotations
@@ -71,6 +76,10 @@ class Lease:
     cold: bool
     held_seconds: float
     cut_reason: str | None = None
+    # What the client should get for a cut request (a status line not sent yet: this
+    # error's response; a stream under way: this error as its last event). None: an
+    # upstream error carrying `cut_reason`.
+    cut_error: ActivatorError | None = None
     _on_cut: list[Callable[[], None]] = field(default_factory=list)
     _released: bool = False
 
@@ -78,8 +87,9 @@ class Lease:
         """Register how to abort this request if the model must stop before it ends."""
         self._on_cut.append(callback)
 
-    def cut(self, reason: str) -> None:
+    def cut(self, reason: str, *, error: ActivatorError | None = None) -> None:
         self.cut_reason = reason
+        self.cut_error = error
         for callback in self._on_cut:
             callback()
 
@@ -129,7 +139,12 @@ class Model:
         self._drained = asyncio.Event()
         self._drained.set()
         self._wake_started = 0.0
+        # Shutdown: no new holds or starts from begin_shutdown on; no new leases once the
+        # grace is over (cut_in_flight).
         self._closing = False
+        self._leases_closed = False
+        self._cancelling: asyncio.Task[None] | None = None  # a start cancelled at SIGTERM
+        self._released = False
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
@@ -170,10 +185,10 @@ class Model:
         client that disconnects): the waiter leaves the queue at once and the start,
         which belongs to the model, goes on for the others.
         """
+        if self._leases_closed or (self._closing and self.state != "ready"):
+            raise ShuttingDown("activator is shutting down", retry_after=5)
         if self.state == "ready":
             return self._new_lease(cold=False, held=0.0)
-        if self._closing:
-            raise ShuttingDown("activator is shutting down", retry_after=5)
         if len(self._waiters) >= self.settings.max_queued or self._holds.count >= self._holds.limit:
             raise QueueFull(
                 f"too many requests are waiting for model {self.name!r} to start",
@@ -578,29 +593,79 @@ class Model:
 
     # ----- shutdown ------------------------------------------------------------------
 
-    def reject_waiters(self) -> None:
-        """Shutdown, first step: no new holds, and held requests get a 503 now."""
+    def begin_shutdown(self) -> None:
+        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start under
+        way is cancelled (its engine stopped at once, or left for the next activator to
+        adopt), never completed and then stopped. In-flight requests go on."""
+        if self._closing:
+            return
         self._closing = True
+        self._wake_requested_at = None
         self._fail_waiters(ShuttingDown("activator is shutting down", retry_after=5))
+        if self.state == "starting" and self._backend is not None:
+            self._transition = self._cancelling = self._tasks.spawn(
+                self._run_cancel_start(self._transition), name=f"cancel-start:{self.name}"
+            )
+
+    async def _run_cancel_start(self, start: asyncio.Task[None] | None) -> None:
+        if start is not None and not start.done():
+            start.cancel()
+            await asyncio.wait({start})  # its own outcome ("cancelled") is observed there
+        await self._release_engine()
+
+    async def drained(self) -> None:
+        """Until nothing is in flight."""
+        await self._drained.wait()
+
+    async def cut_in_flight(self, reason: str) -> int:
+        """shutdown_grace is over: no new leases, and every request still in flight ends
+        now with a shutting_down error (a stream: as its last event). Returns how many."""
+        self._leases_closed = True
+        leases = list(self._leases)
+        for lease in leases:
+            lease.cut(reason, error=ShuttingDown(reason, retry_after=5))
+        if leases:
+            # A request still waiting for the engine's status line has no cut callback
+            # yet: closing the model's connections ends it too.
+            await self._http.reset(self.name)
+        return len(leases)
 
     async def shutdown(self) -> None:
-        """Shutdown, last step: stop the engine we run (bounded by its stop grace)."""
-        self._closing = True
+        """Shutdown, last step: stop the engine we run (bounded by its stop grace), or
+        leave it running for the next activator (Backend.keep_on_shutdown)."""
+        self.begin_shutdown()
         if self._backend is None:
             return
-        if self._transition is not None and not self._transition.done():
-            self._transition.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._transition
-        for lease in list(self._leases):
-            lease.cut("activator is shutting down")
+        transition = self._transition
+        if transition is not None and not transition.done():
+            # A start being cancelled is left to finish (bounded by the backend's stop
+            # grace); a stop or an engine-death cleanup is cancelled, as the engine is
+            # released below in any case.
+            if transition is not self._cancelling:
+                transition.cancel()
+            await asyncio.wait({transition})
+        await self.cut_in_flight("activator is shutting down")
+        await self._release_engine()
+        await self.backend.aclose()
+
+    async def _release_engine(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self.backend.keep_on_shutdown:
+            if self.state not in ("stopped", "failed"):
+                logger.info(
+                    "model=%s left %s for the next activator to adopt (on_shutdown: keep)",
+                    self.name,
+                    self.state,
+                )
+            return
         if self.state != "stopped":
             self._metrics.scale_events.labels(
                 model=self.name, direction="down", reason="shutdown"
             ).inc()
         await self._stop_backend()
         self._set_state("stopped")
-        await self.backend.aclose()
 
     def describe(self) -> dict[str, Any]:
         s = self.settings

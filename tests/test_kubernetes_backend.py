@@ -356,6 +356,22 @@ async def test_serving_is_not_blocked_while_the_api_cannot_be_observed(
     kube.heal_api()
 
 
+async def test_models_are_kept_on_shutdown_unless_configured_to_stop(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    backend, _ = await make()
+    assert backend.keep_on_shutdown
+    settings = KubernetesSettings(kubeconfig=kube.kubeconfig, on_shutdown="stop")
+    cluster = await KubeCluster.connect(settings, tuning=FAST)
+    model = ModelSettings(
+        name="x",
+        served_model_name="x",
+        kubernetes=KubernetesTarget(namespace="serving", name="x", url="http://127.0.0.1:9"),
+    )
+    assert not KubernetesBackend(model, cluster=cluster, listener=Recorder()).keep_on_shutdown
+    await cluster.aclose()
+
+
 async def test_manual_scale_up_while_not_wanted_is_adopted(
     kube: FakeKube, make: MakeBackend
 ) -> None:

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 @pytest.fixture
 async def kube() -> AsyncIterator[FakeKube]:
-    """Requested before `activator` in every test: the cluster outlives the activator,
-    whose shutdown scales its models down through the API."""
+    """Requested before `activator` in every test: the cluster outlives the activator
+    (whose shutdown, with `on_shutdown: stop`, scales its models down through the API)."""
     async with FakeKube(gpus=1) as fake:
         yield fake
 
@@ -39,11 +39,20 @@ def kube_model(kube: FakeKube, name: str, **keys: Any) -> dict[str, Any]:
 
 
 async def start(
-    activator: ActivatorFactory, kube: FakeKube, models: dict[str, dict[str, Any]], **top: Any
+    activator: ActivatorFactory,
+    kube: FakeKube,
+    models: dict[str, dict[str, Any]],
+    *,
+    kubernetes: dict[str, Any] | None = None,
+    **top: Any,
 ) -> Running:
     return await activator(
         {
-            "kubernetes": {"kubeconfig": kube.kubeconfig, "request_timeout": "5s"},
+            "kubernetes": {
+                "kubeconfig": kube.kubeconfig,
+                "request_timeout": "5s",
+                **(kubernetes or {}),
+            },
             "models": models,
             **top,
         }
@@ -239,3 +248,43 @@ async def test_pod_not_ready_holds_requests_until_it_is_ready_again(
     assert status == 200, body
     assert header(headers, "X-Activator-Cold-Start") == "true"
     assert scale_events(running, "lost") == 1
+
+
+async def test_shutdown_leaves_models_running_for_the_next_activator_to_adopt(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """A rolling restart: the old activator leaves the Deployment at 1 replica; the new
+    one adopts it warm (no scale call) and restarts its idle timer."""
+    model = kube_model(kube, "coder")
+    first = await start(activator, kube, {"coder": model})
+    assert (await post(first, "/v1/chat/completions", chat("coder")))[0] == 200
+    (pod,) = ready_pods(kube, "coder")
+    await first.close()
+    assert kube.replicas("coder") == 1
+    assert ready_pods(kube, "coder") == [pod]
+    patches = len([r for r in kube.requests if r.verb == "patch"])
+
+    second = await start(activator, kube, {"coder": {**model, "idle_timeout": "1s"}})
+    await wait_for(lambda: second.model("coder").state == "ready", what="adopted")
+    status, _, headers = await post(second, "/v1/chat/completions", chat("coder"))
+    assert status == 200
+    assert header(headers, "X-Activator-Cold-Start") == "false"
+    assert len([r for r in kube.requests if r.verb == "patch"]) == patches
+    assert (
+        second.sample("activator_scale_events_total", model="coder", direction="up", reason="adopt")
+        == 1
+    )
+    # Its idle timer runs in the new activator: it scales the model down once idle.
+    await kube.wait_until(lambda: kube.replicas("coder") == 0 and not kube.pods("coder"))
+
+
+async def test_on_shutdown_stop_scales_models_to_zero(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(
+        activator, kube, {"coder": kube_model(kube, "coder")}, kubernetes={"on_shutdown": "stop"}
+    )
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    await running.close()
+    assert kube.replicas("coder") == 0
+    assert kube.pods("coder") == []

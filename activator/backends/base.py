@@ -62,6 +62,12 @@ class Backend(Protocol):
 
     kind: str  # "process" or "kubernetes": a metrics label
 
+    @property
+    def keep_on_shutdown(self) -> bool:
+        """On activator shutdown: True leaves the engine running for the next activator
+        to adopt (Kubernetes with `kubernetes.on_shutdown: keep`); False stops it (a local
+        process is never left behind: nothing could adopt it)."""
+
     async def discover(self) -> str | None:
         """At activator start: return the upstream URL if the engine is already running
         (it is then adopted as running, and must still pass the readiness probe), else

@@ -142,6 +142,10 @@ class KubernetesBackend:
         # While the API cannot be observed the cache may be stale: the URL probe decides.
         return bool(self._ready_pods) or bool(self._unreachable)
 
+    @property
+    def keep_on_shutdown(self) -> bool:
+        return self._cluster.settings.on_shutdown == "keep"
+
     def log_tail(self) -> list[str]:
         return list(self._lines)
 

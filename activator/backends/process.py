@@ -74,6 +74,7 @@ async def accepts_connections(host: str, port: int) -> bool:
 
 class ProcessBackend:
     kind = "process"
+    keep_on_shutdown = False  # nothing could adopt a local engine: it is always stopped
 
     def __init__(self, model: ModelSettings, *, listener: BackendListener) -> None:
         assert model.process is not None
