@@ -32,6 +32,12 @@ ADMIN_KEY_ENV = "ACTIVATOR_ADMIN_KEY"
 # An error body is read for its message only; a larger one is cut.
 ERROR_BODY_BYTES = 64 * 1024
 PICK_ANOTHER_PORT = "pick another port with --port N or server.port in the config"
+# aiohttp's shutdown_timeout. Not the grace: server.shutdown_grace is spent in one place,
+# the app's on_shutdown (activator.app), which ends every request still open when it is
+# over. This only bounds the handlers' last writes of that error to slow clients (aiohttp
+# waits up to it twice, then cancels them). As shutdown_timeout, the grace was spent
+# twice (a stream ran 2 x the grace and was then dropped without an error event).
+HANDLER_EXIT_TIMEOUT = 2.0
 
 
 def embedded_config() -> Path:
@@ -173,7 +179,7 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
         build_app(settings),
         host=server.host,
         port=server.port,
-        shutdown_timeout=server.shutdown_grace,
+        shutdown_timeout=HANDLER_EXIT_TIMEOUT,
         handler_cancellation=True,  # a client that disconnects cancels its held request
         # aiohttp's default of 128 pending connections overflows when thousands of clients
         # arrive at once for a cold model: the kernel drops their SYNs and they retry after

@@ -8,6 +8,14 @@ which logs it and updates the metric.
 
 States: stopped -> starting -> ready -> draining -> stopping -> stopped; a start that
 fails, or an engine that dies, ends in failed (which behaves like stopped, with a reason).
+A ready model whose engine is lost without failing (a GitOps revert to 0 replicas, its
+pod evicted or not Ready) goes back to starting: new requests are held until the backend
+has brought the engine back and readiness is probed again.
+
+Shutdown is three events, in order: `begin_shutdown` (SIGTERM: held requests get a 503,
+a start under way is cancelled), `cut_in_flight` (shutdown_grace passed: what is still in
+flight ends with a shutting_down error) and `shutdown` (the engine is stopped, or left
+running for the next activator to adopt).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -68,6 +76,10 @@ class Lease:
     cold: bool
     held_seconds: float
     cut_reason: str | None = None
+    # What the client should get for a cut request (a status line not sent yet: this
+    # error's response; a stream under way: this error as its last event). None: an
+    # upstream error carrying `cut_reason`.
+    cut_error: ActivatorError | None = None
     _on_cut: list[Callable[[], None]] = field(default_factory=list)
     _released: bool = False
 
@@ -75,8 +87,9 @@ class Lease:
         """Register how to abort this request if the model must stop before it ends."""
         self._on_cut.append(callback)
 
-    def cut(self, reason: str) -> None:
+    def cut(self, reason: str, *, error: ActivatorError | None = None) -> None:
         self.cut_reason = reason
+        self.cut_error = error
         for callback in self._on_cut:
             callback()
 
@@ -126,7 +139,12 @@ class Model:
         self._drained = asyncio.Event()
         self._drained.set()
         self._wake_started = 0.0
+        # Shutdown: no new holds or starts from begin_shutdown on; no new leases once the
+        # grace is over (cut_in_flight).
         self._closing = False
+        self._leases_closed = False
+        self._cancelling: asyncio.Task[None] | None = None  # a start cancelled at SIGTERM
+        self._released = False
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
@@ -167,10 +185,10 @@ class Model:
         client that disconnects): the waiter leaves the queue at once and the start,
         which belongs to the model, goes on for the others.
         """
+        if self._leases_closed or (self._closing and self.state != "ready"):
+            raise ShuttingDown("activator is shutting down", retry_after=5)
         if self.state == "ready":
             return self._new_lease(cold=False, held=0.0)
-        if self._closing:
-            raise ShuttingDown("activator is shutting down", retry_after=5)
         if len(self._waiters) >= self.settings.max_queued or self._holds.count >= self._holds.limit:
             raise QueueFull(
                 f"too many requests are waiting for model {self.name!r} to start",
@@ -268,10 +286,7 @@ class Model:
             return False
         self._wake_requested_at = None
         self._metrics.scale_events.labels(model=self.name, direction="up", reason=reason).inc()
-        # The state changes now, not when the task first runs: the pool's next decision
-        # and its GPU gauge must already count this model as holding its GPUs.
-        self._set_state("starting")
-        self._transition = self._tasks.spawn(self._run_start(), name=f"start:{self.name}")
+        self._begin_wake(self._run_start(), name=f"start:{self.name}")
         return True
 
     def begin_stop(self, *, reason: str, drain_timeout: float | None = None) -> bool:
@@ -293,34 +308,31 @@ class Model:
         if self.state not in ("stopped", "failed") or self._closing:
             return False
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
-        self._set_state("starting")  # at once, as in begin_start
-        self._transition = self._tasks.spawn(
-            self._run_start(adopt_url=url), name=f"adopt:{self.name}"
-        )
+        self._begin_wake(self._run_start(adopt_url=url), name=f"adopt:{self.name}")
         return True
 
-    # ----- transitions (each runs as the model's one transition task) ----------------
-
-    async def _run_start(self, adopt_url: str | None = None) -> None:
+    def _begin_wake(self, run: Coroutine[Any, Any, None], *, name: str) -> None:
+        """Enter starting and run the wake as the model's transition task. All of it now,
+        not when the task first runs: the pool's next decision and its GPU gauge must
+        already count this model as holding its GPUs, and phases or a failure the backend
+        reports meanwhile belong to this wake."""
         self._wake_started = self._clock()
         self.phases = {}
         self._failure = asyncio.get_running_loop().create_future()
         self._set_state("starting")
+        self._transition = self._tasks.spawn(run, name=name)
+
+    # ----- transitions (each runs as the model's one transition task) ----------------
+
+    async def _run_start(self, *, adopt_url: str | None = None, lost: str | None = None) -> None:
+        """A wake: start the engine (or take over `adopt_url`), then wait until ready.
+        `lost`: the reason the engine of a ready model was lost (a re-wake)."""
         outcome, reason = "ready", ""
         try:
             async with asyncio.timeout(self.settings.startup_timeout):
                 url = adopt_url or await self._race(self.backend.start())
                 self.backend_phase("launched")
-                await self._race(
-                    wait_ready(
-                        self._http.session(self.name),
-                        url=url,
-                        health_path=self.settings.health_path,
-                        served_model_name=self.settings.served_model_name,
-                        api_key=self.settings.upstream_api_key,
-                        nudge=self._nudge,
-                    )
-                )
+                await self._race(self._until_ready(url))
         except TimeoutError:
             outcome = "timeout"
             reason = f"not ready within startup_timeout ({self.settings.startup_timeout:.0f}s)"
@@ -333,6 +345,12 @@ class Model:
         if outcome != "ready":
             await self._fail_start(outcome=outcome, reason=reason)
             return
+        if lost is not None:
+            # Requests still on the lost engine would stay on it; pooled connections to it
+            # (behind a Service: to a pod that is gone) must not take new requests.
+            for lease in list(self._leases):
+                lease.cut(f"model {self.name!r} lost its engine ({lost}) and has a new one")
+            await self._http.reset(self.name)
         self.url = url
         self.ready_since = self.last_activity = self._clock()
         self.last_error = None
@@ -346,6 +364,38 @@ class Model:
                 future.set_result(self._new_lease(cold=True, held=self._clock() - arrived))
         self._update_held()
         self._kick()
+
+    async def _until_ready(self, url: str) -> None:
+        """Until the backend sees the engine it runs up (`Backend.serving`) and `url`
+        answers as a ready engine. `serving` is checked again after the probe: a server we
+        did not start may answer on the URL (another process on a fixed port, a
+        terminating pod behind a lagging Service), and our engine may have exited
+        meanwhile; the backend reports that exit as a failure, which ends the race."""
+        while True:
+            await self._until_serving()
+            await wait_ready(
+                self._http.session(self.name),
+                url=url,
+                health_path=self.settings.health_path,
+                served_model_name=self.settings.served_model_name,
+                api_key=self.settings.upstream_api_key,
+                nudge=self._nudge,
+            )
+            if self.backend.serving():
+                return
+            logger.warning(
+                "model=%s %s answered, but the engine we run is not up: not routing to it",
+                self.name,
+                url,
+            )
+
+    async def _until_serving(self) -> None:
+        # Woken by the backend's progress nudges; a backend failure ends it (via _race).
+        while True:
+            self._nudge.clear()
+            if self.backend.serving():
+                return
+            await self._nudge.wait()
 
     async def _fail_start(self, *, outcome: str, reason: str) -> None:
         tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
@@ -505,6 +555,31 @@ class Model:
             self.name,
         )
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="revert").inc()
+        if self.state == "ready":
+            self._lose("scaled to 0 replicas by another client")
+
+    def backend_lost(self, reason: str) -> None:
+        if self.state != "ready":
+            return  # a wake, a stop or a failure under way deals with it
+        self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
+        self._lose(reason)
+
+    def _lose(self, reason: str) -> None:
+        """ready -> starting: the engine went without failing and the backend brings it
+        back. New requests are held from now on; leases in flight are left to end as
+        they will (a terminating pod may still finish them); the re-wake is observed
+        like any wake and bounded by startup_timeout."""
+        assert self.url is not None
+        logger.warning(
+            "model=%s lost its engine while ready (%s): holding requests until it is back",
+            self.name,
+            reason,
+        )
+        self.last_error = f"engine lost: {reason}"
+        self.ready_since = None
+        self._begin_wake(
+            self._run_start(adopt_url=self.url, lost=reason), name=f"rewake:{self.name}"
+        )
 
     def backend_unknown(self, unknown: bool) -> None:
         if unknown != self.unknown:
@@ -513,33 +588,84 @@ class Model:
             )
             self.unknown = unknown
             self._metrics.set_state(self.name, "unknown" if unknown else self.state)
+            self._nudge.set()  # Backend.serving() may have changed with it
             self._kick()
 
     # ----- shutdown ------------------------------------------------------------------
 
-    def reject_waiters(self) -> None:
-        """Shutdown, first step: no new holds, and held requests get a 503 now."""
+    def begin_shutdown(self) -> None:
+        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start under
+        way is cancelled (its engine stopped at once, or left for the next activator to
+        adopt), never completed and then stopped. In-flight requests go on."""
+        if self._closing:
+            return
         self._closing = True
+        self._wake_requested_at = None
         self._fail_waiters(ShuttingDown("activator is shutting down", retry_after=5))
+        if self.state == "starting" and self._backend is not None:
+            self._transition = self._cancelling = self._tasks.spawn(
+                self._run_cancel_start(self._transition), name=f"cancel-start:{self.name}"
+            )
+
+    async def _run_cancel_start(self, start: asyncio.Task[None] | None) -> None:
+        if start is not None and not start.done():
+            start.cancel()
+            await asyncio.wait({start})  # its own outcome ("cancelled") is observed there
+        await self._release_engine()
+
+    async def drained(self) -> None:
+        """Until nothing is in flight."""
+        await self._drained.wait()
+
+    async def cut_in_flight(self, reason: str) -> int:
+        """shutdown_grace is over: no new leases, and every request still in flight ends
+        now with a shutting_down error (a stream: as its last event). Returns how many."""
+        self._leases_closed = True
+        leases = list(self._leases)
+        for lease in leases:
+            lease.cut(reason, error=ShuttingDown(reason, retry_after=5))
+        if leases:
+            # A request still waiting for the engine's status line has no cut callback
+            # yet: closing the model's connections ends it too.
+            await self._http.reset(self.name)
+        return len(leases)
 
     async def shutdown(self) -> None:
-        """Shutdown, last step: stop the engine we run (bounded by its stop grace)."""
-        self._closing = True
+        """Shutdown, last step: stop the engine we run (bounded by its stop grace), or
+        leave it running for the next activator (Backend.keep_on_shutdown)."""
+        self.begin_shutdown()
         if self._backend is None:
             return
-        if self._transition is not None and not self._transition.done():
-            self._transition.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._transition
-        for lease in list(self._leases):
-            lease.cut("activator is shutting down")
+        transition = self._transition
+        if transition is not None and not transition.done():
+            # A start being cancelled is left to finish (bounded by the backend's stop
+            # grace); a stop or an engine-death cleanup is cancelled, as the engine is
+            # released below in any case.
+            if transition is not self._cancelling:
+                transition.cancel()
+            await asyncio.wait({transition})
+        await self.cut_in_flight("activator is shutting down")
+        await self._release_engine()
+        await self.backend.aclose()
+
+    async def _release_engine(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self.backend.keep_on_shutdown:
+            if self.state not in ("stopped", "failed"):
+                logger.info(
+                    "model=%s left %s for the next activator to adopt (on_shutdown: keep)",
+                    self.name,
+                    self.state,
+                )
+            return
         if self.state != "stopped":
             self._metrics.scale_events.labels(
                 model=self.name, direction="down", reason="shutdown"
             ).inc()
         await self._stop_backend()
         self._set_state("stopped")
-        await self.backend.aclose()
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
