@@ -13,6 +13,9 @@ class ActivatorError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
+    # The connection is closed after the answer: the rest of the request body was never
+    # read, so the connection is in no state to carry another request.
+    closes_connection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -41,6 +44,10 @@ class ActivatorError(Exception):
         return {"error": error}
 
 
+class InternalError(ActivatorError):
+    """A bug: an exception nothing expected. Logged with its traceback where it is caught."""
+
+
 class BadRequest(ActivatorError):
     status = 400
     type = "invalid_request_error"
@@ -51,6 +58,22 @@ class BodyTooLarge(ActivatorError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    closes_connection = True
+
+
+class RequestTimeout(ActivatorError):
+    """The request body did not arrive within `server.body_timeout`."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    closes_connection = True
+
+
+class UnsupportedEncoding(ActivatorError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
 
 
 class Unauthorized(ActivatorError):
