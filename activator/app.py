@@ -83,6 +83,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app[HTTP] = http
     for path in ENDPOINTS:
         app.router.add_post(path, proxy.handle)
+        app.router.add_route("*", path, proxy.method_not_allowed)  # 405, Allow: POST
     app.on_cleanup.append(lambda _: proxy.close())
     app.router.add_get("/v1/models", _list_models(registry))
     app.router.add_routes(admin_routes(registry=registry, metrics=metrics, is_ready=ready))

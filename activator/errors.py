@@ -43,6 +43,10 @@ class ActivatorError(Exception):
         error.update(self.extra)
         return {"error": error}
 
+    def headers(self) -> dict[str, str]:
+        """Headers this error adds to its response (beyond Content-Type and Retry-After)."""
+        return {}
+
 
 class InternalError(ActivatorError):
     """A bug: an exception nothing expected. Logged with its traceback where it is caught."""
@@ -74,6 +78,19 @@ class UnsupportedEncoding(ActivatorError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_content_encoding"
+
+
+class MethodNotAllowed(ActivatorError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class Unauthorized(ActivatorError):

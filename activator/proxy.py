@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +21,14 @@ from aiohttp import web
 from activator.errors import (
     ActivatorError,
     InternalError,
+    MethodNotAllowed,
     ModelUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
+from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
 from activator.http_client import HttpClient
-from activator.http_errors import error_response, sse_error_event
+from activator.http_errors import engine_error_body, error_response, sse_error_event
 from activator.lifecycle import Lease, Model
 from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import PayloadParser
@@ -45,24 +46,6 @@ ENDPOINTS = {
     "/v1/embeddings": "embeddings",
     "/v1/responses": "responses",
 }
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-# Not sent upstream either: the body was decoded (activator.request_body).
-DECODED = frozenset({"content-encoding"})
-REQUEST_ID = "X-Request-Id"
 
 
 @dataclass
@@ -117,7 +100,7 @@ class Proxy:
         """Every request gets an answer, an access-log line and a metric: whatever fails,
         whether or not the client stays."""
         ex = Exchange(
-            request_id=_request_id(request),
+            request_id=request_id(request.headers.get(REQUEST_ID)),
             endpoint=ENDPOINTS[request.path],
             started=time.monotonic(),
         )
@@ -154,6 +137,14 @@ class Proxy:
         with contextlib.suppress(ClientGone):
             await _end(ex.sent, sse_error_event(error))
         return ex.sent
+
+    @staticmethod
+    async def method_not_allowed(request: web.Request) -> web.Response:
+        """Any method but POST on a proxied endpoint (the engine is never asked)."""
+        error = MethodNotAllowed(
+            f"{request.path} takes POST, not {request.method}", allow=("POST",)
+        )
+        return error_response(error)
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         body = await read_body(request, limit=self._max_body, body_timeout=self._body_timeout)
@@ -221,11 +212,13 @@ class Proxy:
             total=None, sock_connect=10, sock_read=model.settings.upstream_read_timeout
         )
         try:
-            upstream = await self._http.session(model.name).post(
+            upstream = await self._http.post(
+                model.name,
                 lease.url + request.path,
                 data=body,
                 headers=self._upstream_headers(request, ex, model),
-                timeout=timeout,
+                timeouts=timeout,
+                request_id=ex.request_id,
             )
             async with upstream:
                 lease.on_cut(upstream.close)
@@ -245,14 +238,19 @@ class Proxy:
             lease.release()
         if ex.sent is not None:  # headers went out while held
             return await _end(ex.sent, _as_sse(upstream.status, data))
-        return web.Response(status=upstream.status, body=data, headers=_relay_headers(upstream))
+        headers = relay_headers(upstream.headers)
+        encoded = headers.get("Content-Encoding", "identity").lower() != "identity"
+        wrapped = None if encoded else engine_error_body(upstream.status, data)
+        if wrapped is not None:
+            headers["Content-Type"] = "application/json"
+        return web.Response(status=upstream.status, body=wrapped or data, headers=headers)
 
     async def _relay_stream(
         self, request: web.Request, ex: Exchange, lease: Lease, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         response = ex.sent
         if response is None:
-            headers = {**_relay_headers(upstream), **self._headers(ex)}
+            headers = {**relay_headers(upstream.headers), **self._headers(ex)}
             response = await _prepare(
                 request, ex, web.StreamResponse(status=upstream.status, headers=headers)
             )
@@ -287,15 +285,16 @@ class Proxy:
         return UpstreamError(f"connection to model {model.name!r} failed ({kind})")
 
     def _upstream_headers(self, request: web.Request, ex: Exchange, model: Model) -> dict[str, str]:
-        skip = HOP_BY_HOP | DECODED
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
-        if self._strip_client_auth or model.settings.upstream_api_key:
-            headers.pop("Authorization", None)
-            headers.pop("authorization", None)
-        if model.settings.upstream_api_key:
-            headers["Authorization"] = f"Bearer {model.settings.upstream_api_key}"
-        headers[REQUEST_ID] = ex.request_id
-        return headers
+        key = model.settings.upstream_api_key
+        if key:
+            authorization: str | None = f"Bearer {key}"
+        elif self._strip_client_auth:
+            authorization = None
+        else:  # activator has no key of its own: the client's is the engine's business
+            authorization = request.headers.get("Authorization")
+        return upstream_headers(
+            request.headers, request_id=ex.request_id, authorization=authorization
+        )
 
     @staticmethod
     def _headers(ex: Exchange, *, cold: bool | None = None) -> dict[str, str]:
@@ -343,14 +342,6 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get(REQUEST_ID, "")
-    # Accept a client's id only if it is short and printable: it goes into logs.
-    if 0 < len(given) <= 128 and given.isprintable() and " " not in given:
-        return given
-    return uuid.uuid4().hex
-
-
 async def _prepare(
     request: web.Request, ex: Exchange, response: web.StreamResponse
 ) -> web.StreamResponse:
@@ -381,16 +372,9 @@ async def _end(response: web.StreamResponse, data: bytes = b"") -> web.StreamRes
     return response
 
 
-def _relay_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-
-
 def _as_sse(status: int, data: bytes) -> bytes:
-    """A non-stream upstream answer (an error) for a client whose stream already began."""
+    """A non-stream upstream answer for a client whose stream already began: a success as
+    one event, an error as an error event (wrapped into an envelope if it is not one)."""
     if status < 400:
         return b"data: " + data + b"\n\ndata: [DONE]\n\n"
-    try:
-        body = json.loads(data)
-    except ValueError:
-        body = {"error": {"message": data.decode("utf-8", "replace"), "code": status}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+    return b"data: " + (engine_error_body(status, data) or data) + b"\n\n"

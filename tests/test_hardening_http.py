@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -254,6 +255,65 @@ async def test_encoded_requests_never_break_other_clients_requests(
     assert not failed, f"{len(failed)} of {len(outcomes)} failed: {failed[:10]}"
 
 
+# ---- 3. the one retry -------------------------------------------------------------------
+
+
+async def engine_received(running: Running, model: str = "m") -> int:
+    url = running.model(model).url
+    if url is None:
+        return 0  # not started yet
+    async with aiohttp.ClientSession() as session, session.get(url + "/test/received") as resp:
+        count: int = (await resp.json())["received"]
+        return count
+
+
+async def test_a_reused_connection_the_engine_closed_is_retried_once_on_a_fresh_one(
+    activator: ActivatorFactory,
+) -> None:
+    # The engine drops every request that arrives on a connection it already used (the
+    # readiness probes leave one in the pool).
+    running = await activator({"models": {"m": variant_config("drop-reused", unique("race"))}})
+    deltas = []
+    for text in ("one", "two", "three", "four"):
+        before = await engine_received(running)
+        status, reply, _ = await raw_post(
+            running, json.dumps(chat("m", text, max_tokens=1)).encode()
+        )
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"] == text
+        deltas.append(await engine_received(running) - before)
+    # Each request reached the engine once, or twice when its pooled connection was dropped.
+    assert set(deltas) == {1, 2}, deltas
+    assert running.sample("activator_upstream_errors_total", model="m", kind="connect") == 0
+
+
+async def test_a_retry_happens_once_and_never_on_a_fresh_connection(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": variant_config("drop-all", unique("dead"))}})
+    received = [await engine_received(running)]
+    for _ in range(2):
+        status, reply, _ = await raw_post(running, json.dumps(chat("m")).encode())
+        assert status == 502, reply
+        activator_error(reply, "upstream_connection_error")
+        received.append(await engine_received(running))
+    first, second = received[1] - received[0], received[2] - received[1]
+    # The first went out on the probes' pooled connection: retried once, not twice.
+    assert first == 2
+    # Nothing is left in the pool after that: the second one's connection was new.
+    assert second == 1
+
+
+async def test_a_connection_that_dies_after_response_bytes_is_not_retried(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": variant_config("cut-after-headers", unique("cut"))}})
+    for _ in range(2):  # the second request runs on a reused connection, if any
+        status, reply, _ = await raw_post(running, json.dumps(chat("m")).encode())
+        assert status == 502, reply
+    assert await engine_received(running) == 2
+
+
 # ---- 8. a slow body ---------------------------------------------------------------------
 
 
@@ -308,7 +368,142 @@ async def test_a_body_that_trickles_in_is_cut_with_408_after_body_timeout(
     assert running.model("m").state == "stopped"
 
 
+# ---- 9. headers -------------------------------------------------------------------------
+
+CREDENTIALS = {
+    "Cookie": "session=secret-cookie",
+    "X-Api-Key": "secret-x-api-key",
+    "Api-Key": "secret-api-key",
+    "Proxy-Authorization": "Basic c2VjcmV0",
+    "X-Amz-Security-Token": "secret-token",
+}
+PASSED = {
+    "OpenAI-Organization": "org-1",
+    "OpenAI-Beta": "assistants=v2",
+    "X-Stainless-Lang": "python",
+    "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "tracestate": "vendor=1",
+    "User-Agent": "test-agent/1.0",
+}
+
+
+@pytest.mark.parametrize("api_keys", [[], ["client-key"]])
+async def test_only_allowed_headers_reach_the_engine(
+    activator: ActivatorFactory, api_keys: list[str]
+) -> None:
+    running = await activator(
+        {"server": {"api_keys": api_keys}, "models": {"m": variant_config("echo", unique("hdr"))}}
+    )
+    headers = {**CREDENTIALS, **PASSED, "Authorization": "Bearer client-key"}
+    status, reply, got = await raw_post(
+        running, json.dumps(chat("m", max_tokens=1)).encode(), headers=headers
+    )
+    assert status == 200, reply
+    received = {k.lower(): v for k, v in json.loads(got["x-received-headers"])}
+    for name in CREDENTIALS:
+        assert name.lower() not in received, name
+    for name, value in PASSED.items():
+        assert received[name.lower()] == value, name
+    # Without api_keys the client's Authorization is the engine's business (its own key).
+    assert ("authorization" in received) == (not api_keys)
+    assert received["content-type"] == "application/json"
+    assert received["x-request-id"] == got["X-Request-Id"]
+
+
+@pytest.mark.parametrize(
+    # (control bytes never get this far: aiohttp's parser answers 400 to the request line)
+    "given",
+    ["caf\u00e9-id", "\u200bzero-width", "x" * 129],
+)
+async def test_a_request_id_that_is_not_printable_ascii_is_replaced(
+    activator: ActivatorFactory, given: str
+) -> None:
+    running = await activator({"models": {"m": variant_config("echo", unique("rid"))}})
+    assert running.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.server.port)
+    body = json.dumps(chat("m", max_tokens=1)).encode()
+    head = (
+        (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
+        + b"X-Request-Id: "
+        + given.encode("utf-8")
+        + b"\r\n\r\n"
+    )
+    writer.write(head + body)
+    async with asyncio.timeout(30):
+        answer = await reader.read()
+    writer.close()
+    head_text = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    assert head_text.startswith("HTTP/1.1 200 "), answer
+    fields = dict(line.split(": ", 1) for line in head_text.split("\r\n")[1:])
+    request_id = next(v for k, v in fields.items() if k.lower() == "x-request-id")
+    assert request_id.isascii() and request_id.isprintable()
+    assert request_id != given
+    received = {k.lower(): v for k, v in json.loads(fields["x-received-headers"])}
+    assert received["x-request-id"] == request_id
+
+
+# ---- 10. methods ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+async def test_another_method_on_a_proxied_endpoint_is_405_allowing_post(
+    activator: ActivatorFactory, method: str, path: str
+) -> None:
+    running = await activator({"models": {"m": model_config(unique("method"))}})
+    async with running.session.request(method, running.url + path) as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        if method != "HEAD":
+            activator_error(await resp.json(), "method_not_allowed")
+    async with running.session.get(running.url + "/v1/nothing-here") as resp:
+        assert resp.status == 404  # a path that is not proxied at all stays a 404
+
+
 # ---- engine errors ----------------------------------------------------------------------
+
+
+async def test_an_engine_error_that_is_not_an_envelope_is_wrapped_keeping_its_status(
+    activator: ActivatorFactory,
+) -> None:
+    config = model_config(unique("detail"), "--disable-endpoint", "/v1/embeddings")
+    running = await activator({"models": {"m": config}})
+    async with openai.AsyncOpenAI(base_url=running.v1, api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.embeddings.create(model="m", input="x")
+        error = error_of(caught.value.response.json())
+        assert error["source"] == "engine"
+        assert json.loads(error["message"]) == {"detail": "Not Found"}
+        assert "Not Found" in caught.value.message
+        # An engine envelope passes through as the engine wrote it.
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], max_tokens=-1
+            )
+    engine_error = error_of(bad.value.response.json())
+    assert "source" not in engine_error
+    assert engine_error["type"] == "BadRequestError"
+
+
+async def test_a_held_stream_gets_a_wrapped_engine_error_as_an_event(
+    activator: ActivatorFactory,
+) -> None:
+    config = model_config(
+        unique("held-detail"), "--disable-endpoint", "/v1/chat/completions", startup_delay=1.0
+    )
+    config["stream_keepalive"] = "0.2s"
+    running = await activator({"models": {"m": config}})
+    async with running.session.post(
+        running.v1 + "/chat/completions", json=chat("m", stream=True)
+    ) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    event = json.loads(text.rstrip().rsplit("\n", 1)[-1].removeprefix("data: "))
+    assert error_of(event)["source"] == "engine"
+    assert json.loads(error_of(event)["message"]) == {"detail": "Not Found"}
 
 
 async def test_a_held_stream_whose_engine_fails_gets_the_error_as_an_event(
