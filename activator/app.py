@@ -68,6 +68,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
         http=http,
         metrics=metrics,
         max_body_bytes=settings.server.max_body_bytes,
+        body_timeout=settings.server.body_timeout,
         strip_client_auth=bool(settings.server.api_keys),
         access_log=settings.server.access_log,
     )
@@ -75,6 +76,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[errors_middleware, _auth_middleware(settings)],
+        # Bodies are decoded by activator.request_body, where a bad one gets an answer.
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -83,6 +86,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app[HTTP] = http
     for path in ENDPOINTS:
         app.router.add_post(path, proxy.handle)
+        app.router.add_route("*", path, proxy.method_not_allowed)  # 405, Allow: POST
+    app.on_cleanup.append(lambda _: proxy.close())
     app.router.add_get("/v1/models", _list_models(registry))
     app.router.add_routes(admin_routes(registry=registry, metrics=metrics, is_ready=ready))
     streams = EventStreams(lambda: snapshot(registry, metrics))

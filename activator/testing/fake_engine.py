@@ -64,6 +64,8 @@ class EngineOptions:
     ignore_sigterm: bool = False
     exit_after: float | None = None
     disable_access_log: bool = False  # benchmarks: per-request log lines cost time
+    # Paths answered as vLLM's FastAPI answers a route the model does not serve.
+    disable_endpoint: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -453,6 +455,8 @@ async def dev_endpoint(request: web.Request) -> web.Response:
 async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """vLLM's rules for /v1/*: 503 while stuck (--never-ready), then the API key, then errors."""
     options = request.app[OPTIONS]
+    if request.path in options.disable_endpoint:
+        return web.json_response({"detail": "Not Found"}, status=404)
     if request.path.startswith("/v1/"):
         if options.never_ready:
             return EngineError(
@@ -587,8 +591,10 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     add("--ignore-sigterm", action="store_true")
     add("--exit-after", type=float, default=None, help="exit 3 this many seconds after ready")
     add("--disable-access-log", action="store_true")
+    add("--disable-endpoint", action="append", type=str, default=[], help="404 as FastAPI does")
     # Every option's dest is the name of an EngineOptions field.
-    return EngineOptions(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    return EngineOptions(**{**args, "disable_endpoint": tuple(args["disable_endpoint"])})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
