@@ -277,8 +277,10 @@ class Proxy:
 
     def _upstream_error(
         self, model: Model, kind: str, lease: Lease, exc: BaseException
-    ) -> UpstreamError:
+    ) -> ActivatorError:
         self._metrics.upstream_errors.labels(model=model.name, kind=kind).inc()
+        if lease.cut_error is not None:  # cut on purpose (shutdown): its own error
+            return lease.cut_error
         if lease.cut_reason:
             return UpstreamError(lease.cut_reason)
         logger.warning("model=%s upstream %s error: %r", model.name, kind, exc)

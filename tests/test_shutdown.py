@@ -214,11 +214,6 @@ async def test_sigterm_gives_open_requests_the_grace_then_ends_them_with_an_erro
             assert not engine_pids(engine)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py answers a cut lease with UpstreamError(lease.cut_reason) (502, "
-    "upstream_connection_error); it must answer lease.cut_error when one is set",
-)
 async def test_requests_cut_at_the_end_of_the_grace_get_the_shutting_down_code(
     activator: ActivatorFactory,
 ) -> None:
