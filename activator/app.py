@@ -69,6 +69,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
         http=http,
         metrics=metrics,
         max_body_bytes=settings.server.max_body_bytes,
+        body_timeout=settings.server.body_timeout,
         strip_client_auth=bool(settings.server.api_keys),
         access_log=settings.server.access_log,
     )
@@ -76,6 +77,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[errors_middleware, _auth_middleware(settings)],
+        # Bodies are decoded by activator.request_body, where a bad one gets an answer.
+        handler_args={"auto_decompress": False},
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -84,6 +87,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app[HTTP] = http
     for path in ENDPOINTS:
         app.router.add_post(path, proxy.handle)
+        app.router.add_route("*", path, proxy.method_not_allowed)  # 405, Allow: POST
+    app.on_cleanup.append(lambda _: proxy.close())
     app.router.add_get("/v1/models", _list_models(registry))
     app.router.add_routes(admin_routes(registry=registry, metrics=metrics, is_ready=ready))
     streams = EventStreams(lambda: snapshot(registry, metrics))
@@ -122,8 +127,8 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
             await http.close()
 
     app.cleanup_ctx.append(lifetime)
-    app.on_shutdown.append(_reject_held)
     app.on_shutdown.append(streams.close)  # open status pages must not hold up shutdown
+    app.on_shutdown.append(_spend_shutdown_grace)
     return app
 
 
@@ -228,10 +233,45 @@ async def _reconcile(registry: ModelRegistry, ready: ReadyFlag) -> None:
     ready.value = True
 
 
-async def _reject_held(app: web.Application) -> None:
+async def _spend_shutdown_grace(app: web.Application) -> None:
+    """The one place `server.shutdown_grace` is spent. aiohttp runs this (on_shutdown) on
+    SIGTERM once it has stopped listening and closed idle connections, and only then
+    waits on request handlers, then runs the cleanup context (engines are stopped there).
+
+    Held requests get a 503 now and starts under way are cancelled; requests in flight
+    get the grace to finish; whatever is still open then ends with a shutting_down error
+    (a stream: as its last event), so aiohttp's own wait (cli.HANDLER_EXIT_TIMEOUT) only
+    lets the handlers write it, and never adds a second grace.
+    """
     app[READY].value = False
-    for model in app[REGISTRY]:
-        model.reject_waiters()
+    models = list(app[REGISTRY].models.values())
+    grace = app[SETTINGS].server.shutdown_grace
+    logger.info(
+        "shutting down: held=%d in_flight=%d grace=%gs (held requests get 503 now)",
+        sum(m.queued for m in models),
+        sum(m.in_flight for m in models),
+        grace,
+    )
+    for model in models:
+        model.begin_shutdown()
+    finished = True
+    try:
+        async with asyncio.timeout(grace):
+            await asyncio.gather(*(m.drained() for m in models))
+    except TimeoutError:
+        finished = False
+    # From here on no request gets a lease, even one whose body was still arriving.
+    reason = f"activator is shutting down: shutdown_grace ({grace:g}s) passed"
+    cut = sum(await asyncio.gather(*(m.cut_in_flight(reason) for m in models)))
+    if finished:
+        logger.info("shutting down: every in-flight request finished within the grace")
+    else:
+        logger.warning(
+            "shutting down: shutdown_grace %gs passed; %d requests still in flight end with "
+            "a shutting_down error",
+            grace,
+            cut,
+        )
 
 
 def _list_models(registry: ModelRegistry) -> Any:

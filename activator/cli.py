@@ -1,4 +1,4 @@
-"""Command line: `activator serve | check-config | status`."""
+"""Command line: `activator serve | check-config | status | litellm-config`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ ADMIN_KEY_ENV = "ACTIVATOR_ADMIN_KEY"
 # An error body is read for its message only; a larger one is cut.
 ERROR_BODY_BYTES = 64 * 1024
 PICK_ANOTHER_PORT = "pick another port with --port N or server.port in the config"
+# aiohttp's shutdown_timeout. Not the grace: server.shutdown_grace is spent in one place,
+# the app's on_shutdown (activator.app), which ends every request still open when it is
+# over. This only bounds the handlers' last writes of that error to slow clients (aiohttp
+# waits up to it twice, then cancels them). As shutdown_timeout, the grace was spent
+# twice (a stream ran 2 x the grace and was then dropped without an error event).
+HANDLER_EXIT_TIMEOUT = 2.0
 
 
 def embedded_config() -> Path:
@@ -59,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"server.admin_api_key, if one is set (or ${ADMIN_KEY_ENV})",
     )
     status.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    lite = sub.add_parser("litellm-config", help="print a LiteLLM proxy config for the models")
+    lite.add_argument("--config", help="YAML config (default: the embedded local demo)")
+    lite.add_argument("--url", help="activator's URL as LiteLLM reaches it (default: server.*)")
+    lite.add_argument("--key-env", default=None, help="variable LiteLLM reads the API key from")
     args = parser.parse_args(argv)
+    if args.command == "litellm-config":
+        return _litellm_config(args.config, url=args.url, key_env=args.key_env)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "status":
@@ -109,6 +121,22 @@ def _check_config(path: str) -> int:
     return 0
 
 
+def _litellm_config(config: str | None, *, url: str | None, key_env: str | None) -> int:
+    from activator import litellm_config as lite
+
+    settings = _load(config or str(embedded_config()))
+    if settings is None:
+        return 2
+    default_url, warning = lite.server_url(settings)
+    if url is None and warning is not None:
+        print(f"activator: {warning}", file=sys.stderr)
+    config_ = lite.litellm_config(
+        settings, url=url or default_url, key_env=key_env or lite.DEFAULT_KEY_ENV
+    )
+    print(lite.render(config_), end="")
+    return 0
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -151,7 +179,7 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
         build_app(settings),
         host=server.host,
         port=server.port,
-        shutdown_timeout=server.shutdown_grace,
+        shutdown_timeout=HANDLER_EXIT_TIMEOUT,
         handler_cancellation=True,  # a client that disconnects cancels its held request
         # aiohttp's default of 128 pending connections overflows when thousands of clients
         # arrive at once for a cold model: the kernel drops their SYNs and they retry after

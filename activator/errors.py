@@ -13,6 +13,9 @@ class ActivatorError(Exception):
     type: ClassVar[str] = "server_error"
     code: ClassVar[str] = "internal_error"
     retryable: ClassVar[bool] = False
+    # The connection is closed after the answer: the rest of the request body was never
+    # read, so the connection is in no state to carry another request.
+    closes_connection: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -40,6 +43,14 @@ class ActivatorError(Exception):
         error.update(self.extra)
         return {"error": error}
 
+    def headers(self) -> dict[str, str]:
+        """Headers this error adds to its response (beyond Content-Type and Retry-After)."""
+        return {}
+
+
+class InternalError(ActivatorError):
+    """A bug: an exception nothing expected. Logged with its traceback where it is caught."""
+
 
 class BadRequest(ActivatorError):
     status = 400
@@ -51,6 +62,35 @@ class BodyTooLarge(ActivatorError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    closes_connection = True
+
+
+class RequestTimeout(ActivatorError):
+    """The request body did not arrive within `server.body_timeout`."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+    closes_connection = True
+
+
+class UnsupportedEncoding(ActivatorError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+
+class MethodNotAllowed(ActivatorError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class Unauthorized(ActivatorError):

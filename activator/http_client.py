@@ -5,11 +5,21 @@ connections point at a process or pod that is gone. Behind a Kubernetes Service 
 may ever close them (the pod's network namespace is just deleted), and the next request
 on one would hang until the read timeout. Closing the model's session when its engine
 stops drops exactly those connections and no others.
+
+`post` is the one place where activator retries a request to an engine (see its doc).
 """
 
 from __future__ import annotations
 
+import errno
+import io
+import logging
+from types import SimpleNamespace
+from typing import Any
+
 import aiohttp
+
+logger = logging.getLogger(__name__)
 
 # Connections to one engine at once. Thousands of held requests released together queue
 # for a connection here instead of opening thousands of sockets on one engine.
@@ -22,33 +32,106 @@ class HttpClient:
 
     def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._fresh: dict[str, aiohttp.ClientSession] = {}
         self._open = False
+        self._trace = aiohttp.TraceConfig()
+        self._trace.on_connection_reuseconn.append(_note_reuse)
 
     def session(self, model: str) -> aiohttp.ClientSession:
         """The model's pooled session, made on first use."""
-        if not self._open:
-            raise RuntimeError("the HTTP client is used before the app started")
-        session = self._sessions.get(model)
-        if session is None or session.closed:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS, limit_per_host=0),
-                auto_decompress=False,  # relay bytes as the engine encoded them
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        return self._get(self._sessions, model, pooled=True)
+
+    async def post(
+        self,
+        model: str,
+        url: str,
+        *,
+        data: bytes,
+        headers: dict[str, str],
+        timeouts: aiohttp.ClientTimeout,
+        request_id: str,
+    ) -> aiohttp.ClientResponse:
+        """POST on the model's pool; returns once the status line and headers are in (the
+        caller releases the response).
+
+        Retried once, on a new connection that is never pooled, exactly when all hold:
+        the connection came from the pool (it carried an earlier exchange), it was closed
+        or reset (ServerDisconnectedError, ECONNRESET, EPIPE), and not one byte of the
+        response had arrived. That is the keep-alive race: the engine closed an idle
+        connection as the request went out on it, so the engine never took the request.
+        Never retried: a failure on a new connection (the engine itself failed, and may
+        have seen the request), a refused connect, a timeout, anything after the response
+        began, and a retry.
+        """
+        attempt = SimpleNamespace(reused=False)
+        try:
+            return await self.session(model).post(
+                url, data=_body(data), headers=headers, timeout=timeouts, trace_request_ctx=attempt
             )
-            self._sessions[model] = session
-        return session
+        except aiohttp.ClientError as exc:
+            if not (attempt.reused and _closed_under_us(exc)):
+                raise
+            logger.info(
+                "model=%s request_id=%s pooled connection closed by the engine before it "
+                "answered (%r): retrying once on a new connection",
+                model,
+                request_id,
+                exc,
+            )
+        fresh = self._get(self._fresh, model, pooled=False)
+        return await fresh.post(url, data=_body(data), headers=headers, timeout=timeouts)
 
     async def reset(self, model: str) -> None:
         """Drop the model's pooled connections (its engine is gone)."""
-        session = self._sessions.pop(model, None)
-        if session is not None:
-            await session.close()
+        for sessions in (self._sessions, self._fresh):
+            session = sessions.pop(model, None)
+            if session is not None:
+                await session.close()
 
     async def open(self) -> None:
         self._open = True
 
     async def close(self) -> None:
         self._open = False
-        sessions, self._sessions = self._sessions, {}
-        for session in sessions.values():
+        sessions = [*self._sessions.values(), *self._fresh.values()]
+        self._sessions, self._fresh = {}, {}
+        for session in sessions:
             await session.close()
+
+    def _get(
+        self, sessions: dict[str, aiohttp.ClientSession], model: str, *, pooled: bool
+    ) -> aiohttp.ClientSession:
+        if not self._open:
+            raise RuntimeError("the HTTP client is used before the app started")
+        session = sessions.get(model)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=UPSTREAM_CONNECTIONS, limit_per_host=0, force_close=not pooled
+                ),
+                auto_decompress=False,  # relay bytes as the engine encoded them
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                trace_configs=[self._trace] if pooled else None,
+            )
+            sessions[model] = session
+        return session
+
+
+def _body(data: bytes) -> io.BytesIO:
+    """A body aiohttp writes in chunks, waiting for the socket between them (raw bytes
+    over 1 MiB go out in one write, and aiohttp warns about it); a new one per attempt."""
+    return io.BytesIO(data)
+
+
+async def _note_reuse(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+    if context.trace_request_ctx is not None:
+        context.trace_request_ctx.reused = True
+
+
+def _closed_under_us(exc: aiohttp.ClientError) -> bool:
+    """The connection was closed or reset by the other end (not refused, not timed out)."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerTimeoutError):
+        return False
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientConnectionResetError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)

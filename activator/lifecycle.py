@@ -9,7 +9,14 @@ The moves are one table, `activator.transitions`: every event (a pool decision, 
 reporting how it ended, the backend reporting the engine died or was lost) goes through
 `_fire`, which looks the move up, changes the state through `_set_state` (which logs it
 and updates the metric) and runs the row's effect. Requests are forwarded only in
-`ready`; in every other state they are held.
+`ready`; in every other state they are held. A ready model whose engine is lost without
+failing (a GitOps revert to 0 replicas, its pod evicted or not Ready) goes back to
+starting: new requests are held until the engine is back and probed again.
+
+Shutdown is not a move of the table but three steps, in order: `begin_shutdown` (SIGTERM:
+held requests get a 503, a start or wake under way is cancelled), `cut_in_flight`
+(shutdown_grace passed: what is still in flight ends with a shutting_down error) and
+`shutdown` (the engine is stopped, or left running for the next activator to adopt).
 """
 
 from __future__ import annotations
@@ -72,6 +79,10 @@ class Lease:
     cold: bool
     held_seconds: float
     cut_reason: str | None = None
+    # What the client should get for a cut request (a status line not sent yet: this
+    # error's response; a stream under way: this error as its last event). None: an
+    # upstream error carrying `cut_reason`.
+    cut_error: ActivatorError | None = None
     _on_cut: list[Callable[[], None]] = field(default_factory=list)
     _released: bool = False
 
@@ -79,8 +90,9 @@ class Lease:
         """Register how to abort this request if the model must stop before it ends."""
         self._on_cut.append(callback)
 
-    def cut(self, reason: str) -> None:
+    def cut(self, reason: str, *, error: ActivatorError | None = None) -> None:
         self.cut_reason = reason
+        self.cut_error = error
         for callback in self._on_cut:
             callback()
 
@@ -138,7 +150,12 @@ class Model:
         self._drained.set()
         self._wake_started = 0.0
         self._wake_from = "zero"
+        # Shutdown: no new holds or starts from begin_shutdown on; no new leases once the
+        # grace is over (cut_in_flight).
         self._closing = False
+        self._leases_closed = False
+        self._cancelling: asyncio.Task[None] | None = None  # a start cancelled at SIGTERM
+        self._released = False
         self._effects: dict[Effect, Callable[..., None]] = {
             "none": self._effect_none,
             "start": self._effect_start,
@@ -195,10 +212,10 @@ class Model:
         client that disconnects): the waiter leaves the queue at once and the start,
         which belongs to the model, goes on for the others.
         """
+        if self._leases_closed or (self._closing and self.state != "ready"):
+            raise ShuttingDown("activator is shutting down", retry_after=5)
         if self.state == "ready":
             return self._new_lease(cold=False, held=0.0)
-        if self._closing:
-            raise ShuttingDown("activator is shutting down", retry_after=5)
         if len(self._waiters) >= self.settings.max_queued or self._holds.count >= self._holds.limit:
             raise QueueFull(
                 f"too many requests are waiting for model {self.name!r} to start",
@@ -356,17 +373,38 @@ class Model:
     def _effect_none(self, **_: Any) -> None:
         pass
 
+    def _begin_wake(self, run: Coroutine[Any, Any, None], *, what: str, source: str) -> None:
+        """Run a wake (a cold start, an adoption, a re-wake or a wake from sleep) as the
+        model's transition task, set up now, not when the task first runs: phases or a
+        failure the backend reports meanwhile belong to this wake."""
+        self._wake_started = self._clock()
+        self._wake_from = source
+        self.phases = {}
+        self._failure = asyncio.get_running_loop().create_future()
+        self._spawn(run, what=what)
+
     def _effect_start(self, **_: Any) -> None:
-        self._spawn(self._run_start(), what="start")
+        self._begin_wake(self._run_start(), what="start", source="zero")
 
     def _effect_adopt(self, *, url: str, **_: Any) -> None:
-        self._spawn(self._run_start(adopt_url=url), what="adopt")
+        self._begin_wake(self._run_start(adopt_url=url), what="adopt", source="zero")
 
     def _effect_restart(self, *, reason: str, **_: Any) -> None:
-        self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
-        self.url = None
+        """ready -> starting: the engine went without failing and the backend brings it
+        back. New requests are held from now on; leases in flight are left to end as
+        they will (a terminating pod may still finish them); the re-wake is observed
+        like any wake and bounded by startup_timeout."""
+        assert self.url is not None
+        logger.warning(
+            "model=%s lost its engine while ready (%s): holding requests until it is back",
+            self.name,
+            reason,
+        )
+        self.last_error = f"engine lost: {reason}"
         self.ready_since = None
-        self._spawn(self._run_start(), what="restart")
+        self._begin_wake(
+            self._run_start(adopt_url=self.url, lost=reason), what="rewake", source="zero"
+        )
 
     def _effect_release(self, **_: Any) -> None:
         self.ready_since = self.last_activity = self._clock()
@@ -412,7 +450,7 @@ class Model:
         self._spawn(self._run_sleep(), what="sleep")
 
     def _effect_wake(self, **_: Any) -> None:
-        self._spawn(self._run_wake(), what="wake")
+        self._begin_wake(self._run_wake(), what="wake", source="sleep")
 
     def _effect_stop(self, **_: Any) -> None:
         self._spawn(self._run_stop(failed=False), what="stop")
@@ -426,28 +464,21 @@ class Model:
 
     # ----- transition tasks: each ends by firing the event that says how it ended -----
 
-    async def _run_start(self, adopt_url: str | None = None) -> None:
-        self._wake_started = self._clock()
-        self._wake_from = "zero"
-        self.phases = {}
-        self._failure = asyncio.get_running_loop().create_future()
+    async def _run_start(self, *, adopt_url: str | None = None, lost: str | None = None) -> None:
+        """A wake from zero: start the engine (or take over `adopt_url`), then wait until
+        ready. `lost`: the reason the engine of a ready model was lost (a re-wake)."""
         outcome, reason = "ready", ""
+        asleep = False
         try:
             async with asyncio.timeout(self.settings.startup_timeout):
                 url = adopt_url or await self._race(self.backend.start())
                 self.backend_phase("launched")
-                await self._race(
-                    wait_ready(
-                        self._http.session(self.name),
-                        url=url,
-                        health_path=self.settings.health_path,
-                        served_model_name=self.settings.served_model_name,
-                        api_key=self.settings.upstream_api_key,
-                        nudge=self._nudge,
-                    )
-                )
-                if self.settings.sleep is not None and adopt_url is None:
-                    await self._warm_up(url)
+                await self._race(self._until_ready(url))
+                if self.settings.sleep is not None:
+                    if adopt_url is None:
+                        await self._warm_up(url)
+                    else:  # an engine left asleep (by an activator before this one)
+                        asleep = await self._adopted_asleep(url)
         except TimeoutError:
             outcome = "timeout"
             reason = f"not ready within startup_timeout ({self.settings.startup_timeout:.0f}s)"
@@ -457,13 +488,67 @@ class Model:
         except Exception as exc:  # a backend may raise anything; it fails this start only
             outcome = "failed"
             reason = exc.message if isinstance(exc, ActivatorError) else str(exc) or repr(exc)
-        self._observe_wake(outcome)
         if outcome != "ready":
+            self._observe_wake(outcome)
             self._fire("start_failed", reason=reason, outcome=outcome)
             return
+        if lost is not None:
+            # Requests still on the lost engine would stay on it; pooled connections to it
+            # (behind a Service: to a pod that is gone) must not take new requests.
+            for lease in list(self._leases):
+                lease.cut(f"model {self.name!r} lost its engine ({lost}) and has a new one")
+            await self._http.reset(self.name)
         self.url = url
+        if asleep:
+            assert self.settings.sleep is not None
+            self.host_held = self.settings.sleep.host_bytes
+            self._fire("found_asleep")
+            return
+        self._observe_wake(outcome)
         self.backend_phase("ready")
         self._fire("ready")
+
+    async def _until_ready(self, url: str) -> None:
+        """Until the backend sees the engine it runs up (`Backend.serving`) and `url`
+        answers as a ready engine. `serving` is checked again after the probe: a server we
+        did not start may answer on the URL (another process on a fixed port, a
+        terminating pod behind a lagging Service), and our engine may have exited
+        meanwhile; the backend reports that exit as a failure, which ends the race."""
+        while True:
+            await self._until_serving()
+            await wait_ready(
+                self._http.session(self.name),
+                url=url,
+                health_path=self.settings.health_path,
+                served_model_name=self.settings.served_model_name,
+                api_key=self.settings.upstream_api_key,
+                nudge=self._nudge,
+            )
+            if self.backend.serving():
+                return
+            logger.warning(
+                "model=%s %s answered, but the engine we run is not up: not routing to it",
+                self.name,
+                url,
+            )
+
+    async def _until_serving(self) -> None:
+        # Woken by the backend's progress nudges; a backend failure ends it (via _race).
+        while True:
+            self._nudge.clear()
+            if self.backend.serving():
+                return
+            await self._nudge.wait()
+
+    async def _adopted_asleep(self, url: str) -> bool:
+        """Whether an engine found running is asleep (/health answers 200 either way)."""
+        try:
+            return await engine_sleep.is_sleeping(
+                self._http.session(self.name), url, headers=self._engine_headers()
+            )
+        except engine_sleep.SleepError as exc:
+            logger.warning("model=%s cannot tell whether it sleeps (%s): awake", self.name, exc)
+            return False
 
     async def _warm_up(self, url: str) -> None:
         """One max_tokens=1 request before clients are released, so later wakes do not
@@ -530,10 +615,6 @@ class Model:
         stops the engine, and the held requests wait for the cold start that follows."""
         sleep = self.settings.sleep
         assert sleep is not None and self.url is not None
-        self._wake_started = self._clock()
-        self._wake_from = "sleep"
-        self.phases = {}
-        self._failure = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(sleep.timeout):
                 await self._race(
@@ -691,9 +772,11 @@ class Model:
         self._fire("died", reason=reason)
 
     def backend_lost(self, reason: str) -> None:
-        """The engine was taken away (replicas reset to 0, the ready pod gone): new
-        requests are held until it is ready again."""
-        logger.warning("model=%s engine lost: %s", self.name, reason)
+        """The engine was taken away (the ready pod gone): new requests are held until
+        it is ready again. Not a move outside ready: a wake, a stop or a failure under
+        way deals with it."""
+        if self.state == "ready":
+            self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
         self._fire("lost", reason=reason)
 
     def backend_appeared(self) -> None:
@@ -713,6 +796,7 @@ class Model:
             self.name,
         )
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="revert").inc()
+        self._fire("lost", reason="scaled to 0 replicas by another client")
 
     def backend_unknown(self, unknown: bool) -> None:
         if unknown != self.unknown:
@@ -721,33 +805,84 @@ class Model:
             )
             self.unknown = unknown
             self._metrics.set_state(self.name, "unknown" if unknown else self.state)
+            self._nudge.set()  # Backend.serving() may have changed with it
             self._kick()
 
     # ----- shutdown ------------------------------------------------------------------
 
-    def reject_waiters(self) -> None:
-        """Shutdown, first step: no new holds, and held requests get a 503 now."""
+    def begin_shutdown(self) -> None:
+        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start or
+        wake under way is cancelled (its engine stopped at once, or left for the next
+        activator to adopt), never completed and then stopped. In-flight requests go on."""
+        if self._closing:
+            return
         self._closing = True
+        self._wake_requested_at = None
         self._fail_waiters(ShuttingDown("activator is shutting down", retry_after=5))
+        if self.state in ("starting", "waking") and self._backend is not None:
+            self._transition = self._cancelling = self._tasks.spawn(
+                self._run_cancel_start(self._transition), name=f"cancel-start:{self.name}"
+            )
+
+    async def _run_cancel_start(self, start: asyncio.Task[None] | None) -> None:
+        if start is not None and not start.done():
+            start.cancel()
+            await asyncio.wait({start})  # its own outcome ("cancelled") is observed there
+        await self._release_engine()
+
+    async def drained(self) -> None:
+        """Until nothing is in flight."""
+        await self._drained.wait()
+
+    async def cut_in_flight(self, reason: str) -> int:
+        """shutdown_grace is over: no new leases, and every request still in flight ends
+        now with a shutting_down error (a stream: as its last event). Returns how many."""
+        self._leases_closed = True
+        leases = list(self._leases)
+        for lease in leases:
+            lease.cut(reason, error=ShuttingDown(reason, retry_after=5))
+        if leases:
+            # A request still waiting for the engine's status line has no cut callback
+            # yet: closing the model's connections ends it too.
+            await self._http.reset(self.name)
+        return len(leases)
 
     async def shutdown(self) -> None:
-        """Shutdown, last step: stop the engine we run (bounded by its stop grace)."""
-        self._closing = True
+        """Shutdown, last step: stop the engine we run (bounded by its stop grace), or
+        leave it running for the next activator (Backend.keep_on_shutdown)."""
+        self.begin_shutdown()
         if self._backend is None:
             return
-        if self._transition is not None and not self._transition.done():
-            self._transition.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._transition
-        for lease in list(self._leases):
-            lease.cut("activator is shutting down")
+        transition = self._transition
+        if transition is not None and not transition.done():
+            # A start being cancelled is left to finish (bounded by the backend's stop
+            # grace); a stop, a sleep or an engine-death cleanup is cancelled, as the
+            # engine is released below in any case.
+            if transition is not self._cancelling:
+                transition.cancel()
+            await asyncio.wait({transition})
+        await self.cut_in_flight("activator is shutting down")
+        await self._release_engine()
+        await self.backend.aclose()
+
+    async def _release_engine(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self.backend.keep_on_shutdown:
+            if self.state not in ("stopped", "failed"):
+                logger.info(
+                    "model=%s left %s for the next activator to adopt (on_shutdown: keep)",
+                    self.name,
+                    self.state,
+                )
+            return
         if self.state != "stopped":
             self._metrics.scale_events.labels(
                 model=self.name, direction="down", reason="shutdown"
             ).inc()
         await self._stop_backend()
         self._set_state("stopped")
-        await self.backend.aclose()
 
     def describe(self) -> dict[str, Any]:
         s = self.settings

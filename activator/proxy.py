@@ -8,10 +8,10 @@ imports a backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +20,20 @@ from aiohttp import web
 
 from activator.errors import (
     ActivatorError,
-    BadRequest,
-    BodyTooLarge,
+    InternalError,
+    MethodNotAllowed,
     ModelUnavailable,
     UpstreamError,
     UpstreamTimeout,
 )
+from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
 from activator.http_client import HttpClient
-from activator.http_errors import error_response, sse_error_event
+from activator.http_errors import engine_error_body, error_response, sse_error_event
 from activator.lifecycle import Lease, Model
 from activator.metrics import UNKNOWN_MODEL, Metrics
+from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
+from activator.request_body import read_body
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("activator.access")
@@ -43,22 +46,6 @@ ENDPOINTS = {
     "/v1/embeddings": "embeddings",
     "/v1/responses": "responses",
 }
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-REQUEST_ID = "X-Request-Id"
 
 
 @dataclass
@@ -73,6 +60,13 @@ class Exchange:
     held: float = 0.0
     ttfb: float | None = None
     status: int = 0
+    # The client's response once its status line went out (a stream): from then on an
+    # error can only travel inside it.
+    sent: web.StreamResponse | None = None
+
+
+class ClientGone(Exception):
+    """The client's connection closed under a write to it (not an engine failure)."""
 
 
 class Proxy:
@@ -83,6 +77,7 @@ class Proxy:
         http: HttpClient,
         metrics: Metrics,
         max_body_bytes: int,
+        body_timeout: float,
         strip_client_auth: bool,
         access_log: str,
     ) -> None:
@@ -90,46 +85,78 @@ class Proxy:
         self._http = http
         self._metrics = metrics
         self._max_body = max_body_bytes
+        self._body_timeout = body_timeout
+        self._parser = PayloadParser()
         # The client's Authorization is activator's own key when api_keys is set: it is
         # a secret of ours and never goes to an engine.
         self._strip_client_auth = strip_client_auth
         self._access_log = access_log
 
+    async def close(self) -> None:
+        """At the app's cleanup: stops the body-parsing worker, if one started."""
+        await self._parser.close()
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every request gets an answer, an access-log line and a metric: whatever fails,
+        whether or not the client stays."""
         ex = Exchange(
-            request_id=_request_id(request),
+            request_id=request_id(request.headers.get(REQUEST_ID)),
             endpoint=ENDPOINTS[request.path],
             started=time.monotonic(),
         )
         try:
             response = await self._handle(request, ex)
         except ActivatorError as error:
-            response = error_response(error)
-        except (asyncio.CancelledError, ConnectionResetError):
+            response = await self._error(ex, error)
+        except asyncio.CancelledError:
             ex.status = 499  # the client went away (nginx's convention)
             self._finish(ex)
             raise
+        except (ConnectionResetError, ClientGone):
+            # Gone between two writes, before the cancellation: nothing left to answer.
+            ex.status = 499
+            self._finish(ex)
+            return ex.sent or web.Response(status=499)
+        except Exception:
+            logger.exception("model=%s request_id=%s unexpected error", ex.model, ex.request_id)
+            bug = f"internal error in activator (request id {ex.request_id}); see its log"
+            response = await self._error(ex, InternalError(bug))
         if not response.prepared:
             response.headers.update(self._headers(ex))
         ex.status = ex.status or response.status
         self._finish(ex)
         return response
 
+    @staticmethod
+    async def _error(ex: Exchange, error: ActivatorError) -> web.StreamResponse:
+        """An error's answer: its envelope, or an error event if a stream already began
+        (its status line went out while the request was held)."""
+        ex.status = error.status
+        if ex.sent is None:
+            return error_response(error)
+        with contextlib.suppress(ClientGone):
+            await _end(ex.sent, sse_error_event(error))
+        return ex.sent
+
+    @staticmethod
+    async def method_not_allowed(request: web.Request) -> web.Response:
+        """Any method but POST on a proxied endpoint (the engine is never asked)."""
+        error = MethodNotAllowed(
+            f"{request.path} takes POST, not {request.method}", allow=("POST",)
+        )
+        return error_response(error)
+
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        body = await self._read_body(request)
-        payload = _parse(body)
-        model = self._registry.resolve(payload.get("model"))
+        body = await read_body(request, limit=self._max_body, body_timeout=self._body_timeout)
+        payload = await self._parser.parse(body)
+        model = self._registry.resolve(payload.model)
         ex.model = model.name
-        served = model.settings.served_model_name
-        if payload["model"] != served:
-            payload["model"] = served
-            body = json.dumps(payload).encode()
-        streaming = payload.get("stream") is True
+        body = payload.with_model(body, model.settings.served_model_name)
         keepalive = model.settings.stream_keepalive
-        if streaming and keepalive:
+        if payload.stream and keepalive:
             return await self._held_stream(request, ex, model, body, keepalive)
         lease = await self._acquire(ex, model)
-        return await self._forward(request, ex, lease, body, None)
+        return await self._forward(request, ex, lease, body)
 
     async def _acquire(self, ex: Exchange, model: Model) -> Lease:
         """`model.acquire()`, noting a hold that ends without a lease (the start failed or
@@ -142,14 +169,6 @@ class Proxy:
             ex.cold, ex.held = True, time.monotonic() - started
             raise
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        if request.content_length is not None and request.content_length > self._max_body:
-            raise BodyTooLarge(f"request body over {self._max_body} bytes")
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise BodyTooLarge(f"request body over {self._max_body} bytes") from None
-
     async def _held_stream(
         self, request: web.Request, ex: Exchange, model: Model, body: bytes, interval: float
     ) -> web.StreamResponse:
@@ -160,47 +179,32 @@ class Proxy:
         OpenAI SDK would start to track them).
         """
         acquiring = asyncio.ensure_future(self._acquire(ex, model))
-        response: web.StreamResponse | None = None
         started = time.monotonic()
         try:
             while True:
                 done, _ = await asyncio.wait({acquiring}, timeout=interval)
                 if done:
                     break
-                if response is None:
-                    response = web.StreamResponse(
-                        status=200,
-                        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
-                    )
+                if ex.sent is None:
                     # The hold is not over: the header carries the hold so far.
                     ex.held = time.monotonic() - started
-                    response.headers.update(self._headers(ex, cold=True))
-                    await response.prepare(request)
+                    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                    response = web.StreamResponse(
+                        status=200, headers={**headers, **self._headers(ex, cold=True)}
+                    )
+                    await _prepare(request, ex, response)
                 waited = time.monotonic() - started
                 note = f": waiting for {model.name} to start ({waited:.0f}s)\n\n"
-                await response.write(note.encode())
+                await _write(ex.sent, note.encode())
         finally:
             if not acquiring.done():
                 acquiring.cancel()
                 await asyncio.wait({acquiring})
-        try:
-            lease = acquiring.result()
-        except ActivatorError as error:
-            if response is None:
-                raise
-            ex.status = error.status
-            await response.write(sse_error_event(error))
-            await response.write_eof()
-            return response
-        return await self._forward(request, ex, lease, body, response)
+        # A failed hold raises: `handle` answers it, in the stream if one began.
+        return await self._forward(request, ex, acquiring.result(), body)
 
     async def _forward(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        lease: Lease,
-        body: bytes,
-        response: web.StreamResponse | None,
+        self, request: web.Request, ex: Exchange, lease: Lease, body: bytes
     ) -> web.StreamResponse:
         ex.cold, ex.held = lease.cold, lease.held_seconds
         model = lease.model
@@ -208,24 +212,20 @@ class Proxy:
             total=None, sock_connect=10, sock_read=model.settings.upstream_read_timeout
         )
         try:
-            async with self._http.session(model.name).post(
+            upstream = await self._http.post(
+                model.name,
                 lease.url + request.path,
                 data=body,
                 headers=self._upstream_headers(request, ex, model),
-                timeout=timeout,
-            ) as upstream:
+                timeouts=timeout,
+                request_id=ex.request_id,
+            )
+            async with upstream:
                 lease.on_cut(upstream.close)
-                if upstream.content_type != "text/event-stream":
-                    data = await upstream.read()
-                    ex.ttfb = time.monotonic() - ex.started
-                    if response is not None:  # headers went out while held
-                        await response.write(_as_sse(upstream.status, data))
-                        await response.write_eof()
-                        return response
-                    return web.Response(
-                        status=upstream.status, body=data, headers=_relay_headers(upstream)
-                    )
-                return await self._relay_stream(request, ex, lease, upstream, response)
+                if upstream.content_type == "text/event-stream":
+                    return await self._relay_stream(request, ex, lease, upstream)
+                data = await upstream.read()
+                ex.ttfb = time.monotonic() - ex.started
         except aiohttp.ClientPayloadError as exc:
             raise self._upstream_error(model, "disconnect", lease, exc) from exc
         except TimeoutError as exc:
@@ -236,55 +236,67 @@ class Proxy:
             raise self._upstream_error(model, "connect", lease, exc) from exc
         finally:
             lease.release()
+        if ex.sent is not None:  # headers went out while held
+            return await _end(ex.sent, _as_sse(upstream.status, data))
+        headers = relay_headers(upstream.headers)
+        encoded = headers.get("Content-Encoding", "identity").lower() != "identity"
+        wrapped = None if encoded else engine_error_body(upstream.status, data)
+        if wrapped is not None:
+            headers["Content-Type"] = "application/json"
+        return web.Response(status=upstream.status, body=wrapped or data, headers=headers)
 
     async def _relay_stream(
-        self,
-        request: web.Request,
-        ex: Exchange,
-        lease: Lease,
-        upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse | None,
+        self, request: web.Request, ex: Exchange, lease: Lease, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
+        response = ex.sent
         if response is None:
-            response = web.StreamResponse(status=upstream.status, headers=_relay_headers(upstream))
-            response.headers.update(self._headers(ex))
-            await response.prepare(request)
+            headers = {**relay_headers(upstream.headers), **self._headers(ex)}
+            response = await _prepare(
+                request, ex, web.StreamResponse(status=upstream.status, headers=headers)
+            )
         ex.status = upstream.status
-        try:
-            async for chunk in upstream.content.iter_any():
-                if ex.ttfb is None:
-                    ex.ttfb = time.monotonic() - ex.started
-                await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone: the error travels inside the stream, and the stream ends.
-            if lease.cut_reason:
-                kind = "cut"
-            else:
-                kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
-            error = self._upstream_error(lease.model, kind, lease, exc)
-            ex.status = error.status
-            await response.write(sse_error_event(error))
-        await response.write_eof()
-        return response
+        chunks = upstream.content.iter_any()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Headers are gone: the error travels inside the stream, and the stream ends.
+                if lease.cut_reason:
+                    kind = "cut"
+                else:
+                    kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
+                error = self._upstream_error(lease.model, kind, lease, exc)
+                ex.status = error.status
+                return await _end(response, sse_error_event(error))
+            if ex.ttfb is None:
+                ex.ttfb = time.monotonic() - ex.started
+            await _write(response, chunk)
+        return await _end(response)
 
     def _upstream_error(
         self, model: Model, kind: str, lease: Lease, exc: BaseException
-    ) -> UpstreamError:
+    ) -> ActivatorError:
         self._metrics.upstream_errors.labels(model=model.name, kind=kind).inc()
+        if lease.cut_error is not None:  # cut on purpose (shutdown): its own error
+            return lease.cut_error
         if lease.cut_reason:
             return UpstreamError(lease.cut_reason)
         logger.warning("model=%s upstream %s error: %r", model.name, kind, exc)
         return UpstreamError(f"connection to model {model.name!r} failed ({kind})")
 
     def _upstream_headers(self, request: web.Request, ex: Exchange, model: Model) -> dict[str, str]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        if self._strip_client_auth or model.settings.upstream_api_key:
-            headers.pop("Authorization", None)
-            headers.pop("authorization", None)
-        if model.settings.upstream_api_key:
-            headers["Authorization"] = f"Bearer {model.settings.upstream_api_key}"
-        headers[REQUEST_ID] = ex.request_id
-        return headers
+        key = model.settings.upstream_api_key
+        if key:
+            authorization: str | None = f"Bearer {key}"
+        elif self._strip_client_auth:
+            authorization = None
+        else:  # activator has no key of its own: the client's is the engine's business
+            authorization = request.headers.get("Authorization")
+        return upstream_headers(
+            request.headers, request_id=ex.request_id, authorization=authorization
+        )
 
     @staticmethod
     def _headers(ex: Exchange, *, cold: bool | None = None) -> dict[str, str]:
@@ -332,36 +344,39 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get(REQUEST_ID, "")
-    # Accept a client's id only if it is short and printable: it goes into logs.
-    if 0 < len(given) <= 128 and given.isprintable() and " " not in given:
-        return given
-    return uuid.uuid4().hex
-
-
-def _parse(body: bytes) -> dict[str, Any]:
+async def _prepare(
+    request: web.Request, ex: Exchange, response: web.StreamResponse
+) -> web.StreamResponse:
+    """Send a stream's status line and headers; from now on errors go inside it."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(payload, dict):
-        raise BadRequest("request body must be a JSON object")
-    if not isinstance(payload.get("model"), str) or not payload["model"]:
-        raise BadRequest("missing required field 'model'", param="model")
-    return payload
+        await response.prepare(request)
+    except ConnectionResetError as exc:
+        raise ClientGone from exc
+    ex.sent = response
+    return response
 
 
-def _relay_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    return {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+async def _write(response: web.StreamResponse | None, data: bytes) -> None:
+    assert response is not None, "written only once prepared"
+    try:
+        await response.write(data)
+    except ConnectionResetError as exc:  # aiohttp's ClientConnectionResetError included
+        raise ClientGone from exc
+
+
+async def _end(response: web.StreamResponse, data: bytes = b"") -> web.StreamResponse:
+    if data:
+        await _write(response, data)
+    try:
+        await response.write_eof()
+    except ConnectionResetError as exc:
+        raise ClientGone from exc
+    return response
 
 
 def _as_sse(status: int, data: bytes) -> bytes:
-    """A non-stream upstream answer (an error) for a client whose stream already began."""
+    """A non-stream upstream answer for a client whose stream already began: a success as
+    one event, an error as an error event (wrapped into an envelope if it is not one)."""
     if status < 400:
         return b"data: " + data + b"\n\ndata: [DONE]\n\n"
-    try:
-        body = json.loads(data)
-    except ValueError:
-        body = {"error": {"message": data.decode("utf-8", "replace"), "code": status}}
-    return b"data: " + json.dumps(body).encode() + b"\n\n"
+    return b"data: " + (engine_error_body(status, data) or data) + b"\n\n"

@@ -53,6 +53,7 @@ Event = Literal[
     "drained_for_sleep",
     "asleep",  # the sleep task: /is_sleeping confirmed
     "sleep_failed",  # the sleep task: /sleep failed or the engine is still awake
+    "found_asleep",  # the start task: the engine it adopted is asleep (left so by an activator)
     "stopped",  # the stop task: the engine is gone
     "stopped_after_failure",  # the stop task of a failure: the engine is gone
     "died",  # the backend: the engine exited or crashed on its own
@@ -91,6 +92,8 @@ def _table() -> Mapping[tuple[State, Event], Move]:
         ("starting", "ready"): Move("ready", "release"),
         ("waking", "ready"): Move("ready", "release"),
         ("starting", "start_failed"): Move("stopping", "fail_start"),
+        # An adopted engine that sleeps (a restarted activator kept it): it holds no GPU.
+        ("starting", "found_asleep"): Move("sleeping", "none"),
         # A wake that fails stops the engine; held requests keep waiting, and since the
         # model still has demand the pool starts it again, cold.
         ("waking", "wake_failed"): Move("stopping", "stop"),

@@ -31,8 +31,8 @@ from activator.settings import (
     ProcessTarget,
     Section,
     ServerSettings,
-    SleepSettings,
     Settings,
+    SleepSettings,
 )
 from tests.conftest import ActivatorFactory
 from tests.harness import model_config, unique

@@ -47,6 +47,8 @@ class Recorder:
 
     def backend_progress(self) -> None:
         self.progress += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def backend_failed(self, reason: str) -> None:
         self._add("failed", reason)
@@ -56,6 +58,9 @@ class Recorder:
 
     def backend_reverted(self) -> None:
         self._add("reverted")
+
+    def backend_lost(self, reason: str) -> None:
+        self._add("lost", reason)
 
     def backend_unknown(self, unknown: bool) -> None:
         self._add("unknown", unknown)
@@ -186,6 +191,7 @@ async def test_stop_returns_only_after_the_pod_is_deleted_and_the_engine_exited(
         await health(url)
     await backend.stop()  # idempotent
     assert recorder.of("appeared") == [] and recorder.of("reverted") == []
+    assert recorder.of("lost") == []  # our own scale-down is no loss
 
 
 async def test_stop_while_the_pod_is_still_pending(kube: FakeKube, make: MakeBackend) -> None:
@@ -313,6 +319,57 @@ async def test_revert_that_cannot_be_undone_fails_the_model(
     await recorder.wait_for(lambda: bool(recorder.of("failed")))
     assert "could not be restored" in recorder.of("failed")[0]
     assert "RBAC: cannot patch deployments/scale in namespace serving" in recorder.of("failed")[0]
+
+
+async def test_losing_the_last_ready_pod_is_reported_and_serving_follows_the_pods(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    backend, recorder = await make()
+    await backend.start()
+    assert not backend.serving()  # scaled up, no pod Ready yet
+    await recorder.wait_for(backend.serving)
+    kube.set_pods_ready("coder-chat", False)  # node lost
+    await recorder.wait_for(lambda: len(recorder.of("lost")) == 1)
+    assert "is not Ready" in recorder.of("lost")[0]
+    assert not backend.serving()
+    kube.set_pods_ready("coder-chat", True)
+    await recorder.wait_for(backend.serving)
+    (pod,) = kube.pods("coder-chat")
+    kube.evict("coder-chat")
+    await recorder.wait_for(lambda: len(recorder.of("lost")) == 2)
+    assert recorder.of("lost")[1] == f"pod {pod['metadata']['name']} is terminating"
+    await recorder.wait_for(backend.serving)  # the replacement is Ready
+    assert recorder.of("failed") == [] and recorder.of("reverted") == []
+    # The replacement's wake phases are reported again (a new wake).
+    assert recorder.of("phase").count("started") == 3
+
+
+async def test_serving_is_not_blocked_while_the_api_cannot_be_observed(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    backend, recorder = await make()
+    await backend.start()
+    kube.break_api()
+    kube.drop_watches(abrupt=True)
+    await recorder.wait_for(lambda: recorder.of("unknown") == [True])
+    assert backend.serving()  # the cache may be stale: the URL probe decides
+    kube.heal_api()
+
+
+async def test_models_are_kept_on_shutdown_unless_configured_to_stop(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    backend, _ = await make()
+    assert backend.keep_on_shutdown
+    settings = KubernetesSettings(kubeconfig=kube.kubeconfig, on_shutdown="stop")
+    cluster = await KubeCluster.connect(settings, tuning=FAST)
+    model = ModelSettings(
+        name="x",
+        served_model_name="x",
+        kubernetes=KubernetesTarget(namespace="serving", name="x", url="http://127.0.0.1:9"),
+    )
+    assert not KubernetesBackend(model, cluster=cluster, listener=Recorder()).keep_on_shutdown
+    await cluster.aclose()
 
 
 async def test_manual_scale_up_while_not_wanted_is_adopted(

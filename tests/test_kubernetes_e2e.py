@@ -3,6 +3,7 @@ kubelet running stand-in engines, a real activator on loopback and the official 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,15 +14,15 @@ import pytest
 
 from activator.testing.fake_kube import FakeKube
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, chat, post
+from tests.harness import Running, chat, header, post, wait_for
 
 log = logging.getLogger(__name__)
 
 
 @pytest.fixture
 async def kube() -> AsyncIterator[FakeKube]:
-    """Requested before `activator` in every test: the cluster outlives the activator,
-    whose shutdown scales its models down through the API."""
+    """Requested before `activator` in every test: the cluster outlives the activator
+    (whose shutdown, with `on_shutdown: stop`, scales its models down through the API)."""
     async with FakeKube(gpus=1) as fake:
         yield fake
 
@@ -38,11 +39,20 @@ def kube_model(kube: FakeKube, name: str, **keys: Any) -> dict[str, Any]:
 
 
 async def start(
-    activator: ActivatorFactory, kube: FakeKube, models: dict[str, dict[str, Any]], **top: Any
+    activator: ActivatorFactory,
+    kube: FakeKube,
+    models: dict[str, dict[str, Any]],
+    *,
+    kubernetes: dict[str, Any] | None = None,
+    **top: Any,
 ) -> Running:
     return await activator(
         {
-            "kubernetes": {"kubeconfig": kube.kubeconfig, "request_timeout": "5s"},
+            "kubernetes": {
+                "kubeconfig": kube.kubeconfig,
+                "request_timeout": "5s",
+                **(kubernetes or {}),
+            },
             "models": models,
             **top,
         }
@@ -151,3 +161,130 @@ async def test_running_deployment_is_adopted_at_start(
     status, _, _ = await post(running, "/v1/chat/completions", chat("coder"))
     assert status == 200
     assert [r for r in kube.requests if r.verb == "patch"] == []
+
+
+def ready_pods(kube: FakeKube, name: str) -> list[str]:
+    return [
+        p["metadata"]["name"]
+        for p in kube.pods(name)
+        if any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in p["status"].get("conditions", [])
+        )
+        and "deletionTimestamp" not in p["metadata"]
+    ]
+
+
+def scale_events(running: Running, reason: str) -> float:
+    return running.sample(
+        "activator_scale_events_total", model="coder", direction="up", reason=reason
+    )
+
+
+def wakes(running: Running) -> float:
+    return running.sample(
+        "activator_wake_duration_seconds_count",
+        model="coder",
+        backend="kubernetes",
+        outcome="ready",
+    )
+
+
+async def test_revert_while_ready_holds_requests_until_the_new_pod_is_ready(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """Argo CD without RespectIgnoreDifferences sets replicas back to 0 while the model
+    serves: the model leaves ready at once, and a request arriving during the new cold
+    start is held and answered, not sent to the pod that is going away."""
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    model = running.model("coder")
+    (first,) = ready_pods(kube, "coder")
+    kube.scale("coder", 0)
+    await wait_for(lambda: model.state == "starting", what="the model left ready")
+    await kube.wait_until(lambda: first not in [p["metadata"]["name"] for p in kube.pods("coder")])
+    status, body, headers = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200, body
+    assert header(headers, "X-Activator-Cold-Start") == "true"
+    assert model.state == "ready"
+    assert scale_events(running, "revert") == 1
+    assert wakes(running) == 2  # the re-wake is observed like any wake
+    assert running.sample("activator_upstream_errors_total", model="coder", kind="connect") == 0
+
+
+async def test_evicted_pod_holds_requests_until_its_replacement_is_ready(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    model = running.model("coder")
+    (first,) = ready_pods(kube, "coder")
+    kube.evict("coder")
+    await wait_for(lambda: model.state == "starting", what="the model left ready")
+    status, body, headers = await post(running, "/v1/chat/completions", chat("coder"))
+    assert status == 200, body
+    assert header(headers, "X-Activator-Cold-Start") == "true"
+    assert first not in ready_pods(kube, "coder")
+    assert scale_events(running, "lost") == 1
+    assert wakes(running) == 2
+    assert [r for r in kube.requests if r.verb == "patch"][1:] == []  # the cluster replaced it
+
+
+async def test_pod_not_ready_holds_requests_until_it_is_ready_again(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """Node loss: the pod turns not Ready while its engine still answers on the URL (as a
+    Service lagging behind would). Requests are held until a pod is Ready again."""
+    running = await start(activator, kube, {"coder": kube_model(kube, "coder")})
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    model = running.model("coder")
+    kube.set_pods_ready("coder", False)
+    await wait_for(lambda: model.state == "starting", what="the model left ready")
+    held = asyncio.create_task(post(running, "/v1/chat/completions", chat("coder")))
+    await wait_for(lambda: model.queued == 1, what="the request is held")
+    assert model.state == "starting"  # the URL answers, but no pod is Ready
+    kube.set_pods_ready("coder", True)
+    status, body, headers = await held
+    assert status == 200, body
+    assert header(headers, "X-Activator-Cold-Start") == "true"
+    assert scale_events(running, "lost") == 1
+
+
+async def test_shutdown_leaves_models_running_for_the_next_activator_to_adopt(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """A rolling restart: the old activator leaves the Deployment at 1 replica; the new
+    one adopts it warm (no scale call) and restarts its idle timer."""
+    model = kube_model(kube, "coder")
+    first = await start(activator, kube, {"coder": model})
+    assert (await post(first, "/v1/chat/completions", chat("coder")))[0] == 200
+    (pod,) = ready_pods(kube, "coder")
+    await first.close()
+    assert kube.replicas("coder") == 1
+    assert ready_pods(kube, "coder") == [pod]
+    patches = len([r for r in kube.requests if r.verb == "patch"])
+
+    second = await start(activator, kube, {"coder": {**model, "idle_timeout": "1s"}})
+    await wait_for(lambda: second.model("coder").state == "ready", what="adopted")
+    status, _, headers = await post(second, "/v1/chat/completions", chat("coder"))
+    assert status == 200
+    assert header(headers, "X-Activator-Cold-Start") == "false"
+    assert len([r for r in kube.requests if r.verb == "patch"]) == patches
+    assert (
+        second.sample("activator_scale_events_total", model="coder", direction="up", reason="adopt")
+        == 1
+    )
+    # Its idle timer runs in the new activator: it scales the model down once idle.
+    await kube.wait_until(lambda: kube.replicas("coder") == 0 and not kube.pods("coder"))
+
+
+async def test_on_shutdown_stop_scales_models_to_zero(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    running = await start(
+        activator, kube, {"coder": kube_model(kube, "coder")}, kubernetes={"on_shutdown": "stop"}
+    )
+    assert (await post(running, "/v1/chat/completions", chat("coder")))[0] == 200
+    await running.close()
+    assert kube.replicas("coder") == 0
+    assert kube.pods("coder") == []

@@ -9,9 +9,12 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from tests.conftest import ActivatorFactory
 from tests.harness import (
@@ -19,6 +22,7 @@ from tests.harness import (
     Running,
     chat,
     engine_pids,
+    error_of,
     model_config,
     post,
     unique,
@@ -148,3 +152,106 @@ async def test_leader_dying_is_noticed_while_a_forked_child_holds_its_output(
         # Should the death go unnoticed, the orphan must not outlive the test.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(leader, signal.SIGKILL)
+
+
+async def test_fixed_port_already_served_by_another_process_fails_the_start(
+    activator: ActivatorFactory,
+) -> None:
+    """Something we did not start answers on the configured port as an engine of this
+    model would: the start fails naming the address, and no client request reaches it."""
+    served = unique("taken")
+    reached: list[str] = []
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": served, "object": "model"}]})
+
+    async def completion(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({"foreign": True})
+
+    foreign = web.Application()
+    foreign.router.add_get("/health", health)
+    foreign.router.add_get("/v1/models", models)
+    foreign.router.add_post("/v1/chat/completions", completion)
+    server = TestServer(foreign, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        config = model_config(served)
+        config["process"]["port"] = server.port
+        running = await activator({"models": {"m": config}})
+        status, body, _ = await post(running, "/v1/chat/completions", chat("m"))
+        assert status == 503, body
+        error = error_of(body)
+        assert error["code"] == "model_start_failed"
+        assert f"127.0.0.1:{server.port} already accepts connections" in error["message"]
+        assert reached == []
+        assert not engine_pids(served)  # refused before spawning
+        assert running.model("m").state == "failed"
+    finally:
+        await server.close()
+
+
+# Run as the engine command: the process activator starts exits at once, and a process it
+# left behind, outside its group, serves the port as an engine of the model would (only
+# once the first has exited). POSTs that reach it are recorded in PIDFILE.hits.
+LEAVES_A_FOREIGN_SERVER = r"""
+import http.server, json, os, select, sys
+port, served, pidfile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+started = os.getpid()
+if os.fork():
+    os._exit(0)
+os.setsid()
+with open(pidfile, "w") as f:
+    f.write(str(os.getpid()))
+try:
+    select.select([os.pidfd_open(started)], [], [])
+except ProcessLookupError:
+    pass  # already exited and reaped
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": served, "object": "model"}]})
+
+    def do_POST(self):
+        with open(pidfile + ".hits", "a") as f:
+            f.write(self.path + "\n")
+        self._send({"foreign": True})
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+async def test_engine_that_exits_is_a_failure_even_when_its_port_answers(
+    activator: ActivatorFactory, tmp_path: Path
+) -> None:
+    served = unique("exits")
+    pidfile = tmp_path / "foreign.pid"
+    config = model_config(served)
+    config["process"]["command"] = [
+        sys.executable, "-c", LEAVES_A_FOREIGN_SERVER, "{port}", served, str(pidfile)
+    ]  # fmt: skip
+    running = await activator({"models": {"m": config}})
+    try:
+        status, body, _ = await post(running, "/v1/chat/completions", chat("m"))
+        assert status == 503, body
+        error = error_of(body)
+        assert error["code"] == "model_start_failed"
+        assert "engine process exited with code 0" in error["message"]
+        assert not (tmp_path / "foreign.pid.hits").exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

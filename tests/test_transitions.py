@@ -46,12 +46,18 @@ def test_pool_decisions_apply_where_the_policy_decides_them(event: str, states: 
 
 def test_gpu_accounting_agrees_with_the_table() -> None:
     """Moves into a state that holds no GPU come only from a task that freed it (stopping,
-    falling asleep) or from a state that held none."""
+    falling asleep), from an adoption that found the engine asleep, or from a state that
+    held none."""
     gpu_free = set(STATES) - policy.RUNNING_STATES
     assert gpu_free == {"stopped", "failed", "sleeping"}
     for (source, event), m in TABLE.items():
         if m.next in gpu_free and source in policy.RUNNING_STATES:
-            assert source in ("stopping", "falling_asleep"), (source, event, m)
+            assert (source, event) in {
+                ("stopping", "stopped"),
+                ("stopping", "stopped_after_failure"),
+                ("falling_asleep", "asleep"),
+                ("starting", "found_asleep"),
+            }, (source, event, m)
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,16 @@ class BackendListener(Protocol):
 
     def backend_reverted(self) -> None:
         """Someone else scaled the engine to zero while it was wanted (a GitOps revert);
-        the backend is scaling it up again. Logged with the fix and counted."""
+        the backend is scaling it up again. Logged with the fix and counted. A model that
+        was serving stops serving at once, as for `backend_lost` (counted once, as a
+        revert)."""
+
+    def backend_lost(self, reason: str) -> None:
+        """The engine was serving and no longer can, though nothing failed: its last
+        Ready pod was deleted, evicted or turned not Ready (node loss). The backend (or
+        the cluster) is bringing one back. The model stops serving at once: new requests
+        are held, requests in flight on the lost engine end as they will, and the model
+        is ready again once `serving()` holds and the URL answers."""
 
     def backend_unknown(self, unknown: bool) -> None:
         """True while the backend cannot observe the engine (API unreachable).
@@ -52,6 +61,12 @@ class Backend(Protocol):
     """One model's engine. Only `activator.lifecycle.Model` calls these, one at a time."""
 
     kind: str  # "process" or "kubernetes": a metrics label
+
+    @property
+    def keep_on_shutdown(self) -> bool:
+        """On activator shutdown: True leaves the engine running for the next activator
+        to adopt (Kubernetes with `kubernetes.on_shutdown: keep`); False stops it (a local
+        process is never left behind: nothing could adopt it)."""
 
     async def discover(self) -> str | None:
         """At activator start: return the upstream URL if the engine is already running
@@ -67,6 +82,14 @@ class Backend(Protocol):
     async def stop(self) -> None:
         """Stop the engine and return only when it is really gone (process exited, pods
         deleted: the GPU is free). Idempotent; bounded by the backend's own grace."""
+
+    def serving(self) -> bool:
+        """Whether, as far as the backend itself can see, the engine it runs is up and
+        could serve: our process is alive; a pod of the workload is Ready and not
+        terminating. Cheap and synchronous. The model is made ready only while this holds,
+        checked before and after the URL probe, so a server we did not start (another
+        process on the port, a terminating pod behind a lagging Service) never makes a
+        model ready. When it turns true, the backend calls `backend_progress()`."""
 
     def log_tail(self) -> list[str]:
         """The last lines the engine printed (or the last events seen), oldest first."""

@@ -73,6 +73,8 @@ class KubernetesBackend:
         self._selector: dict[str, str] = {}
         self._lines: deque[str] = deque(maxlen=self._tuning.log_lines)
         self._pod_summaries: dict[str, str] = {}
+        # Pods of the workload that are Ready and not terminating: the engine can serve.
+        self._ready_pods: set[str] = set()
         self._unreachable: set[str] = set()
         self._informers: dict[str, Informer] = {}
         self._unsubscribe: list[Callable[[], None]] = []
@@ -135,6 +137,14 @@ class KubernetesBackend:
                 f"scaling to 0: {names or '(per the API)'}"
             ) from None
         log.info("kubernetes: %s %s stopped: no pods left", self._model, self._where)
+
+    def serving(self) -> bool:
+        # While the API cannot be observed the cache may be stale: the URL probe decides.
+        return bool(self._ready_pods) or bool(self._unreachable)
+
+    @property
+    def keep_on_shutdown(self) -> bool:
+        return self._cluster.settings.on_shutdown == "keep"
 
     def log_tail(self) -> list[str]:
         return list(self._lines)
@@ -254,6 +264,9 @@ class KubernetesBackend:
         labels = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         if labels != self._selector:
             self._selector = dict(labels)
+            # Pods seen before the workload (separate watches) were not known to be ours.
+            views = [view_pod(p) for p in self._pods()]
+            self._ready_pods = {v.name for v in views if v.ready and not v.terminating}
             self._refresh_pods()
         return previous, self._replicas
 
@@ -281,6 +294,9 @@ class KubernetesBackend:
             self._listener.backend_appeared()
 
     def _reverted(self) -> None:
+        if self._ready_pods:
+            # It was serving: what follows is a new wake (its phases are observed again).
+            self._rewake()
         wake = self._wake or self._begin_wake()
         wake.reverts += 1
         log.warning(
@@ -346,18 +362,45 @@ class KubernetesBackend:
     def _pod_event(self, event_type: str, pod: Obj) -> None:
         name = pod["metadata"]["name"]
         self._pulse_pods()
+        was_serving = bool(self._ready_pods)
         if event_type == "DELETED":
             self._pod_summaries.pop(name, None)
+            self._ready_pods.discard(name)
             self._line(f"pod {name} deleted")
             if self._wake is not None:
                 self._wake.pod_deleted(name)
+            self._check_lost(was_serving, f"pod {name} was deleted")
             return
         view = view_pod(pod)
         if self._pod_summaries.get(name) != view.summary:
             self._pod_summaries[name] = view.summary
             self._line(view.summary)
+        if view.ready and not view.terminating:
+            self._ready_pods.add(name)
+        else:
+            self._ready_pods.discard(name)
+        self._check_lost(
+            was_serving,
+            f"pod {name} is terminating" if view.terminating else f"pod {name} is not Ready",
+        )
         if self._wake is not None:
             self._wake.assess_pod(pod)
+
+    def _check_lost(self, was_serving: bool, reason: str) -> None:
+        """After a pod change: if the last Ready pod just went while the model is wanted,
+        report the loss (the ReplicaSet, the revert logic or the node coming back bring
+        one again; a pod that cannot come back is then reported as a failure)."""
+        if not (was_serving and not self._ready_pods and self._wanted):
+            return
+        log.warning(
+            "kubernetes: %s %s: no Ready pod left (%s); requests are held until one is",
+            self._model,
+            self._where,
+            reason,
+        )
+        self._line(f"no Ready pod left: {reason}")
+        self._rewake()
+        self._listener.backend_lost(reason)
 
     def _refresh_pods(self) -> None:
         if self._wake is not None:
@@ -408,6 +451,12 @@ class KubernetesBackend:
             line=self._line,
         )
         return self._wake
+
+    def _rewake(self) -> None:
+        """A new wake after the engine was lost: phases are observed again; reverts keep
+        counting (a controller that keeps reverting is fought only `revert_limit` times)."""
+        reverts = self._wake.reverts if self._wake is not None else 0
+        self._begin_wake().reverts = reverts
 
     def _end_wake(self) -> None:
         self._wanted = False

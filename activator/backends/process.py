@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 
-from activator.backends.base import BackendListener
+from activator.backends.base import BackendError, BackendListener
 from activator.settings import ModelSettings, ProcessTarget
 from activator.tasks import TaskGroup
 
@@ -28,6 +28,9 @@ MAX_LINE = 8192
 # After an engine exits, how long to wait for asyncio to report its exit code and close
 # its pipe (a few loop turns once the whole group is gone).
 RETURNCODE_WAIT = 1.0
+# Bound on the "is this fixed port already served?" connect before a spawn. A local port
+# answers or refuses at once; a host that drops the SYN is taken as not serving.
+PORT_CHECK_TIMEOUT = 1.0
 
 
 def free_port(host: str) -> int:
@@ -56,8 +59,22 @@ def redacted(argv: list[str], secret: str | None) -> list[str]:
     return [arg.replace(secret, "***") for arg in argv]
 
 
+async def accepts_connections(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (a connect succeeds)."""
+    try:
+        async with asyncio.timeout(PORT_CHECK_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 class ProcessBackend:
     kind = "process"
+    keep_on_shutdown = False  # nothing could adopt a local engine: it is always stopped
 
     def __init__(self, model: ModelSettings, *, listener: BackendListener) -> None:
         assert model.process is not None
@@ -83,6 +100,14 @@ class ProcessBackend:
         if self._proc is not None and self._proc.returncode is None:
             return self._url
         port = self._target.port or free_port(self._target.host)
+        if self._target.port and await accepts_connections(self._target.host, port):
+            # The engine could not bind it, and whatever answers there is not ours: never
+            # route clients (their prompts, their headers) to a server we did not start.
+            raise BackendError(
+                f"{_address(self._target.host, port)} already accepts connections: another "
+                "process serves that port, and activator only routes to engines it started; "
+                "stop that process, or set process.port to 0 (a free port for each start)"
+            )
         argv = build_command(self._target, port=port)
         env = {**os.environ, **self._target.env}
         self._port = port
@@ -108,8 +133,14 @@ class ProcessBackend:
 
     @property
     def _url(self) -> str:
-        host = f"[{self._target.host}]" if ":" in self._target.host else self._target.host
-        return f"http://{host}:{self._port}"
+        return f"http://{_address(self._target.host, self._port)}"
+
+    def serving(self) -> bool:
+        """Our process is alive. Read from the kernel, not from `returncode` (set a few
+        loop turns after the exit) nor from the exit watcher (which first collects the
+        last output lines): readiness must never win a race against our engine's exit."""
+        proc = self._proc
+        return proc is not None and proc.returncode is None and not _has_exited(proc.pid)
 
     async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -176,6 +207,22 @@ class ProcessBackend:
 
     async def aclose(self) -> None:
         await self._tasks.aclose()
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether our child `pid` has exited, reaped or not (never reaps it: the child
+    watcher owns that)."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # already reaped: it exited
+        return True
+    except (AttributeError, OSError):  # no waitid here: `returncode` has to do
+        return False
+    return info is not None
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int | None:

@@ -79,6 +79,8 @@ class EngineOptions:
     ignore_sigterm: bool = False
     exit_after: float | None = None
     disable_access_log: bool = False  # benchmarks: per-request log lines cost time
+    # Paths answered as vLLM's FastAPI answers a route the model does not serve.
+    disable_endpoint: tuple[str, ...] = ()
     sleep: SleepOptions = field(default_factory=SleepOptions)  # see the module docstring
 
 
@@ -539,6 +541,8 @@ async def dev_endpoint(request: web.Request) -> web.Response:
 async def gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """vLLM's rules for /v1/*: 503 while stuck (--never-ready), then the API key, then errors."""
     options = request.app[OPTIONS]
+    if request.path in options.disable_endpoint:
+        return web.json_response({"detail": "Not Found"}, status=404)
     if request.path.startswith("/v1/"):
         if options.never_ready:
             return EngineError(
@@ -677,6 +681,7 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     add("--ignore-sigterm", action="store_true")
     add("--exit-after", type=float, default=None, help="exit 3 this many seconds after ready")
     add("--disable-access-log", action="store_true")
+    add("--disable-endpoint", action="append", type=str, default=[], help="404 as FastAPI does")
     sleep_options.add_arguments(parser, simulated=True)
     args = vars(parser.parse_args(argv))
     try:
@@ -684,6 +689,7 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     except ValueError as exc:  # vLLM fails at start on a non-integer VLLM_SERVER_DEV_MODE
         parser.error(f"VLLM_SERVER_DEV_MODE: {exc}")
     # Every other option's dest is the name of an EngineOptions field.
+    args["disable_endpoint"] = tuple(args["disable_endpoint"])
     return EngineOptions(**args, sleep=sleep)
 
 

@@ -373,6 +373,16 @@ class FakeKube:
         """Next pods are OOMKilled right after their container starts."""
         self.update_plan(name, namespace=namespace, kind=kind, crash="oom")
 
+    def evict(self, name: str, *, namespace: str = "serving", kind: Kind = "Deployment") -> None:
+        """The workload's pods are evicted (node drain); its controller replaces them."""
+        self.kubelet.evict(self.workload(name, namespace=namespace, kind=kind))
+
+    def set_pods_ready(
+        self, name: str, ready: bool, *, namespace: str = "serving", kind: Kind = "Deployment"
+    ) -> None:
+        """The pods' Ready condition (False: their node stopped reporting)."""
+        self.kubelet.set_ready(self.workload(name, namespace=namespace, kind=kind), ready=ready)
+
     def kill_engine(
         self,
         name: str,

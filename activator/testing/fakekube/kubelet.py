@@ -196,6 +196,22 @@ class Kubelet:
                 if sim.process is not None and sim.process.returncode is None:
                     sim.process.kill()
 
+    def evict(self, workload: Workload) -> None:
+        """Evict the workload's live pods (node drain, preemption): each is terminated
+        and deleted, and the workload's controller replaces it at once."""
+        for pod in [p for p in workload.pods.values() if not p.terminating]:
+            pod.terminating = True  # so the replacement below is not counted out
+            self._pod_event(workload, pod, "Evicted", "The node was drained.", warning=True)
+            self._spawn(self._terminate(workload, pod), f"fake-kube-evict-{pod.name}")
+        self.reconcile(workload.resource, workload.namespace, workload.name)
+
+    def set_ready(self, workload: Workload, *, ready: bool) -> None:
+        """The Ready condition of the workload's live pods, as the node controller sets
+        it (False on node loss); the engines keep running."""
+        for pod in workload.pods.values():
+            if not pod.terminating:
+                self._set_ready(workload, pod, ready)
+
     async def aclose(self) -> None:
         for workload in self.workloads.values():
             for pod in list(workload.pods.values()):
