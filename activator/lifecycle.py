@@ -696,11 +696,11 @@ class Model:
             seconds=took,
         )
         logger.info(
-            "model=%s wake from %s outcome=%s after %.3fs",
+            "model=%s wake outcome=%s after %.3fs (from %s)",
             self.name,
-            self._wake_from,
             outcome,
             took,
+            self._wake_from,
         )
 
     def _observe_sleep(self, op: str, outcome: str, started: float) -> None:
