@@ -579,7 +579,15 @@ def build_app(options: EngineOptions) -> web.Application:
     app.router.add_post("/v1/responses", responses)
     for path in DEV_PATHS:
         app.router.add_post(path, dev_endpoint)
+    if config.routes:
+        app.router.add_get("/debug/timings", debug_timings)
     return app
+
+
+async def debug_timings(request: web.Request) -> web.Response:
+    """The engine's own times of its sleep-mode calls (as bench/gpu_engine.py lists
+    them), for benchmarks that subtract the engine's part of a swap."""
+    return web.json_response({"calls": list(request.app[SLEEP].timings)})
 
 
 # ---- process lifetime ----
