@@ -504,8 +504,8 @@ class Model:
             self.host_held = self.settings.sleep.host_bytes
             self._fire("found_asleep")
             return
-        self._observe_wake(outcome)
         self.backend_phase("ready")
+        self._observe_wake(outcome)
         self._fire("ready")
 
     async def _until_ready(self, url: str) -> None:
@@ -637,8 +637,8 @@ class Model:
             self.last_error = f"wake failed: {reason}"
             self._fire("wake_failed")
             return
-        self._observe_wake("ready")
         self.backend_phase("ready")
+        self._observe_wake("ready")
         self._fire("ready")
 
     async def _run_stop(self, *, failed: bool) -> None:
