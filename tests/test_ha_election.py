@@ -66,9 +66,10 @@ def test_identity_and_owner_come_from_the_pod() -> None:
     assert pod_owner_from_env(NS, {"POD_NAME": "p"}) is None
 
 
-async def test_one_of_three_electors_leads_and_all_agree_on_who(kube: FakeKube) -> None:
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c"]])
+async def test_one_elector_leads_and_all_agree_on_who(kube: FakeKube, names: list[str]) -> None:
     recorder = Recorder()
-    async with electors(kube, ["a", "b", "c"], FAST, recorder) as found:
+    async with electors(kube, names, FAST, recorder) as found:
         await wait_for(lambda: len(leaders(found)) == 1, timeout=15, what="a leader")
         (leader,) = leaders(found)
         await wait_for(
@@ -93,12 +94,13 @@ async def test_one_of_three_electors_leads_and_all_agree_on_who(kube: FakeKube) 
     assert_one_leader_at_a_time(kube, recorder)
 
 
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c"]])
 @pytest.mark.parametrize("mode", ["hang", "refuse"])
 async def test_a_partitioned_leader_stops_leading_before_another_takes_over(
-    kube: FakeKube, mode: str
+    kube: FakeKube, mode: str, names: list[str]
 ) -> None:
     recorder = Recorder()
-    async with electors(kube, ["a", "b", "c"], FAST, recorder) as found:
+    async with electors(kube, names, FAST, recorder) as found:
         await wait_for(lambda: len(leaders(found)) == 1, timeout=15, what="a leader")
         (old,) = leaders(found)
         cut_at = time.monotonic()
@@ -120,7 +122,7 @@ async def test_a_partitioned_leader_stops_leading_before_another_takes_over(
         lease = kube.lease(LEASE, namespace=NS)
         assert lease is not None and lease["spec"]["leaseTransitions"] == 1
         print(
-            f"\n[{mode}] leader {old} cut at +0: stepped down at "
+            f"\n[{mode}, {len(names)} electors] leader {old} cut at +0: stepped down at "
             f"+{stepped_down - cut_at:.2f}s ({stepped_down - last_renewal:.2f}s after its "
             f"last renewal), {new} took over at +{takeover.at - cut_at:.2f}s "
             f"({takeover.at - takeover.previous_write:.2f}s after the last renewal write)"
@@ -241,3 +243,21 @@ async def test_a_deleted_lease_is_recreated_by_its_leader_while_the_others_wait(
         assert leaders(found) == [leader]
         assert sum(e.term for e in found.values()) == 1
     assert_one_leader_at_a_time(kube, recorder)
+
+
+async def test_stopping_a_leader_whose_calls_hang_is_prompt_and_bounded(kube: FakeKube) -> None:
+    cluster = await connect(kube, "a")
+    elector = LeaderElector(cluster, settings=FAST, identity="a")
+    try:
+        elector.start()
+        await elector.wait_for(True)
+        kube.partition("a", mode="hang")
+        flips: list[bool] = []
+        elector.subscribe(lambda event: flips.append(event.is_leader))
+        await elector.aclose()  # cancels a hung renewal; the release hangs, bounded
+        assert flips[0] is False  # it stopped leading before trying to release
+        assert not elector.is_leader
+        assert kube.lease_holders(LEASE, namespace=NS) == ["a"]  # nothing crossed
+    finally:
+        kube.heal("a")
+        await cluster.aclose()
