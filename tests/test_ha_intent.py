@@ -149,3 +149,24 @@ async def test_the_next_leader_continues_the_epochs(kube: FakeKube) -> None:
     finally:
         await watcher.aclose()
         await watcher_cluster.aclose()
+
+
+async def test_a_follower_cut_off_from_the_api_knows_its_intent_is_not_fresh(
+    kube: FakeKube,
+) -> None:
+    watcher_cluster = await connect(kube, "c")
+    watcher = IntentWatcher(watcher_cluster, settings=FAST)
+    watcher.start()
+    try:
+        async with electors(kube, ["a"], FAST, Recorder()) as found:
+            await found["a"].wait_for(True)
+            await wait_for(watcher.fresh, timeout=10, what="renewals seen")
+            kube.partition("c", mode="hang")  # its watch stalls; the leader carries on
+            await wait_for(lambda: not watcher.fresh(), timeout=15, what="not fresh")
+            assert found["a"].is_leader
+            kube.heal("c")
+            await wait_for(watcher.fresh, timeout=15, what="fresh again")
+    finally:
+        kube.heal("c")
+        await watcher.aclose()
+        await watcher_cluster.aclose()

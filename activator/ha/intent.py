@@ -141,7 +141,7 @@ class IntentWatcher:
         self.informer: Informer = lease_informer(
             cluster,
             leases,
-            retry_period=settings.retry_period,
+            settings=settings,
             field_selector=f"metadata.name={settings.lease_name}",
         )
         self.changes = Changes()

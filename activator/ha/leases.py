@@ -24,6 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from activator.backends.kube.calls import ApiFunction, Obj, describe, read_json
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kube.informer import Informer, WatchPolicy
+from activator.ha.settings import HaSettings
 
 GROUP = "coordination.k8s.io"
 MERGE_PATCH = "application/merge-patch+json"
@@ -191,24 +192,29 @@ def lease_informer(
     cluster: KubeCluster,
     leases: LeaseClient,
     *,
-    retry_period: float,
+    settings: HaSettings,
     label_selector: str | None = None,
     field_selector: str | None = None,
 ) -> Informer:
     """A list+watch of the Leases the selectors pick, owned by the caller (start() it,
-    aclose() it). Its reconnect backoff is capped at retry_period: the watch is how a
-    leader hears its followers and a follower its leader, so after an outage it should
-    be back within one period."""
-    settings, tuning = cluster.settings, cluster.tuning
+    aclose() it).
+
+    The watch is how a leader hears its followers and a follower its leader, so it is
+    kept shorter-lived than the backend's: reconnect backoff capped at retry_period (back
+    within one period after an outage), and each watch request ends after
+    2 x lease_duration (at least 30 s), so one stuck on a half-dead connection is
+    replaced within a minute or so instead of watch_timeout + 30 s. Watched Leases
+    change every retry_period, so a healthy watch is never silent that long anyway."""
+    kube, tuning = cluster.settings, cluster.tuning
     return Informer(
         resource="leases",
         namespace=leases.namespace,
         list_fn=leases.list_function(label_selector=label_selector, field_selector=field_selector),
         policy=WatchPolicy(
-            timeout=settings.watch_timeout,
-            request_timeout=settings.request_timeout,
-            backoff_initial=min(tuning.watch_backoff_initial, retry_period),
-            backoff_max=min(tuning.watch_backoff_max, max(retry_period, 0.5)),
+            timeout=min(kube.watch_timeout, max(30.0, 2 * settings.lease_duration)),
+            request_timeout=kube.request_timeout,
+            backoff_initial=min(tuning.watch_backoff_initial, settings.retry_period),
+            backoff_max=min(tuning.watch_backoff_max, max(settings.retry_period, 0.5)),
             unreachable_after=tuning.unreachable_after,
         ),
         retry=tuning.retry,

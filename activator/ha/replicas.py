@@ -229,7 +229,7 @@ class ClusterDemand:
         self._clock = clock
         leases = LeaseClient(cluster.api_client, namespace=settings.namespace)
         self.informer: Informer = lease_informer(
-            cluster, leases, retry_period=settings.retry_period, label_selector=REPLICA_SELECTOR
+            cluster, leases, settings=settings, label_selector=REPLICA_SELECTOR
         )
         self.changes = Changes()
         self._reports: dict[str, ReplicaReport] = {}  # by Lease name
