@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from activator.ha import records
 from activator.ha.election import LeaderElector
 from activator.ha.settings import HaSettings, default_identity, pod_owner_from_env
 from activator.testing.fake_kube import FakeKube
@@ -27,6 +28,73 @@ from tests.harness import wait_for
 # Short durations (3 s / 2 s / 0.5 s) so failovers take seconds; client-go's 1 s
 # minimum on the retry period does not apply here.
 FAST = HaSettings(namespace=NS, lease_duration=3, renew_deadline=2, retry_period=0.5)
+
+
+def lease(holder: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": LEASE,
+            "resourceVersion": "41",
+            "labels": {"team": "ml"},
+            "annotations": {"note": "kept"},
+            "managedFields": [{"manager": "kubectl"}],
+        },
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": 15,
+            "acquireTime": "T0",
+            "renewTime": "T1",
+            "leaseTransitions": 4,
+            **spec,
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("holder", "acquire", "transitions"),
+    [("a", "T0", 4), ("b", "NOW", 5), ("", "NOW", 5)],
+    ids=["renewal", "takeover", "released"],
+)
+def test_a_held_lease_is_a_compare_and_swap_of_the_one_read(
+    holder: str, acquire: str, transitions: int
+) -> None:
+    body = records.held(lease(holder), identity="a", duration=3, now="NOW", annotations={"k": "v"})
+    assert body["metadata"] == {
+        "name": LEASE,
+        "resourceVersion": "41",  # the precondition
+        "labels": {"team": "ml"},
+        "annotations": {"k": "v"},
+    }
+    assert body["spec"] == {
+        "holderIdentity": "a",
+        "leaseDurationSeconds": 3,
+        "acquireTime": acquire,
+        "renewTime": "NOW",
+        "leaseTransitions": transitions,
+    }
+
+
+def test_a_release_empties_the_holder_and_keeps_the_rest() -> None:
+    body = records.released(lease("a"), now="NOW")
+    assert body["spec"] == {
+        "holderIdentity": "",
+        "leaseDurationSeconds": 1,
+        "acquireTime": "NOW",
+        "renewTime": "NOW",
+        "leaseTransitions": 4,
+    }
+    assert body["metadata"]["annotations"] == {"note": "kept"}
+    assert body["metadata"]["resourceVersion"] == "41"
+
+
+def test_only_the_election_record_restarts_a_candidates_clock() -> None:
+    relabelled = lease("a")
+    relabelled["metadata"]["labels"] = {"other": "x"}
+    assert records.record_key(relabelled) == records.record_key(lease("a"))
+    assert records.record_key(lease("a", renewTime="T2")) != records.record_key(lease("a"))
+    assert records.duration_of(lease("a"), default=3) == 15
+    assert records.duration_of(lease("a", leaseDurationSeconds=None), default=3) == 3
+    assert records.duration_of(None, default=3) == 3
 
 
 @pytest.fixture

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import random
 import time
@@ -55,6 +54,7 @@ from typing import Any
 
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster
+from activator.ha import records
 from activator.ha.changes import Changes
 from activator.ha.leases import (
     Conflict,
@@ -64,13 +64,11 @@ from activator.ha.leases import (
     annotations_of,
     holder_of,
     micro_time,
-    spec_of,
 )
 from activator.ha.settings import HaSettings, default_identity
 
 log = logging.getLogger(__name__)
 
-ROLE_LABEL = "activator.dev/role"
 # A release (graceful stop) cannot wait long: without it the others take over after
 # lease_duration anyway.
 RELEASE_TIMEOUT = 5.0
@@ -101,21 +99,6 @@ class _Same:
 
 _SAME = _Same()
 _DELETED: tuple[Any, ...] = ("<deleted>",)
-
-
-def _record_key(lease: Obj | None) -> tuple[Any, ...]:
-    """The election record: what candidates compare to decide the lease was renewed."""
-    spec = spec_of(lease)
-    return tuple(
-        spec.get(k)
-        for k in (
-            "holderIdentity",
-            "leaseDurationSeconds",
-            "acquireTime",
-            "renewTime",
-            "leaseTransitions",
-        )
-    )
 
 
 class LeaderElector:
@@ -295,7 +278,9 @@ class LeaderElector:
                 # next renewal recreates the Lease), so wait it out like an expiry.
                 if self._record != _DELETED:
                     self._record, self._observed_at = _DELETED, time.monotonic()
-                expires = self._observed_at + self._duration_of(self._lease or {})
+                expires = self._observed_at + records.duration_of(
+                    self._lease, default=self.settings.lease_duration
+                )
                 if time.monotonic() < expires:
                     return min(time.monotonic() + self._poll_period(), expires)
             sent = time.monotonic()
@@ -311,13 +296,15 @@ class LeaderElector:
         holder = holder_of(lease)
         now = time.monotonic()
         if holder is not None and holder != self.identity:
-            expires = self._observed_at + self._duration_of(lease)
+            expires = self._observed_at + records.duration_of(
+                lease, default=self.settings.lease_duration
+            )
             if now < expires:
                 return min(now + self._poll_period(), expires)
         sent = time.monotonic()
         try:
             written = await self._leases.replace(
-                self._leader_body(lease, taking=holder != self.identity),
+                self._held(lease),
                 within=self._call_timeout,
             )
         except Conflict:
@@ -344,9 +331,7 @@ class LeaderElector:
         assert self._lease is not None
         version = self._overrides_version
         try:
-            written = await self._leases.replace(
-                self._leader_body(self._lease, taking=False), within=left
-            )
+            written = await self._leases.replace(self._held(self._lease), within=left)
         except Conflict:
             return await self._after_conflict()
         except NotFound:
@@ -452,7 +437,7 @@ class LeaderElector:
     def _observe(self, lease: Obj) -> None:
         """Remember a Lease read or written: its record's change time and its holder."""
         self._lease = lease
-        record = _record_key(lease)
+        record = records.record_key(lease)
         if record != self._record:
             self._record = record
             self._observed_at = time.monotonic()
@@ -486,67 +471,29 @@ class LeaderElector:
             except Exception:  # a broken subscriber must not break the election
                 log.exception("leader election: subscriber failed")
 
-    # -- bodies -------------------------------------------------------------------------
+    # -- bodies (pure, in records.py) -------------------------------------------------
 
     def _new_lease(self) -> Obj:
-        now = micro_time()
-        annotations = {k: v for k, v in self._overrides.items() if v is not None}
-        meta: Obj = {
-            "name": self.lease_name,
-            "namespace": self.settings.namespace,
-            "labels": {ROLE_LABEL: "leader"},
-        }
-        if annotations:
-            meta["annotations"] = annotations
-        return {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": meta,
-            "spec": {
-                "holderIdentity": self.identity,
-                "leaseDurationSeconds": self.settings.lease_duration_seconds,
-                "acquireTime": now,
-                "renewTime": now,
-                "leaseTransitions": 0,
-            },
-        }
-
-    def _leader_body(self, lease: Obj, *, taking: bool) -> Obj:
-        """`lease` (with its resourceVersion) renewed or taken by us, annotations applied.
-        Fields we do not own (labels, other annotations, strategy) are kept."""
-        now = micro_time()
-        meta = {k: v for k, v in lease.get("metadata", {}).items() if k != "managedFields"}
-        meta = copy.deepcopy(meta)
-        annotations = self.annotations() if self._leading else annotations_of(lease)
-        if annotations:
-            meta["annotations"] = annotations
-        else:
-            meta.pop("annotations", None)
-        spec = dict(spec_of(lease))
-        spec.update(
-            holderIdentity=self.identity,
-            leaseDurationSeconds=self.settings.lease_duration_seconds,
-            renewTime=now,
+        return records.new_lease(
+            self.lease_name,
+            namespace=self.settings.namespace,
+            identity=self.identity,
+            duration=self.settings.lease_duration_seconds,
+            now=micro_time(),
+            annotations={k: v for k, v in self._overrides.items() if v is not None},
         )
-        if taking:
-            spec["acquireTime"] = now
-            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
-        elif not spec.get("acquireTime"):
-            spec["acquireTime"] = now
-        return {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": meta,
-            "spec": spec,
-        }
 
-    def _duration_of(self, lease: Obj) -> float:
-        """How long to wait out a holder: the duration it wrote (client-go reads it from
-        the record), else ours."""
-        duration = spec_of(lease).get("leaseDurationSeconds")
-        if isinstance(duration, int) and not isinstance(duration, bool) and duration > 0:
-            return float(duration)
-        return self.settings.lease_duration
+    def _duration_of(self, lease: Obj | None) -> float:
+        return records.duration_of(lease, default=self.settings.lease_duration)
+
+    def _held(self, lease: Obj) -> Obj:
+        return records.held(
+            lease,
+            identity=self.identity,
+            duration=self.settings.lease_duration_seconds,
+            now=micro_time(),
+            annotations=self.annotations() if self._leading else annotations_of(lease),
+        )
 
     # -- release ------------------------------------------------------------------------
 
@@ -559,16 +506,7 @@ class LeaderElector:
         for _ in range(2):
             if lease is None or holder_of(lease) != self.identity:
                 return
-            body = copy.deepcopy(lease)
-            body.get("metadata", {}).pop("managedFields", None)
-            now = micro_time()
-            body["spec"] = {
-                **spec_of(lease),
-                "holderIdentity": "",
-                "leaseDurationSeconds": 1,
-                "acquireTime": now,
-                "renewTime": now,
-            }
+            body = records.released(lease, now=micro_time())
             try:
                 self._lease = await self._leases.replace(body, within=deadline - time.monotonic())
                 log.info("leader election: %s released the lease", self.identity)
