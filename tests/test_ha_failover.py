@@ -47,7 +47,13 @@ class Replica:
         ]
 
 
-async def spawn(kube: FakeKube, identity: str) -> Replica:
+Timings = tuple[int, float, float]
+FAST: Timings = (LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD)
+# For the graceful stop: a long lease, so a takeover that did not wait it out shows.
+LONG_LEASE: Timings = (15, 10, RETRY_PERIOD)
+
+
+async def spawn(kube: FakeKube, identity: str, timings: Timings) -> Replica:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -59,11 +65,11 @@ async def spawn(kube: FakeKube, identity: str) -> Replica:
         "--identity",
         identity,
         "--lease-duration",
-        str(LEASE_DURATION),
+        str(timings[0]),
         "--renew-deadline",
-        str(RENEW_DEADLINE),
+        str(timings[1]),
         "--retry-period",
-        str(RETRY_PERIOD),
+        str(timings[2]),
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -86,8 +92,11 @@ async def kube() -> AsyncIterator[FakeKube]:
 
 
 @pytest.fixture
-async def replicas(kube: FakeKube) -> AsyncIterator[dict[str, Replica]]:
-    found = {name: await spawn(kube, name) for name in ("r1", "r2", "r3")}
+async def replicas(
+    kube: FakeKube, request: pytest.FixtureRequest
+) -> AsyncIterator[dict[str, Replica]]:
+    timings: Timings = getattr(request, "param", FAST)
+    found = {name: await spawn(kube, name, timings) for name in ("r1", "r2", "r3")}
     try:
         yield found
     finally:
@@ -136,6 +145,7 @@ async def test_sigkill_of_the_leader_fails_over_within_lease_duration_plus_2s(
     assert all(not r.became_leader_at() for r in others)
 
 
+@pytest.mark.parametrize("replicas", [LONG_LEASE], indirect=True)
 async def test_sigterm_of_the_leader_releases_the_lease_for_the_next_one(
     kube: FakeKube, replicas: dict[str, Replica]
 ) -> None:
@@ -160,4 +170,4 @@ async def test_sigterm_of_the_leader_releases_the_lease_for_the_next_one(
     assert takeover.previous == ""
     gap = takeover.at - stopping
     print(f"\n[sigterm] {takeover.holder} took over {gap:.2f}s after SIGTERM of {old}")
-    assert gap < LEASE_DURATION  # the release spared the wait
+    assert gap < LONG_LEASE[0]  # the release spared waiting the lease out
