@@ -88,13 +88,15 @@ def litellm_params(model: ModelSettings, *, api_base: str, api_key: str) -> dict
 
 
 def model_list(settings: Settings, *, url: str, key_env: str = DEFAULT_KEY_ENV) -> list[Any]:
-    """One entry per model name and alias, in config order."""
+    """One entry per model name and alias, in config order. Not the served names: those
+    are the engine-facing names (activator accepts them too), while LiteLLM's model_name
+    is what tenants see; the seeds keep the two apart."""
     api_base = url.rstrip("/") + "/v1"
     api_key = f"os.environ/{key_env}" if settings.server.api_keys else NO_KEY
     entries: list[Any] = []
     for model in settings.models.values():
         params = litellm_params(model, api_base=api_base, api_key=api_key)
-        for name in model.names:
+        for name in (model.name, *model.aliases):
             entries.append(
                 {
                     "model_name": name,

@@ -1,0 +1,15 @@
+"""Several activator replicas on Kubernetes (issue 12): the coordination building blocks.
+
+Replicas agree through the Kubernetes API only, the way controllers do:
+
+- `election.LeaderElector`: one leader, elected with a coordination.k8s.io/v1 Lease
+  ("activator-leader"), client-go's semantics, fenced by resourceVersion and by a local
+  renew deadline that stops the leader before anyone else can take over;
+- `replicas.DemandPublisher` / `replicas.ClusterDemand`: every replica publishes its
+  per-model demand on a Lease of its own; the leader merges them (sums, oldest wait, last
+  activity) and treats a replica it has not heard from as "demand unknown";
+- `intent.IntentPublisher` / `intent.IntentWatcher`: the leader publishes the model
+  states it decided on its Lease; followers mirror them.
+
+`settings.HaSettings` is the one input they share.
+"""
