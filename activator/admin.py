@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from activator.errors import Conflict
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.registry import ModelRegistry
@@ -41,6 +42,13 @@ def admin_routes(
         body["stopping"] = stopping
         return web.json_response(body, status=202)
 
+    async def sleep(request: web.Request) -> web.Response:
+        model = model_of(request)
+        refused = registry.scheduler_of(model).sleep_by_hand(model)
+        if refused is not None:
+            raise Conflict(refused, param="name")
+        return web.json_response(model.describe(), status=202)
+
     async def pools(request: web.Request) -> web.Response:
         return web.json_response({"pools": [p.describe() for p in registry.pools()]})
 
@@ -63,6 +71,7 @@ def admin_routes(
         web.get(ADMIN_MODELS_PATH + "/{name}/logs", get_logs),
         web.post(ADMIN_MODELS_PATH + "/{name}/wake", wake),
         web.post(ADMIN_MODELS_PATH + "/{name}/stop", stop),
+        web.post(ADMIN_MODELS_PATH + "/{name}/sleep", sleep),
         web.get("/admin/pools", pools),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),

@@ -52,6 +52,7 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
         PoolScheduler(
             pool.name,
             capacity=pool.gpus,
+            host_memory=pool.host_memory,
             models=[m for m in models if m.settings.pool == pool.name],
             metrics=metrics,
         )

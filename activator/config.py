@@ -154,9 +154,9 @@ def _message(cls: type[BaseModel], detail: ErrorDetails) -> str:
     if kind in _EXPECTED:
         problem = WrongType(_EXPECTED[kind], value)
     elif kind == "literal_error":
-        problem = ValueError(
-            "expected one of " + ", ".join(re.findall(r"'(.*?)'", ctx["expected"]))
-        )
+        # pydantic's ctx reads "'text', 'json' or 'off'" (or "1 or 2" for numbers).
+        choices = re.split(r",\s*|\s+or\s+", ctx["expected"])
+        problem = ValueError("expected one of " + ", ".join(c.strip("'") for c in choices))
     else:  # our validators' ValueErrors, and pydantic's others as pydantic words them
         problem = ctx["error"] if kind == "value_error" else ValueError(detail["msg"])
     shown = None if secret else _shown(value)
@@ -371,9 +371,25 @@ def _check_pools(
         if model.pool not in pools:
             known = ", ".join(pools) or "none defined"
             problems.add(("models", name, "pool"), f"unknown pool {model.pool} (pools: {known})")
-        elif (pool := pools[model.pool]) is not None and model.gpus > pool.gpus:
-            message = f"{model.gpus} exceeds pool {pool.name} capacity of {pool.gpus}"
-            problems.add(("models", name, "gpus"), message)
+        elif (pool := pools[model.pool]) is not None:
+            if model.gpus > pool.gpus:
+                message = f"{model.gpus} exceeds pool {pool.name} capacity of {pool.gpus}"
+                problems.add(("models", name, "gpus"), message)
+            _check_sleep(name, model, pool, problems)
+
+
+def _check_sleep(name: str, model: ModelSettings, pool: PoolSettings, problems: _Problems) -> None:
+    """A pool's host memory bounds its sleeping models: it must be set, and hold each."""
+    held = model.sleep.host_bytes if model.sleep is not None else 0
+    if not held:
+        return
+    where = ("models", name, "sleep", "host_memory")
+    if pool.host_memory is None:
+        problems.add(where, f"needs pools.{pool.name}.host_memory (what sleeping models may hold)")
+    elif held > pool.host_memory:
+        problems.add(
+            where, f"{held} bytes exceed pool {pool.name}'s host_memory ({pool.host_memory})"
+        )
 
 
 # --- files -----------------------------------------------------------------------------

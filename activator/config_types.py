@@ -75,11 +75,15 @@ def problem_at(key: str, message: str, value: object) -> ValidationError:
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# Ki/Mi/Gi/Ti are Kubernetes' spellings of KiB..TiB (a pod's memory: 64Gi).
 _SIZE_UNITS = {
-    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
 }  # fmt: skip
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)")
+_SIZE = re.compile(
+    r"(\d+(?:\.\d+)?)\s*(" + "|".join(sorted(_SIZE_UNITS, key=len, reverse=True)) + ")"
+)
 
 
 def parse_duration(value: object) -> float:
@@ -101,13 +105,14 @@ def parse_duration(value: object) -> float:
 
 
 def parse_size(value: object) -> int:
-    """Bytes from an int or `512KiB`, `32MiB`, `1GiB`, `10MB` (KB/MB/GB are powers of 1000)."""
+    """Bytes from an int or `512KiB`, `32MiB`, `1GiB`, `64Gi`, `10MB` (KB/MB/GB/TB are
+    powers of 1000; KiB..TiB and Kubernetes' Ki..Ti powers of 1024)."""
     value = _from_env(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
         return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    raise ValueError("expected a size in bytes or like 32MiB, 512KiB, 1GiB or 10MB")
+    raise ValueError("expected a size in bytes or like 32MiB, 512KiB, 1GiB, 64Gi or 10MB")
 
 
 # --- validators: YAML value -> settings value, or ValueError ----------------------------

@@ -109,6 +109,14 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(ActivatorError):
+    """The request cannot be carried out in the resource's current state (admin API)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class QueueFull(ActivatorError):
     status = 429
     type = "rate_limit_error"

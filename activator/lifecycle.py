@@ -1,21 +1,22 @@
 """One model's lifecycle: the single owner of its state, its held requests and its engine.
 
 The proxy asks for an outcome (`await model.acquire(...)` -> a Lease on a ready upstream)
-and never looks at the state itself. Starting and stopping are decided by the model's
-`PoolScheduler` (activator.pool), which calls `begin_start` / `begin_stop`; the model
-carries them out as named tasks it owns. Every state change goes through `_set_state`,
-which logs it and updates the metric.
+and never looks at the state itself. Starting, stopping and sleeping are decided by the
+model's `PoolScheduler` (activator.pool), which calls `begin_start` / `begin_stop`; the
+model carries them out as named tasks it owns.
 
-States: stopped -> starting -> ready -> draining -> stopping -> stopped; a start that
-fails, or an engine that dies, ends in failed (which behaves like stopped, with a reason).
-A ready model whose engine is lost without failing (a GitOps revert to 0 replicas, its
-pod evicted or not Ready) goes back to starting: new requests are held until the backend
-has brought the engine back and readiness is probed again.
+The moves are one table, `activator.transitions`: every event (a pool decision, a task
+reporting how it ended, the backend reporting the engine died or was lost) goes through
+`_fire`, which looks the move up, changes the state through `_set_state` (which logs it
+and updates the metric) and runs the row's effect. Requests are forwarded only in
+`ready`; in every other state they are held. A ready model whose engine is lost without
+failing (a GitOps revert to 0 replicas, its pod evicted or not Ready) goes back to
+starting: new requests are held until the engine is back and probed again.
 
-Shutdown is three events, in order: `begin_shutdown` (SIGTERM: held requests get a 503,
-a start under way is cancelled), `cut_in_flight` (shutdown_grace passed: what is still in
-flight ends with a shutting_down error) and `shutdown` (the engine is stopped, or left
-running for the next activator to adopt).
+Shutdown is not a move of the table but three steps, in order: `begin_shutdown` (SIGTERM:
+held requests get a 503, a start or wake under way is cancelled), `cut_in_flight`
+(shutdown_grace passed: what is still in flight ends with a shutting_down error) and
+`shutdown` (the engine is stopped, or left running for the next activator to adopt).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from activator import engine_sleep
 from activator.backends.base import Backend
 from activator.errors import (
     ActivatorError,
@@ -43,6 +45,7 @@ from activator.policy import ModelView
 from activator.readiness import wait_ready
 from activator.settings import ModelSettings
 from activator.tasks import TaskGroup
+from activator.transitions import Effect, Event, move
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +131,14 @@ class Model:
         self.last_activity = clock()
         self.ready_since: float | None = None
         self.last_wake_seconds: float | None = None
+        self.last_wake_from: str | None = None  # "zero" (a cold start) or "sleep"
+        self.last_sleep_seconds: float | None = None
         self.phases: dict[str, float] = {}
+        # Host memory the engine holds for its sleeping weights: reserved when its first
+        # sleep is decided, kept until the engine stops (vLLM keeps its pinned backup
+        # after a wake, #16663). The pool's host-memory accounting.
+        self.host_held = 0
+        self.blocked = False  # starting, but the engine cannot be placed yet
         self._leases: set[Lease] = set()
         self._waiters: dict[int, tuple[asyncio.Future[Lease], float]] = {}
         self._waiter_seq = 0
@@ -139,12 +149,27 @@ class Model:
         self._drained = asyncio.Event()
         self._drained.set()
         self._wake_started = 0.0
+        self._wake_from = "zero"
         # Shutdown: no new holds or starts from begin_shutdown on; no new leases once the
         # grace is over (cut_in_flight).
         self._closing = False
         self._leases_closed = False
         self._cancelling: asyncio.Task[None] | None = None  # a start cancelled at SIGTERM
         self._released = False
+        self._effects: dict[Effect, Callable[..., None]] = {
+            "none": self._effect_none,
+            "start": self._effect_start,
+            "adopt": self._effect_adopt,
+            "restart": self._effect_restart,
+            "release": self._effect_release,
+            "fail_start": self._effect_fail_start,
+            "drain_then_stop": self._effect_drain_then_stop,
+            "drain_then_sleep": self._effect_drain_then_sleep,
+            "sleep": self._effect_sleep,
+            "wake": self._effect_wake,
+            "stop": self._effect_stop,
+            "stop_after_failure": self._effect_stop_after_failure,
+        }
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
@@ -176,7 +201,9 @@ class Model:
         s = self.settings
         pooled = s.max_wait + s.drain_timeout if s.pool is not None else 0.0
         grace = s.process.stop_grace if s.process is not None else 0.0
-        return s.startup_timeout + pooled + grace + HOLD_MARGIN
+        # A failed wake is followed by a stop and a cold start.
+        sleep = 2 * s.sleep.timeout if s.sleep is not None else 0.0
+        return s.startup_timeout + pooled + grace + sleep + HOLD_MARGIN
 
     async def acquire(self) -> Lease:
         """Return a lease on a ready upstream, holding the caller while the model wakes.
@@ -273,66 +300,185 @@ class Model:
             idle_timeout=s.idle_timeout,
             min_residency=s.min_residency,
             max_wait=s.max_wait,
+            sleep_level=s.sleep.level if s.sleep is not None else None,
+            sleep_host=s.sleep.host_bytes if s.sleep is not None else 0,
+            host_held=self.host_held,
+            blocked=self.blocked,
         )
 
     def request_wake(self) -> None:
         """Admin wake: demand without a request."""
-        if self.state not in ("ready", "starting") and self._wake_requested_at is None:
+        if self.state not in ("ready", "starting", "waking") and self._wake_requested_at is None:
             self._wake_requested_at = self._clock()
             self._kick()
 
     def begin_start(self, *, reason: str) -> bool:
-        if self.state not in ("stopped", "failed") or self._closing:
+        """Make the model ready: a cold start, or a wake when it sleeps."""
+        if self._closing:
+            return False
+        waking = self.state == "sleeping"
+        if not self._fire("start"):
             return False
         self._wake_requested_at = None
-        self._metrics.scale_events.labels(model=self.name, direction="up", reason=reason).inc()
-        self._begin_wake(self._run_start(), name=f"start:{self.name}")
+        self._metrics.scale_events.labels(
+            model=self.name, direction="up", reason="wake" if waking else reason
+        ).inc()
         return True
 
-    def begin_stop(self, *, reason: str, drain_timeout: float | None = None) -> bool:
-        """Stop admitting, drain in-flight requests (bounded), then stop the engine."""
-        if self.state != "ready":
+    def begin_stop(
+        self, *, reason: str, drain_timeout: float | None = None, sleep: bool = False
+    ) -> bool:
+        """Stop admitting, drain in-flight requests (bounded), then stop the engine or put
+        it to sleep. A sleeping model is stopped at once (nothing is in flight)."""
+        if sleep and self.settings.sleep is None:
             return False
-        self._metrics.scale_events.labels(model=self.name, direction="down", reason=reason).inc()
         drain = self.settings.drain_timeout if drain_timeout is None else drain_timeout
-        # Draining from this moment: new requests are held from now on, and the pool sees
-        # a swap under way before the task first runs.
-        self._set_state("draining")
-        self._transition = self._tasks.spawn(
-            self._run_stop(reason=reason, drain_timeout=drain), name=f"stop:{self.name}"
-        )
+        if not self._fire("sleep" if sleep else "stop", reason=reason, drain_timeout=drain):
+            return False
+        direction = "sleep" if sleep else "down"
+        self._metrics.scale_events.labels(model=self.name, direction=direction, reason=reason).inc()
         return True
 
     def begin_adopt(self, url: str) -> bool:
         """Take over an engine that runs without us having started it."""
-        if self.state not in ("stopped", "failed") or self._closing:
+        if self._closing or not self._fire("adopt", url=url):
             return False
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
-        self._begin_wake(self._run_start(adopt_url=url), name=f"adopt:{self.name}")
         return True
 
-    def _begin_wake(self, run: Coroutine[Any, Any, None], *, name: str) -> None:
-        """Enter starting and run the wake as the model's transition task. All of it now,
-        not when the task first runs: the pool's next decision and its GPU gauge must
-        already count this model as holding its GPUs, and phases or a failure the backend
-        reports meanwhile belong to this wake."""
+    # ----- the state machine: one table, one dispatcher ------------------------------
+
+    def _fire(self, event: Event, **context: Any) -> bool:
+        """Apply `event` through the table (activator.transitions): change the state,
+        then run the row's effect. An event with no row for the state is not a move."""
+        step = move(self.state, event)  # type: ignore[arg-type]
+        if step is None:
+            logger.debug("model=%s %s ignored in state %s", self.name, event, self.state)
+            return False
+        self._set_state(step.next)
+        effect = self._effects[step.effect]
+        effect(**context)
+        self._kick()
+        return True
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], *, what: str) -> None:
+        """Run the model's one transition task. A task still running (a drain, when the
+        engine dies under it) is cancelled: the table has already moved on."""
+        current = asyncio.current_task()
+        previous = self._transition
+        if previous is not None and not previous.done() and previous is not current:
+            previous.cancel()
+        self._transition = self._tasks.spawn(coro, name=f"{what}:{self.name}")
+
+    def _effect_none(self, **_: Any) -> None:
+        pass
+
+    def _begin_wake(self, run: Coroutine[Any, Any, None], *, what: str, source: str) -> None:
+        """Run a wake (a cold start, an adoption, a re-wake or a wake from sleep) as the
+        model's transition task, set up now, not when the task first runs: phases or a
+        failure the backend reports meanwhile belong to this wake."""
         self._wake_started = self._clock()
+        self._wake_from = source
         self.phases = {}
         self._failure = asyncio.get_running_loop().create_future()
-        self._set_state("starting")
-        self._transition = self._tasks.spawn(run, name=name)
+        self._spawn(run, what=what)
 
-    # ----- transitions (each runs as the model's one transition task) ----------------
+    def _effect_start(self, **_: Any) -> None:
+        self._begin_wake(self._run_start(), what="start", source="zero")
+
+    def _effect_adopt(self, *, url: str, **_: Any) -> None:
+        self._begin_wake(self._run_start(adopt_url=url), what="adopt", source="zero")
+
+    def _effect_restart(self, *, reason: str, **_: Any) -> None:
+        """ready -> starting: the engine went without failing and the backend brings it
+        back. New requests are held from now on; leases in flight are left to end as
+        they will (a terminating pod may still finish them); the re-wake is observed
+        like any wake and bounded by startup_timeout."""
+        assert self.url is not None
+        logger.warning(
+            "model=%s lost its engine while ready (%s): holding requests until it is back",
+            self.name,
+            reason,
+        )
+        self.last_error = f"engine lost: {reason}"
+        self.ready_since = None
+        self._begin_wake(
+            self._run_start(adopt_url=self.url, lost=reason), what="rewake", source="zero"
+        )
+
+    def _effect_release(self, **_: Any) -> None:
+        self.ready_since = self.last_activity = self._clock()
+        self.last_error = None
+        waiters, self._waiters = self._waiters, {}
+        for future, arrived in waiters.values():
+            self._holds.count -= 1
+            if not future.done():
+                future.set_result(self._new_lease(cold=True, held=self._clock() - arrived))
+        self._update_held()
+
+    def _effect_fail_start(self, *, reason: str, outcome: str, **_: Any) -> None:
+        tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
+        self.last_error = reason
+        logger.warning("model=%s start failed (%s): %s", self.name, outcome, reason)
+        # Waiters learn at once; cleaning up the engine may take its stop grace.
+        self._fail_waiters(
+            StartFailed(
+                f"model {self.name!r} failed to start: {reason}",
+                retry_after=self._retry_after(),
+                extra={"engine_log_tail": tail},
+            )
+        )
+        self._spawn(self._run_stop(failed=True), what="stop")
+
+    def _effect_drain_then_stop(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
+        self._spawn(
+            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_stop"),
+            what="drain",
+        )
+
+    def _effect_drain_then_sleep(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
+        # The host memory the weights will take is reserved now: the pool decided this
+        # sleep against its free host memory, and must count it from this moment.
+        assert self.settings.sleep is not None
+        self.host_held = self.settings.sleep.host_bytes
+        self._spawn(
+            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_sleep"),
+            what="drain",
+        )
+
+    def _effect_sleep(self, **_: Any) -> None:
+        self._spawn(self._run_sleep(), what="sleep")
+
+    def _effect_wake(self, **_: Any) -> None:
+        self._begin_wake(self._run_wake(), what="wake", source="sleep")
+
+    def _effect_stop(self, **_: Any) -> None:
+        self._spawn(self._run_stop(failed=False), what="stop")
+
+    def _effect_stop_after_failure(self, *, reason: str, **_: Any) -> None:
+        self.last_error = reason
+        self._metrics.upstream_errors.labels(model=self.name, kind="engine_died").inc()
+        for lease in list(self._leases):
+            lease.cut(f"engine of model {self.name!r} died: {reason}")
+        self._spawn(self._run_stop(failed=True), what="stop")
+
+    # ----- transition tasks: each ends by firing the event that says how it ended -----
 
     async def _run_start(self, *, adopt_url: str | None = None, lost: str | None = None) -> None:
-        """A wake: start the engine (or take over `adopt_url`), then wait until ready.
-        `lost`: the reason the engine of a ready model was lost (a re-wake)."""
+        """A wake from zero: start the engine (or take over `adopt_url`), then wait until
+        ready. `lost`: the reason the engine of a ready model was lost (a re-wake)."""
         outcome, reason = "ready", ""
+        asleep = False
         try:
             async with asyncio.timeout(self.settings.startup_timeout):
                 url = adopt_url or await self._race(self.backend.start())
                 self.backend_phase("launched")
                 await self._race(self._until_ready(url))
+                if self.settings.sleep is not None:
+                    if adopt_url is None:
+                        await self._warm_up(url)
+                    else:  # an engine left asleep (by an activator before this one)
+                        asleep = await self._adopted_asleep(url)
         except TimeoutError:
             outcome = "timeout"
             reason = f"not ready within startup_timeout ({self.settings.startup_timeout:.0f}s)"
@@ -343,7 +489,8 @@ class Model:
             outcome = "failed"
             reason = exc.message if isinstance(exc, ActivatorError) else str(exc) or repr(exc)
         if outcome != "ready":
-            await self._fail_start(outcome=outcome, reason=reason)
+            self._observe_wake(outcome)
+            self._fire("start_failed", reason=reason, outcome=outcome)
             return
         if lost is not None:
             # Requests still on the lost engine would stay on it; pooled connections to it
@@ -352,18 +499,14 @@ class Model:
                 lease.cut(f"model {self.name!r} lost its engine ({lost}) and has a new one")
             await self._http.reset(self.name)
         self.url = url
-        self.ready_since = self.last_activity = self._clock()
-        self.last_error = None
+        if asleep:
+            assert self.settings.sleep is not None
+            self.host_held = self.settings.sleep.host_bytes
+            self._fire("found_asleep")
+            return
         self.backend_phase("ready")
-        self._observe_wake("ready")
-        self._set_state("ready")
-        waiters, self._waiters = self._waiters, {}
-        for future, arrived in waiters.values():
-            self._holds.count -= 1
-            if not future.done():
-                future.set_result(self._new_lease(cold=True, held=self._clock() - arrived))
-        self._update_held()
-        self._kick()
+        self._observe_wake(outcome)
+        self._fire("ready")
 
     async def _until_ready(self, url: str) -> None:
         """Until the backend sees the engine it runs up (`Backend.serving`) and `url`
@@ -397,30 +540,35 @@ class Model:
                 return
             await self._nudge.wait()
 
-    async def _fail_start(self, *, outcome: str, reason: str) -> None:
-        tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
-        self.last_error = reason
-        logger.warning("model=%s start failed (%s): %s", self.name, outcome, reason)
-        self._observe_wake(outcome)
-        # Waiters learn at once; cleaning up the engine may take its stop grace.
-        self._fail_waiters(
-            StartFailed(
-                f"model {self.name!r} failed to start: {reason}",
-                retry_after=self._retry_after(),
-                extra={"engine_log_tail": tail},
+    async def _adopted_asleep(self, url: str) -> bool:
+        """Whether an engine found running is asleep (/health answers 200 either way)."""
+        try:
+            return await engine_sleep.is_sleeping(
+                self._http.session(self.name), url, headers=self._engine_headers()
             )
-        )
-        await self._stop_backend()
-        self._metrics.scale_events.labels(model=self.name, direction="down", reason="failure").inc()
-        self._set_state("failed")
-        self._kick()
+        except engine_sleep.SleepError as exc:
+            logger.warning("model=%s cannot tell whether it sleeps (%s): awake", self.name, exc)
+            return False
 
-    async def _run_stop(self, *, reason: str, drain_timeout: float) -> None:
-        self._set_state("draining")
+    async def _warm_up(self, url: str) -> None:
+        """One max_tokens=1 request before clients are released, so later wakes do not
+        pay the first call's JIT. A warm-up that fails is logged, not fatal: the engine
+        passed readiness and clients may still be served."""
+        try:
+            await engine_sleep.warm_up(
+                self._http.session(self.name),
+                url,
+                served_model_name=self.settings.served_model_name,
+                headers=self._engine_headers(),
+            )
+        except engine_sleep.SleepError as exc:
+            logger.warning("model=%s warm-up request failed: %s", self.name, exc)
+
+    async def _run_drain(self, *, reason: str, limit: float, then: Event) -> None:
         started = self._clock()
         drained = "drained"
         try:
-            async with asyncio.timeout(drain_timeout):
+            async with asyncio.timeout(limit):
                 await self._drained.wait()
         except TimeoutError:
             drained = "cut"
@@ -429,10 +577,77 @@ class Model:
         self._metrics.drain_duration.labels(model=self.name, outcome=drained).observe(
             self._clock() - started
         )
-        self._set_state("stopping")
+        self._fire(then)
+
+    async def _run_sleep(self) -> None:
+        """POST /sleep and confirm it; any failure falls back to a stop (the table)."""
+        sleep = self.settings.sleep
+        assert sleep is not None and self.url is not None
+        started = self._clock()
+        self._failure = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(sleep.timeout):
+                await self._race(
+                    engine_sleep.sleep(
+                        self._http.session(self.name),
+                        self.url,
+                        level=sleep.level,
+                        headers=self._engine_headers(),
+                    )
+                )
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, engine_sleep.SleepError, StartFailed) as exc:
+            reason = _describe(exc, what="sleep", timeout=sleep.timeout)
+            self._observe_sleep("sleep", "failed", started)
+            logger.warning(
+                "model=%s could not be put to sleep (%s): stopping it", self.name, reason
+            )
+            self.last_error = f"sleep failed: {reason}"
+            self._fire("sleep_failed")
+            return
+        self._observe_sleep("sleep", "ok", started)
+        self.ready_since = None
+        self._fire("asleep")
+
+    async def _run_wake(self) -> None:
+        """POST /wake_up (level 2: the full reload sequence) and confirm it; a failure
+        stops the engine, and the held requests wait for the cold start that follows."""
+        sleep = self.settings.sleep
+        assert sleep is not None and self.url is not None
+        try:
+            async with asyncio.timeout(sleep.timeout):
+                await self._race(
+                    engine_sleep.wake(
+                        self._http.session(self.name),
+                        self.url,
+                        level=sleep.level,
+                        headers=self._engine_headers(),
+                    )
+                )
+        except asyncio.CancelledError:
+            self._observe_wake("cancelled")
+            raise
+        except (TimeoutError, engine_sleep.SleepError, StartFailed) as exc:
+            reason = _describe(exc, what="wake", timeout=sleep.timeout)
+            self._observe_wake("failed")
+            logger.warning(
+                "model=%s wake failed (%s): stopping it for a cold start", self.name, reason
+            )
+            self.last_error = f"wake failed: {reason}"
+            self._fire("wake_failed")
+            return
+        self.backend_phase("ready")
+        self._observe_wake("ready")
+        self._fire("ready")
+
+    async def _run_stop(self, *, failed: bool) -> None:
         await self._stop_backend()
-        self._set_state("stopped")
-        self._kick()
+        if failed:
+            self._metrics.scale_events.labels(
+                model=self.name, direction="down", reason="failure"
+            ).inc()
+        self._fire("stopped_after_failure" if failed else "stopped")
 
     async def _stop_backend(self) -> None:
         self.url = None
@@ -445,6 +660,7 @@ class Model:
             # The state stays honest: we log, and the next start will try again.
             logger.exception("model=%s backend stop failed", self.name)
         finally:
+            self.host_held = 0
             # Pooled connections to the old engine are dead: never reuse them.
             await self._http.reset(self.name)
 
@@ -463,14 +679,36 @@ class Model:
             return task.result()
         raise StartFailed(self._failure.result())
 
+    def _engine_headers(self) -> dict[str, str]:
+        key = self.settings.upstream_api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def _observe_wake(self, outcome: str) -> None:
         took = self._clock() - self._wake_started
         if outcome == "ready":
             self.last_wake_seconds = took
-        self._metrics.wake_duration.labels(
-            model=self.name, backend=self.settings.backend_kind, outcome=outcome
-        ).observe(took)
-        logger.info("model=%s wake outcome=%s after %.3fs", self.name, outcome, took)
+            self.last_wake_from = self._wake_from
+        self._metrics.observe_wake(
+            model=self.name,
+            backend=self.settings.backend_kind,
+            outcome=outcome,
+            source=self._wake_from,
+            seconds=took,
+        )
+        logger.info(
+            "model=%s wake outcome=%s after %.3fs (from %s)",
+            self.name,
+            outcome,
+            took,
+            self._wake_from,
+        )
+
+    def _observe_sleep(self, op: str, outcome: str, started: float) -> None:
+        took = self._clock() - started
+        if op == "sleep" and outcome == "ok":
+            self.last_sleep_seconds = took
+        self._metrics.observe_sleep(model=self.name, outcome=outcome, seconds=took)
+        logger.info("model=%s sleep outcome=%s after %.3fs", self.name, outcome, took)
 
     def _fail_waiters(self, error: ModelUnavailable) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -491,9 +729,9 @@ class Model:
 
     def _update_held(self) -> None:
         reasons = ("starting", "waiting_for_gpu", "draining")
-        if self.state in ("draining", "stopping"):
+        if self.state in ("draining", "falling_asleep", "stopping"):
             current = "draining"
-        elif self.state == "starting" or self.settings.pool is None:
+        elif self.state in ("starting", "waking") or self.settings.pool is None:
             current = "starting"
         else:
             current = "waiting_for_gpu"
@@ -508,7 +746,7 @@ class Model:
     # ----- BackendListener -----------------------------------------------------------
 
     def backend_phase(self, phase: str) -> None:
-        if self.state != "starting" or phase in self.phases:
+        if self.state not in ("starting", "waking") or phase in self.phases:
             return
         took = self._clock() - self._wake_started
         self.phases[phase] = took
@@ -518,25 +756,28 @@ class Model:
     def backend_progress(self) -> None:
         self._nudge.set()
 
+    def backend_blocked(self, blocked: bool) -> None:
+        """The engine being started cannot be placed (a sleeping pod holds the GPU)."""
+        if blocked != self.blocked:
+            self.blocked = blocked
+            self._kick()
+
     def backend_failed(self, reason: str) -> None:
         logger.warning("model=%s engine failed: %s", self.name, reason)
-        if self._failure is not None and not self._failure.done():
+        running = self._transition is not None and not self._transition.done()
+        if running and self._failure is not None and not self._failure.done():
+            # A start, wake or sleep in progress sees it and ends with its own failure.
             self._failure.set_result(reason)
-        if self.state == "ready":
-            self.last_error = reason
-            self._metrics.upstream_errors.labels(model=self.name, kind="engine_died").inc()
-            self._transition = self._tasks.spawn(
-                self._run_engine_died(reason), name=f"died:{self.name}"
-            )
+            return
+        self._fire("died", reason=reason)
 
-    async def _run_engine_died(self, reason: str) -> None:
-        self._set_state("stopping")
-        for lease in list(self._leases):
-            lease.cut(f"engine of model {self.name!r} died: {reason}")
-        await self._stop_backend()
-        self._metrics.scale_events.labels(model=self.name, direction="down", reason="failure").inc()
-        self._set_state("failed")
-        self._kick()
+    def backend_lost(self, reason: str) -> None:
+        """The engine was taken away (the ready pod gone): new requests are held until
+        it is ready again. Not a move outside ready: a wake, a stop or a failure under
+        way deals with it."""
+        if self.state == "ready":
+            self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
+        self._fire("lost", reason=reason)
 
     def backend_appeared(self) -> None:
         logger.info("model=%s engine appeared without a request: adopting it", self.name)
@@ -555,31 +796,7 @@ class Model:
             self.name,
         )
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="revert").inc()
-        if self.state == "ready":
-            self._lose("scaled to 0 replicas by another client")
-
-    def backend_lost(self, reason: str) -> None:
-        if self.state != "ready":
-            return  # a wake, a stop or a failure under way deals with it
-        self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
-        self._lose(reason)
-
-    def _lose(self, reason: str) -> None:
-        """ready -> starting: the engine went without failing and the backend brings it
-        back. New requests are held from now on; leases in flight are left to end as
-        they will (a terminating pod may still finish them); the re-wake is observed
-        like any wake and bounded by startup_timeout."""
-        assert self.url is not None
-        logger.warning(
-            "model=%s lost its engine while ready (%s): holding requests until it is back",
-            self.name,
-            reason,
-        )
-        self.last_error = f"engine lost: {reason}"
-        self.ready_since = None
-        self._begin_wake(
-            self._run_start(adopt_url=self.url, lost=reason), name=f"rewake:{self.name}"
-        )
+        self._fire("lost", reason="scaled to 0 replicas by another client")
 
     def backend_unknown(self, unknown: bool) -> None:
         if unknown != self.unknown:
@@ -594,15 +811,15 @@ class Model:
     # ----- shutdown ------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
-        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start under
-        way is cancelled (its engine stopped at once, or left for the next activator to
-        adopt), never completed and then stopped. In-flight requests go on."""
+        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start or
+        wake under way is cancelled (its engine stopped at once, or left for the next
+        activator to adopt), never completed and then stopped. In-flight requests go on."""
         if self._closing:
             return
         self._closing = True
         self._wake_requested_at = None
         self._fail_waiters(ShuttingDown("activator is shutting down", retry_after=5))
-        if self.state == "starting" and self._backend is not None:
+        if self.state in ("starting", "waking") and self._backend is not None:
             self._transition = self._cancelling = self._tasks.spawn(
                 self._run_cancel_start(self._transition), name=f"cancel-start:{self.name}"
             )
@@ -639,8 +856,8 @@ class Model:
         transition = self._transition
         if transition is not None and not transition.done():
             # A start being cancelled is left to finish (bounded by the backend's stop
-            # grace); a stop or an engine-death cleanup is cancelled, as the engine is
-            # released below in any case.
+            # grace); a stop, a sleep or an engine-death cleanup is cancelled, as the
+            # engine is released below in any case.
             if transition is not self._cancelling:
                 transition.cancel()
             await asyncio.wait({transition})
@@ -681,7 +898,24 @@ class Model:
             "queued": self.queued,
             "upstream_url": self.url,
             "last_wake_seconds": self.last_wake_seconds,
+            "last_wake_from": self.last_wake_from,
             "wake_phases": dict(self.phases),
+            "sleep": None
+            if s.sleep is None
+            else {
+                "level": s.sleep.level,
+                "host_memory": s.sleep.host_bytes,
+                "host_held": self.host_held,
+                "last_sleep_seconds": self.last_sleep_seconds,
+            },
             "last_error": self.last_error,
             "idle_timeout": s.idle_timeout,
         }
+
+
+def _describe(exc: BaseException, *, what: str, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within sleep.timeout ({timeout:g}s)"
+    if isinstance(exc, ActivatorError):
+        return exc.message
+    return str(exc) or repr(exc)

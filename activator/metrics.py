@@ -23,7 +23,18 @@ REQUEST_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
     300, 600, 1200, 1800,
 )  # fmt: skip
-MODEL_STATES = ("stopped", "starting", "ready", "draining", "stopping", "failed", "unknown")
+MODEL_STATES = (
+    "stopped",
+    "starting",
+    "ready",
+    "draining",
+    "falling_asleep",
+    "sleeping",
+    "waking",
+    "stopping",
+    "failed",
+    "unknown",
+)
 
 
 class Metrics:
@@ -82,9 +93,10 @@ class Metrics:
         )
         self.wake_duration = Histogram(
             "activator_wake_duration_seconds",
-            "Time from the decision to start a model to it passing readiness, by outcome: "
-            "ready, failed, timeout, cancelled.",
-            ["model", "backend", "outcome"],
+            "Time from the decision to make a model ready to it passing readiness, by "
+            "outcome (ready, failed, timeout, cancelled) and where it woke from: zero (a "
+            "cold start) or sleep (vLLM sleep mode).",
+            ["model", "backend", "outcome", "from"],
             buckets=WAKE_BUCKETS,
             registry=r,
         )
@@ -112,8 +124,9 @@ class Metrics:
         )
         self.swaps = Counter(
             "activator_swaps",
-            "Model swaps in a GPU pool: from_model was stopped to make room for to_model.",
-            ["pool", "from_model", "to_model"],
+            "Model swaps in a GPU pool: from_model was stopped (mode stop) or put to sleep "
+            "(mode sleep) to make room for to_model.",
+            ["pool", "from_model", "to_model", "mode"],
             registry=r,
         )
         self.drain_duration = Histogram(
@@ -127,6 +140,27 @@ class Metrics:
             "activator_pool_gpus_in_use",
             "GPUs of the pool held by models that are starting, running or stopping.",
             ["pool"],
+            registry=r,
+        )
+        self.pool_host_memory_in_use = Gauge(
+            "activator_pool_host_memory_bytes",
+            "Host memory held by the pool's sleeping models (level 1 weights), reserved "
+            "from the moment a sleep is decided.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_host_memory = Gauge(
+            "activator_pool_host_memory_capacity_bytes",
+            "host_memory of the pool: what its sleeping models may hold together.",
+            ["pool"],
+            registry=r,
+        )
+        self.sleep_duration = Histogram(
+            "activator_sleep_duration_seconds",
+            "Time to put a model to sleep (POST /sleep until /is_sleeping confirms), by "
+            "outcome: ok, failed (the model is stopped instead).",
+            ["model", "outcome"],
+            buckets=WAKE_BUCKETS,
             registry=r,
         )
         self.pool_gpus = Gauge(
@@ -148,7 +182,18 @@ class Metrics:
         without this a model's first wake would be missing from wake-latency panels and
         alerts. Only the outcomes those read: each series is a whole histogram."""
         for outcome in ("ready", "failed", "timeout"):
-            self.wake_duration.labels(model=model, backend=backend, outcome=outcome)
+            self.wake_duration.labels(
+                model=model, backend=backend, outcome=outcome, **{"from": "zero"}
+            )
+
+    def observe_wake(
+        self, *, model: str, backend: str, outcome: str, source: str, seconds: float
+    ) -> None:
+        labels = {"model": model, "backend": backend, "outcome": outcome, "from": source}
+        self.wake_duration.labels(**labels).observe(seconds)
+
+    def observe_sleep(self, *, model: str, outcome: str, seconds: float) -> None:
+        self.sleep_duration.labels(model=model, outcome=outcome).observe(seconds)
 
     def set_state(self, model: str, state: str) -> None:
         for s in MODEL_STATES:

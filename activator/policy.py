@@ -1,4 +1,4 @@
-"""Pure scheduling policy: which models start, which stop, and when to look again.
+"""Pure scheduling policy: which models start, which stop or sleep, and when to look again.
 
 Everything here is a function of plain data (`ModelView`s and a clock reading), so it is
 tested with tables. `activator.pool.PoolScheduler` gathers the views, calls `decide` and
@@ -6,19 +6,27 @@ carries out the decision; it is the only caller.
 
 The rules, in the order `decide` applies them:
 1. Idle: a ready model with nothing in flight, nothing held and no activity for its
-   `idle_timeout` is stopped. A model whose state is unknown is never idle.
-2. While any model of the pool is draining or stopping, no start and no new eviction is
-   decided: swaps are sequenced, never interleaved (its GPUs are not free yet).
-3. Over capacity (engines adopted at start-up, or scaled by hand): evict down to the
+   `idle_timeout` is stopped; so is a sleeping model whose last request is that old. A
+   model whose state is unknown is never idle.
+2. While any model of the pool is draining, falling asleep or stopping, no start and no
+   new eviction is decided: swaps are sequenced, never interleaved (its GPUs are not
+   free yet, or its host memory is not).
+3. A start that cannot be scheduled because a sleeping engine still holds the GPU (a
+   Kubernetes pod asleep on a GPU the device plugin does not share) stops the sleeper
+   least recently used.
+4. Over capacity (engines adopted at start-up, or scaled by hand): evict down to the
    capacity with the victim rule below.
-4. Demand is served oldest-first: the waiting model whose oldest held request has waited
-   longest goes next. If it fits in the free GPUs, it starts (and the next one is
-   considered). If not, victims are chosen among the ready models; if none may go yet,
-   nothing behind it jumps the queue (no starvation), and the decision says when to look
-   again.
+5. Demand is served oldest-first: the waiting model (stopped, failed or asleep) whose
+   oldest held request has waited longest goes next. If it fits in the free GPUs, it
+   starts, or wakes (and the next one is considered). If not, victims are chosen among
+   the ready models; if none may go yet, nothing behind it jumps the queue (no
+   starvation), and the decision says when to look again.
 Victims: a model may be evicted unless it is inside its `min_residency` while it has
 traffic, or the waiting model has waited `max_wait`. Among the sets of victims that make
 room, prefer those with fewer busy models, then fewer models, then the longest resident.
+A victim that has sleep mode is put to sleep rather than stopped when the pool's host
+memory can take its weights; if it cannot, the sleeping models least recently used are
+stopped first (one decision), and if even that does not make room, the victim is stopped.
 """
 
 from __future__ import annotations
@@ -27,9 +35,14 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-RUNNING_STATES = frozenset({"starting", "ready", "draining", "stopping"})
-TRANSIT_STATES = frozenset({"draining", "stopping"})
-STARTABLE_STATES = frozenset({"stopped", "failed"})
+# States in which a model's engine occupies its GPUs. A model stopping from sleep is
+# counted too: conservative, and its stop is short.
+RUNNING_STATES = frozenset(
+    {"starting", "waking", "ready", "draining", "falling_asleep", "stopping"}
+)
+# GPUs (or host memory) being given back: nothing else starts until they are free.
+TRANSIT_STATES = frozenset({"draining", "falling_asleep", "stopping"})
+STARTABLE_STATES = frozenset({"stopped", "failed", "sleeping"})
 # Subsets of victims are enumerated; pools hold a handful of models. Past this many
 # candidates only the best-ranked are considered (keeps `decide` cheap and bounded).
 MAX_VICTIM_CANDIDATES = 12
@@ -49,6 +62,15 @@ class ModelView:
     idle_timeout: float = 600.0
     min_residency: float = 30.0
     max_wait: float = 300.0
+    # Sleep mode: None when the model has none. `sleep_host` is the host memory its
+    # weights take once asleep (level 1; ~0 at level 2); `host_held` what its engine
+    # holds in host memory now: reserved from the moment its first sleep is decided
+    # until the engine stops (vLLM keeps its pinned backup after a wake, #16663).
+    sleep_level: int | None = None
+    sleep_host: int = 0
+    host_held: int = 0
+    # Starting, but its engine cannot be placed until a sleeping engine gives its GPU up.
+    blocked: bool = False
 
     @property
     def busy(self) -> bool:
@@ -62,12 +84,16 @@ class ModelView:
 @dataclass(frozen=True)
 class Stop:
     model: str
-    reason: str  # "idle", "swap" or "capacity"
+    # "idle", "swap", "capacity", "host_memory" (a sleeper makes room in host memory)
+    # or "unschedulable" (a sleeper gives its GPU to a start that cannot be placed).
+    reason: str
     for_model: str | None = None  # the model it makes room for (swaps)
+    sleep: bool = False  # put to sleep instead of stopped
 
 
 @dataclass(frozen=True)
 class Decision:
+    # Models to make ready: a cold start, or a wake for a sleeping one.
     start: tuple[str, ...] = ()
     stop: tuple[Stop, ...] = ()
     # When to decide again if nothing happens before (clock time), or None.
@@ -76,14 +102,18 @@ class Decision:
 
 
 def idle_deadline(m: ModelView) -> float | None:
-    """Clock time at which a ready model becomes idle, or None if it cannot be."""
-    if m.state != "ready" or m.unknown or m.busy:
+    """Clock time at which a ready or sleeping model becomes idle, or None if it cannot."""
+    if m.state not in ("ready", "sleeping") or m.unknown or m.busy:
         return None
     return m.last_activity + m.idle_timeout
 
 
 def gpus_in_use(models: Sequence[ModelView]) -> int:
     return sum(m.gpus for m in models if m.holds_gpus)
+
+
+def host_in_use(models: Sequence[ModelView]) -> int:
+    return sum(m.host_held for m in models)
 
 
 def _evictable(m: ModelView, *, now: float, waited: float) -> bool:
@@ -122,6 +152,47 @@ def choose_victims(
     return best
 
 
+def plan_sleeps(
+    victims: Sequence[ModelView],
+    models: Sequence[ModelView],
+    *,
+    host_memory: int | None,
+    keep: str,
+) -> tuple[list[Stop], set[str]]:
+    """How the victims leave the GPU: (sleepers to stop first, victims that sleep).
+
+    A victim sleeps when its weights fit in the pool's free host memory. When they would
+    fit only after stopping sleeping models (least recently used first; never `keep`,
+    the model the room is for, nor a sleeper with held requests), those stops are
+    returned and the victims wait for them: host memory is given back before it is
+    taken, so the pool is never over `host_memory`, not even for a moment.
+    """
+    sleepers = sorted(
+        (m for m in models if m.state == "sleeping" and m.name != keep and not m.busy),
+        key=lambda m: (m.last_activity, m.name),
+    )
+    free = None if host_memory is None else host_memory - host_in_use(models)
+    evict: list[ModelView] = []
+    sleep: set[str] = set()
+    for v in victims:
+        if v.sleep_level is None:
+            continue
+        if free is None:
+            sleep.add(v.name)
+            continue
+        need = max(0, v.sleep_host - v.host_held)  # an engine that slept before keeps it
+        while need > free and sleepers:
+            gone = sleepers.pop(0)
+            evict.append(gone)
+            free += gone.host_held
+        if need <= free:
+            sleep.add(v.name)
+            free -= need
+    if evict:
+        return [Stop(m.name, "host_memory") for m in evict], set()
+    return [], sleep
+
+
 def _next_eligibility(
     running: Sequence[ModelView], *, now: float, oldest_wait: float, max_wait: float
 ) -> float | None:
@@ -138,8 +209,15 @@ def _next_eligibility(
     return min(future) if future else None
 
 
-def decide(capacity: int | None, models: Sequence[ModelView], *, now: float) -> Decision:
-    """Decide starts and stops for one pool. `capacity` None means unconstrained."""
+def decide(
+    capacity: int | None,
+    models: Sequence[ModelView],
+    *,
+    now: float,
+    host_memory: int | None = None,
+) -> Decision:
+    """Decide starts, stops and sleeps for one pool. `capacity` None means unconstrained;
+    `host_memory` None means sleeping models are not bounded by host memory."""
     stops: list[Stop] = []
     wake: list[float] = []
     stopping: set[str] = set()
@@ -174,6 +252,14 @@ def decide(capacity: int | None, models: Sequence[ModelView], *, now: float) -> 
     if any(m.state in TRANSIT_STATES for m in models) or stopping:
         return done()
 
+    if any(m.state == "starting" and m.blocked for m in models):
+        sleepers = sorted(
+            (m for m in models if m.state == "sleeping"), key=lambda m: (m.last_activity, m.name)
+        )
+        if sleepers:
+            stops.append(Stop(sleepers[0].name, "unschedulable"))
+            return done()
+
     used = gpus_in_use(models)
     ready = [m for m in models if m.state == "ready" and not m.unknown]
     if used > capacity:
@@ -195,7 +281,13 @@ def decide(capacity: int | None, models: Sequence[ModelView], *, now: float) -> 
         eligible = [r for r in ready if _evictable(r, now=now, waited=waited)]
         victims = choose_victims(eligible, need=m.gpus - free, now=now)
         if victims:
-            stops.extend(Stop(v.name, "swap", for_model=m.name) for v in victims)
+            evict, sleep = plan_sleeps(victims, models, host_memory=host_memory, keep=m.name)
+            if evict:
+                stops.extend(evict)
+            else:
+                stops.extend(
+                    Stop(v.name, "swap", for_model=m.name, sleep=v.name in sleep) for v in victims
+                )
         else:
             again = _next_eligibility(
                 ready,

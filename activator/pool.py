@@ -19,7 +19,7 @@ from typing import Any
 
 from activator.lifecycle import Model
 from activator.metrics import Metrics
-from activator.policy import Decision, decide, gpus_in_use
+from activator.policy import Decision, decide, gpus_in_use, host_in_use, plan_sleeps
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +30,14 @@ class PoolScheduler:
         name: str,
         *,
         capacity: int | None,
+        host_memory: int | None = None,
         models: Sequence[Model],
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.capacity = capacity
+        self.host_memory = host_memory
         self.models = list(models)
         self._by_name = {m.name: m for m in self.models}
         self._metrics = metrics
@@ -46,6 +48,8 @@ class PoolScheduler:
             m.scheduler = self
         if capacity is not None:
             metrics.pool_gpus.labels(pool=name).set(capacity)
+        if host_memory is not None:
+            metrics.pool_host_memory.labels(pool=name).set(host_memory)
 
     def kick(self) -> None:
         self._kicked.set()
@@ -71,21 +75,44 @@ class PoolScheduler:
     def step(self) -> float | None:
         now = self._clock()
         views = [m.view() for m in self.models]
-        decision = decide(self.capacity, views, now=now)
+        decision = decide(self.capacity, views, now=now, host_memory=self.host_memory)
         self.last_decision = decision
         for stop in decision.stop:
             model = self._by_name[stop.model]
-            if model.begin_stop(reason=stop.reason) and stop.for_model is not None:
-                logger.info("pool=%s swap %s -> %s", self.name, stop.model, stop.for_model)
+            began = model.begin_stop(reason=stop.reason, sleep=stop.sleep)
+            if began and stop.for_model is not None:
+                mode = "sleep" if stop.sleep else "stop"
+                logger.info(
+                    "pool=%s swap %s -> %s (%s)", self.name, stop.model, stop.for_model, mode
+                )
                 self._metrics.swaps.labels(
-                    pool=self.name, from_model=stop.model, to_model=stop.for_model
+                    pool=self.name, from_model=stop.model, to_model=stop.for_model, mode=mode
                 ).inc()
         for name in decision.start:
             self._by_name[name].begin_start(reason="request")
         if self.capacity is not None:
-            in_use = gpus_in_use([m.view() for m in self.models])
-            self._metrics.pool_gpus_in_use.labels(pool=self.name).set(in_use)
+            after = [m.view() for m in self.models]
+            self._metrics.pool_gpus_in_use.labels(pool=self.name).set(gpus_in_use(after))
+            self._metrics.pool_host_memory_in_use.labels(pool=self.name).set(host_in_use(after))
         return decision.wake_at
+
+    def sleep_by_hand(self, model: Model) -> str | None:
+        """Admin sleep: put `model` to sleep now if its weights fit in the pool's free
+        host memory; else say why not (the pool never goes over its host memory, and an
+        admin call does not evict other sleepers)."""
+        if model.settings.sleep is None:
+            return f"model {model.name!r} has no sleep mode (set sleep: {{level, host_memory}})"
+        if model.state != "ready":
+            return f"model {model.name!r} is {model.state}, not ready: only a ready model can sleep"
+        views = [m.view() for m in self.models]
+        evict, sleep = plan_sleeps([model.view()], views, host_memory=self.host_memory, keep="")
+        if evict or model.name not in sleep:
+            return (
+                f"no room in pool {self.name}'s host memory for {model.name!r} "
+                f"({host_in_use(views)} of {self.host_memory} bytes held by sleeping models)"
+            )
+        model.begin_stop(reason="admin", sleep=True)
+        return None
 
     def describe(self) -> dict[str, Any]:
         now = self._clock()
@@ -95,8 +122,15 @@ class PoolScheduler:
             "name": self.name,
             "gpus": self.capacity,
             "gpus_in_use": gpus_in_use(views),
+            "host_memory": self.host_memory,
+            "host_memory_in_use": host_in_use(views),
             "models": [
                 {"name": v.name, "state": v.state, "gpus": v.gpus} for v in views if v.holds_gpus
+            ],
+            "sleeping": [
+                {"name": v.name, "level": v.sleep_level, "host_memory": v.host_held}
+                for v in views
+                if v.state == "sleeping"
             ],
             "waiting": [
                 {

@@ -36,6 +36,9 @@ class ModelRegistry:
             )
         return model
 
+    def scheduler_of(self, model: Model) -> PoolScheduler:
+        return next(s for s in self.schedulers if model in s.models)
+
     def pools(self) -> list[PoolScheduler]:
         return [s for s in self.schedulers if s.capacity is not None]
 

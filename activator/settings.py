@@ -42,6 +42,7 @@ from activator.config_types import (
 AccessLogFormat = Literal["text", "json", "off"]
 WorkloadKind = Literal["Deployment", "StatefulSet"]
 ShutdownAction = Literal["keep", "stop"]
+SleepLevel = Literal[1, 2]
 
 
 def _no_entries() -> Mapping[str, Any]:
@@ -134,6 +135,33 @@ class KubernetesTarget(Section):
 class PoolSettings(Section):
     name: str  # its key under `pools:`
     gpus: Count
+    # Host RAM that the pool's sleeping (level 1) models may hold together; None = no
+    # model of the pool sleeps at level 1 (activator.config requires it when one does).
+    host_memory: Size | None = None
+
+
+class SleepSettings(Section):
+    """vLLM sleep mode: put to sleep instead of stopped when the pool needs the GPU.
+    The engine must run with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1."""
+
+    level: SleepLevel = 1
+    # Host memory the engine holds for its weights once it has slept at level 1 (about
+    # none at level 2): measure it (vLLM keeps its pinned backup after a wake, rounded up).
+    host_memory: Size | None = None
+    # Bound on one sleep or one wake. A level-1 sleep copies the weights to host memory,
+    # and vLLM allocates that pinned memory at the first sleep: seconds per 10 GB.
+    timeout: Duration = 120.0
+
+    @model_validator(mode="after")
+    def _host_memory_for_level_one(self) -> SleepSettings:
+        if self.level == 1 and self.host_memory is None:
+            raise problem_at("host_memory", "required for level 1 (the weights' size)", None)
+        return self
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the engine holds once asleep: the weights at level 1, none at 2."""
+        return (self.host_memory or 0) if self.level == 1 else 0
 
 
 class ModelDefaults(Section):
@@ -164,6 +192,7 @@ class ModelSettings(ModelDefaults):
     aliases: TextList = ()
     pool: Text | None = None
     gpus: Count = 1
+    sleep: SleepSettings | None = None  # None = stopped, never put to sleep
     process: ProcessTarget | None = None
     kubernetes: KubernetesTarget | None = None
 

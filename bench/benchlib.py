@@ -267,9 +267,14 @@ def engine_command(served: str, *flags: str, startup_delay: float) -> list[str]:
 
 @contextlib.contextmanager
 def activator_process(
-    models: dict[str, Any], *, server: dict[str, Any] | None = None, ready_timeout: float = 30.0
+    models: dict[str, Any],
+    *,
+    server: dict[str, Any] | None = None,
+    top: dict[str, Any] | None = None,
+    ready_timeout: float = 30.0,
 ) -> Iterator[ActivatorProcess]:
-    """Run activator on a free loopback port with these model blocks; stop it after.
+    """Run activator on a free loopback port with these model blocks (and `top`'s other
+    sections: pools, defaults); stop it after.
 
     Shutdown is SIGTERM (activator stops the engines it started), then SIGKILL if it
     does not exit within its grace.
@@ -278,6 +283,7 @@ def activator_process(
     config = {
         "server": {"host": "127.0.0.1", "port": port, "access_log": "off", **(server or {})},
         "models": models,
+        **(top or {}),
     }
     with tempfile.TemporaryDirectory(prefix="activator-bench-") as tmp:
         config_path = Path(tmp) / "config.yaml"

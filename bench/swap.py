@@ -4,6 +4,12 @@
   python bench/swap.py --smoke    # seconds; CI
 Options: --trials N  --rounds R  --concurrency C  --startup-delay S  --out DIR
 
+Sleep mode (vLLM's sleep API; bench/swap_sleep.py has the details):
+  python bench/swap.py --mode sleep                       # stand-in engines, 8 GiB simulated
+  python bench/swap.py --mode sleep --engine gpu --weights-gib 8,20 --weights-dir /data
+      # the GPU stand-in (bench/gpu_engine.py) with real weights: sleep swaps against stop +
+      # cold start of the same engines, and activator's overhead over the engines' own wake
+
 The seeds' scenario: coder-chat and coder-fim on one L4 (`pools: {l4: {gpus: 1}}`), here
 on stand-in engines that keep their port closed for --startup-delay seconds, as vLLM
 does while it loads. Activator runs as a subprocess (`activator serve`, uvloop).
@@ -29,7 +35,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +46,7 @@ from typing import Any
 
 import aiohttp
 import benchlib as bl
-import yaml
+import swap_sleep
 
 POOL = "l4"
 A, B = "coder-chat", "coder-fim"
@@ -127,54 +132,28 @@ def log_stamp(lines: list[str], marker: str) -> float | None:
 def pooled_activator(startup_delay: float) -> Iterator[tuple[bl.ActivatorProcess, dict[str, str]]]:
     """activator serve with A and B in one 1-GPU pool; yields it and model -> served name."""
     served = {m: f"{m}-bench-{os.getpid()}" for m in (A, B)}
-    port = bl.free_port()
-    config = {
-        "server": {"host": "127.0.0.1", "port": port, "access_log": "off"},
+    models = {
+        m: {
+            "served_model_name": served[m],
+            "pool": POOL,
+            "gpus": 1,
+            "idle_timeout": "1h",
+            "process": {
+                "command": bl.engine_command(served[m], startup_delay=startup_delay),
+                "port": 0,
+                "stop_grace": "10s",
+            },
+        }
+        for m in (A, B)
+    }
+    top = {
         "pools": {POOL: {"gpus": 1}},
         # A swap only waits for what the policy asks: no residency to sit out, an idle
         # model goes at once. The defaults (30 s, 5 min) would measure the policy.
         "defaults": {"min_residency": "10ms", "max_wait": "10ms", "drain_timeout": "60s"},
-        "models": {
-            m: {
-                "served_model_name": served[m],
-                "pool": POOL,
-                "gpus": 1,
-                "idle_timeout": "1h",
-                "process": {
-                    "command": bl.engine_command(served[m], startup_delay=startup_delay),
-                    "port": 0,
-                    "stop_grace": "10s",
-                },
-            }
-            for m in (A, B)
-        },
     }
-    with tempfile.TemporaryDirectory(prefix="activator-swap-") as tmp:
-        config_path = Path(tmp) / "config.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        log_path = Path(tmp) / "activator.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "activator", "serve", "--config", str(config_path),
-                 "--log-level", "WARNING"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        running = bl.ActivatorProcess(
-            proc=proc, url=f"http://127.0.0.1:{port}", config_path=config_path, log_path=log_path
-        )
-        try:
-            bl.wait_until(
-                lambda: proc.poll() is not None or bl.http_json(running.url + "/readyz"),
-                timeout=30,
-                what="activator /readyz",
-            )
-            if proc.poll() is not None:
-                raise RuntimeError(f"activator exited at start-up:\n{running.log_tail()}")
-            yield running, served
-        finally:
-            bl.stop_process(proc, grace=30.0)
+    with bl.activator_process(models, top=top) as running:
+        yield running, served
 
 
 # ---- one swap ---------------------------------------------------------------------------
@@ -348,7 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--startup-delay", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--mode", choices=("stop", "sleep"), default="stop")
+    parser.add_argument("--engine", choices=("stand-in", "gpu"), default="stand-in")
+    parser.add_argument("--weights-gib", default="8", help="sizes, comma-separated (sleep)")
+    parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--device", default="cuda", help="gpu engine: cuda, cuda:N or cpu")
+    parser.add_argument(
+        "--engine-python", default=sys.executable, help="gpu engine: a python with torch"
+    )
+    parser.add_argument("--stop-trials", type=int, default=3, help="sleep mode: cold swaps")
     args = parser.parse_args(argv)
+    if args.mode == "sleep":
+        return main_sleep(args, argv)
     if args.smoke:
         args.trials, args.rounds, args.concurrency = 2, 4, 4
         args.startup_delay = min(args.startup_delay, 0.3)
@@ -401,6 +391,91 @@ def main(argv: list[str] | None = None) -> int:
     plot(trials, loads, bl.plot_path(name, out_dir=args.out), title)
     print(f"\nwrote {path} and {path.with_suffix('.png')}")
     return 0
+
+
+def main_sleep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """--mode sleep: per weights size, sleep swaps against stop + cold start swaps."""
+    if args.smoke:
+        args.trials, args.stop_trials = 2, 1
+        args.startup_delay = min(args.startup_delay, 0.3)
+    sizes = [float(x) for x in str(args.weights_gib).split(",")]
+    load_before = os.getloadavg()
+    runs = []
+    for gib in sizes:
+        engines = swap_sleep.Engines(
+            kind=args.engine,
+            gib=gib,
+            device=args.device,
+            weights_dir=args.weights_dir,
+            python=args.engine_python,
+            startup_delay=args.startup_delay,
+            sleep_delay=0.155 * gib / 8,  # the H200's PCIe copy for these weights
+            wake_delay=0.155 * gib / 8,
+        )
+        run_ = swap_sleep.run_sleep_mode(
+            engines, trials=args.trials, stop_trials_n=args.stop_trials
+        )
+        runs.append(run_)
+        summary = run_["summary"]
+
+        def ms(x: float | None) -> str:
+            return bl.fmt(None if x is None else x * 1000, 1)
+
+        print(f"\n{args.engine} engines, {gib:g} GiB of weights each")
+        print(bl.table(
+            ["swap", "first byte ms", "engine sleep ms", "engine wake ms", "warm ms",
+             "overhead ms"],
+            [[f"{i + 1} -> {t['to_model']}", ms(t["first_byte"]), ms(t["engine_sleep"]),
+              ms(t["engine_wake"]), ms(t["warm"]), ms(t["overhead"])]
+             for i, t in enumerate(run_["trials"])]
+            + [["median", *(ms(summary[k]["median"]) for k in (
+                "first_byte", "engine_sleep", "engine_wake", "warm", "overhead"))]],
+        ))  # fmt: skip
+        print(
+            f"stop + cold start: first byte median {ms(summary['stop_first_byte']['median'])} ms "
+            f"over {len(run_['stop_first_bytes'])} swaps; sleep swap is "
+            f"{bl.fmt(summary['speedup'], 1)}x faster"
+        )
+    name = "swap-sleep-smoke" if args.smoke else f"swap-sleep-{args.engine}"
+    data = {
+        "benchmark": "swap --mode sleep",
+        "command": " ".join(["python", "bench/swap.py", *(argv or sys.argv[1:])]),
+        "machine": {**bl.machine(), "load_average_before": load_before},
+        "runs": runs,
+    }
+    path = bl.write_results(name, data, out_dir=args.out)
+    plot_sleep(runs, bl.plot_path(name, out_dir=args.out), engine=args.engine)
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+def plot_sleep(runs: list[dict[str, Any]], path: Path, *, engine: str) -> None:
+    plt = bl.pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
+    for ax, run_ in zip(axes[0], runs, strict=True):
+        trials = run_["trials"]
+        xs = list(range(1, len(trials) + 1))
+        sleep = [t["engine_sleep"] * 1000 for t in trials]
+        wake = [t["engine_wake"] * 1000 for t in trials]
+        rest = [
+            max(t["first_byte"] * 1000 - a - b, 0)
+            for t, a, b in zip(trials, sleep, wake, strict=True)
+        ]
+        ax.bar(xs, sleep, label="A's sleep (engine)")
+        ax.bar(xs, wake, bottom=sleep, label="B's wake (engine)")
+        ax.bar(xs, rest, bottom=[a + b for a, b in zip(sleep, wake, strict=True)],
+               label="activator + first token")  # fmt: skip
+        stop = run_["summary"]["stop_first_byte"]["median"]
+        if stop:
+            ax.set_title(f"{run_['engines']['weights_gib']:g} GiB: stop + cold start {stop:.1f} s")
+        ax.set_xlabel("swap (sleep mode)")
+        ax.set_ylabel("ms from B's request to its first byte")
+        ax.legend()
+    fig.suptitle(f"Sleep-mode swaps in a 1-GPU pool ({engine} engines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from activator.settings import (
     Section,
     ServerSettings,
     Settings,
+    SleepSettings,
 )
 from tests.conftest import ActivatorFactory
 from tests.harness import model_config, unique
@@ -184,6 +185,7 @@ SECTIONS = {
     "models": ModelSettings,
     "process": ProcessTarget,
     "target": KubernetesTarget,
+    "sleep": SleepSettings,
 }
 
 
@@ -200,6 +202,7 @@ def sections_of_example() -> dict[str, set[str]]:
         "models": set().union(*map(set, models)),
         "process": set().union(*(set(m["process"]) for m in models if "process" in m)),
         "target": set().union(*(set(m["kubernetes"]) for m in models if "kubernetes" in m)),
+        "sleep": set().union(*(set(m["sleep"]) for m in models if "sleep" in m)),
     }
 
 
@@ -270,13 +273,16 @@ def test_parse_duration_rejects(text: object) -> None:
         ("10KB", 10_000),
         ("1.5KiB", 1536),
         ("100B", 100),
+        ("64Gi", 64 * 2**30),  # Kubernetes' spelling, as in a pod's resources
+        ("512Mi", 512 * 2**20),
+        ("1TiB", 2**40),
     ],
 )
 def test_parse_size_accepts(text: object, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "32", "32mb", "32 Mi", "-1", -1, True, 1.5, None])
+@pytest.mark.parametrize("text", ["", "32", "32mb", "32 M", "32gi", "-1", -1, True, 1.5, None])
 def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(ValueError, match="expected a size"):
         parse_size(text)

@@ -23,7 +23,7 @@ from activator.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-KUSTOMIZATIONS = ("base", "examples/vllm-model", "observability")
+KUSTOMIZATIONS = ("base", "examples/vllm-model", "examples/sleep-mode", "observability")
 ARGOCD_APP = DEPLOY / "examples" / "argocd-application.yaml"
 
 # Custom resources: kubernetes-validate ships schemas for built-in kinds only. These are
@@ -159,6 +159,25 @@ def test_kustomization_output_validates_strictly(
 def test_argocd_application_is_a_known_crd_kind() -> None:
     docs = list(yaml.safe_load_all(ARGOCD_APP.read_text(encoding="utf-8")))
     assert {(d["apiVersion"], d["kind"]) for d in docs} <= CRD_KINDS
+
+
+def test_sleep_mode_example_runs_both_models_asleep_capable_on_a_shared_gpu(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    deployments = _all(built["examples/sleep-mode"], "Deployment")
+    assert {d["metadata"]["name"] for d in deployments} == {"coder-chat", "coder-fim"}
+    for deployment in deployments:
+        assert deployment["spec"]["replicas"] == 0
+        engine = _container(deployment, "vllm")
+        assert "--enable-sleep-mode" in engine["args"]
+        env = {e["name"]: e.get("value") for e in engine["env"]}
+        assert env["VLLM_SERVER_DEV_MODE"] == "1"
+        selector = deployment["spec"]["template"]["spec"]["nodeSelector"]
+        assert selector["cloud.google.com/gke-gpu-sharing-strategy"] == "time-sharing"
+    # The device plugin's time-slicing alternative is a valid ConfigMap.
+    (config,) = yaml.safe_load_all((DEPLOY / "examples/sleep-mode/time-slicing.yaml").read_text())
+    sharing = yaml.safe_load(config["data"]["any"])["sharing"]["timeSlicing"]["resources"]
+    assert sharing == [{"name": "nvidia.com/gpu", "replicas": 2}]
 
 
 def test_model_deployments_ship_at_zero_with_recreate(

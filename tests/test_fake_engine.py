@@ -359,10 +359,22 @@ async def test_invalid_json_is_400(engine: Engine, http: aiohttp.ClientSession) 
         assert (await response.json())["error"]["code"] == 400
 
 
-async def test_dev_endpoints_answer_ok(engine: Engine, http: aiohttp.ClientSession) -> None:
-    for path in ("/sleep", "/wake_up", "/collective_rpc", "/load_lora_adapter"):
+async def test_adapter_endpoints_answer_ok(engine: Engine, http: aiohttp.ClientSession) -> None:
+    for path in ("/load_lora_adapter", "/unload_lora_adapter"):
         async with http.post(engine.url + path) as response:
             assert (response.status, await response.json()) == (200, {"ok": True})
+
+
+async def test_sleep_endpoints_need_dev_mode(http: aiohttp.ClientSession) -> None:
+    # As in vLLM, they exist only with VLLM_SERVER_DEV_MODE=1 (see test_fake_engine_sleep.py).
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_SERVER_DEV_MODE"}
+    engine = await start("--enable-sleep-mode", env=env)
+    try:
+        for path in ("/sleep", "/wake_up", "/collective_rpc"):
+            async with http.post(engine.url + path) as response:
+                assert response.status == 404
+    finally:
+        await stop(engine.process)
 
 
 @pytest.mark.parametrize(
@@ -373,15 +385,13 @@ async def test_dev_endpoints_answer_ok(engine: Engine, http: aiohttp.ClientSessi
 async def test_api_key_guards_only_v1(
     http: aiohttp.ClientSession, args: list[str], env: dict[str, str]
 ) -> None:
-    engine = await start(*args, env={**os.environ, **env})
+    engine = await start(*args, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1", **env})
     try:
         async with http.get(f"{engine.url}/v1/models") as response:
             assert (response.status, await response.json()) == (401, {"error": "Unauthorized"})
-        for path in ("/health", "/metrics"):
+        for path in ("/health", "/metrics", "/is_sleeping"):
             async with http.get(engine.url + path) as response:
                 assert response.status == 200
-        async with http.post(f"{engine.url}/sleep") as response:
-            assert response.status == 200
         async with engine.client(api_key="sekret") as client:
             assert [m.id for m in (await client.models.list()).data] == [MODEL]
         async with engine.client(api_key="wrong") as client:

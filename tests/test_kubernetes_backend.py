@@ -56,6 +56,9 @@ class Recorder:
     def backend_appeared(self) -> None:
         self._add("appeared")
 
+    def backend_blocked(self, blocked: bool) -> None:
+        self._add("blocked", blocked)
+
     def backend_reverted(self) -> None:
         self._add("reverted")
 

@@ -98,7 +98,11 @@ async def test_start_goes_on_for_others_when_the_first_client_disconnects(
     assert [r.choices[0].finish_reason for r in replies] == ["stop", "stop"]
     assert starts(running, "m") == 1
     wakes = running.sample(
-        "activator_wake_duration_seconds_count", model="m", backend="process", outcome="ready"
+        "activator_wake_duration_seconds_count",
+        model="m",
+        backend="process",
+        outcome="ready",
+        **{"from": "zero"},
     )
     assert wakes == 1
 
@@ -232,7 +236,11 @@ async def test_engine_that_never_becomes_ready_fails_at_startup_timeout(
     assert header(headers, "Retry-After")
     assert (
         running.sample(
-            "activator_wake_duration_seconds_count", model="m", backend="process", outcome="timeout"
+            "activator_wake_duration_seconds_count",
+            model="m",
+            backend="process",
+            outcome="timeout",
+            **{"from": "zero"},
         )
         == 1
     )

@@ -281,7 +281,12 @@ async def test_swap_lets_the_in_flight_stream_finish_before_the_engine_stops(
     assert sum(bool(e["choices"][0]["delta"].get("content")) for e in events[:-1]) == 40
     assert reply.choices[0].finish_reason == "length"
     assert observer.peak_gpus() == 1
-    assert running.sample("activator_swaps_total", pool="gpu", from_model="a", to_model="b") == 1
+    assert (
+        running.sample(
+            "activator_swaps_total", pool="gpu", from_model="a", to_model="b", mode="stop"
+        )
+        == 1
+    )
     assert (
         running.sample("activator_drain_duration_seconds_count", model="a", outcome="drained") == 1
     )
@@ -366,7 +371,12 @@ async def test_admin_pools_and_metrics_follow_a_swap(activator: ActivatorFactory
     view = await pools_view(running)
     assert view["models"] == [{"name": "b", "state": "ready", "gpus": 1}]
     assert view["waiting"] == []
-    assert running.sample("activator_swaps_total", pool="gpu", from_model="a", to_model="b") == 1
+    assert (
+        running.sample(
+            "activator_swaps_total", pool="gpu", from_model="a", to_model="b", mode="stop"
+        )
+        == 1
+    )
     assert (
         running.sample("activator_drain_duration_seconds_count", model="a", outcome="drained") == 1
     )
@@ -423,8 +433,18 @@ async def test_steady_traffic_to_a_does_not_starve_b_and_a_is_served_again(
     held_ms = float(raw.headers["X-Activator-Held-Ms"])
     assert raw.parse().choices[0].finish_reason == "length"
     assert held_ms < 600_000  # released by max_wait, not by the end of A's min_residency
-    assert running.sample("activator_swaps_total", pool="gpu", from_model="a", to_model="b") == 1
-    assert running.sample("activator_swaps_total", pool="gpu", from_model="b", to_model="a") == 1
+    assert (
+        running.sample(
+            "activator_swaps_total", pool="gpu", from_model="a", to_model="b", mode="stop"
+        )
+        == 1
+    )
+    assert (
+        running.sample(
+            "activator_swaps_total", pool="gpu", from_model="b", to_model="a", mode="stop"
+        )
+        == 1
+    )
     assert (
         running.sample("activator_scale_events_total", model="a", direction="up", reason="request")
         == 2
@@ -475,5 +495,15 @@ async def test_eight_gpu_model_never_runs_beside_four_gpu_models_which_share(
 
     assert observer.peak_gpus() == 8, observer.together
     assert pool.marker_set("x8") in observer.together
-    assert running.sample("activator_swaps_total", pool="gpu", from_model="a4", to_model="x8") >= 1
-    assert running.sample("activator_swaps_total", pool="gpu", from_model="b4", to_model="x8") >= 1
+    assert (
+        running.sample(
+            "activator_swaps_total", pool="gpu", from_model="a4", to_model="x8", mode="stop"
+        )
+        >= 1
+    )
+    assert (
+        running.sample(
+            "activator_swaps_total", pool="gpu", from_model="b4", to_model="x8", mode="stop"
+        )
+        >= 1
+    )

@@ -353,9 +353,12 @@ async def test_an_open_status_page_does_not_hold_up_a_sigterm_shutdown(tmp_path:
 def test_wake_durations_put_each_wake_in_its_bucket() -> None:
     metrics = Metrics()
     metrics.add_model("a", backend="process")
-    for took, outcome in [(0.03, "ready"), (0.3, "ready"), (0.3, "ready"), (2000, "ready")]:
-        metrics.wake_duration.labels(model="a", backend="process", outcome=outcome).observe(took)
-    metrics.wake_duration.labels(model="a", backend="process", outcome="failed").observe(7)
+    wakes = [(0.03, "ready", "zero"), (0.3, "ready", "sleep"), (0.3, "ready", "zero")]
+    wakes += [(2000, "ready", "zero"), (7, "failed", "zero")]
+    for took, outcome, source in wakes:  # a model's wakes from zero and from sleep together
+        metrics.observe_wake(
+            model="a", backend="process", outcome=outcome, source=source, seconds=took
+        )
 
     summary = wake_durations(metrics)
 

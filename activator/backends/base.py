@@ -34,6 +34,11 @@ class BackendListener(Protocol):
         while the model is starting fails the start at once (held requests get a 503).
         """
 
+    def backend_blocked(self, blocked: bool) -> None:
+        """True while the engine being started cannot be placed yet (its pod is
+        unschedulable: on a GPU node, possibly because a sleeping engine still holds the
+        GPU). The pool may then stop a sleeping model to make room."""
+
     def backend_appeared(self) -> None:
         """An engine we did not start is running (manual scale-up): adopt it."""
 

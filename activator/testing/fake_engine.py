@@ -8,6 +8,12 @@ vLLM's envelope, streams are SSE written chunk by chunk, and a client disconnect
 the generation at once. Failure modes (crash while loading, a stuck engine, death after
 some time, a SIGTERM-deaf process) are switched on by flags.
 
+Sleep mode as vLLM has it (activator.testing.sleepmode): with VLLM_SERVER_DEV_MODE=1 the
+/sleep, /wake_up, /is_sleeping, /collective_rpc and /reset_prefix_cache routes exist, and
+with --enable-sleep-mode a sleep frees the (simulated) GPU memory: --weights-gib,
+--kv-cache-gib, --gpu-residue-gib size it, --sleep-delay, --wake-delay and --reload-delay
+time it, and --memory-report DIR keeps DIR/<pid>.json current for outside observers.
+
 Output protocol: once ready it prints exactly ``READY port=<port>`` on stdout. With
 ``--never-ready`` it prints ``LISTENING port=<port>`` instead (the port is bound but it
 never becomes ready). Nothing else goes to stdout. Log lines, one per request included,
@@ -26,12 +32,16 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from activator.testing.sleepmode import CONTROLLER as SLEEP
+from activator.testing.sleepmode import SleepController, SleepOptions, Ticket, add_sleep_routes
+from activator.testing.sleepmode import options as sleep_options
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +50,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Sent by vLLM's OpenAI server on every 401 (a flat string, unlike its other errors).
 UNAUTHORIZED_BODY: JsonObject = {"error": "Unauthorized"}
-DEV_PATHS = ("/sleep", "/wake_up", "/collective_rpc", "/load_lora_adapter", "/unload_lora_adapter")
+# Always open here (a 200 shows that a proxy let one through); vLLM's sleep routes are
+# in activator.testing.sleepmode and exist only in dev mode, as in vLLM.
+DEV_PATHS = ("/load_lora_adapter", "/unload_lora_adapter")
 STARTUP_PHASES = ("Initializing engine", "Loading weights...", "Capturing CUDA graphs...")
 EMBEDDING_DIM = 8
 # How long shutdown waits for cancelled handlers to unwind before closing their sockets:
 # SIGTERM must end the process promptly even with streams open.
 SHUTDOWN_GRACE_S = 0.1
+# What a model with wiped weights writes: token 0 of Llama-3/GPT-2 vocabularies, the
+# argmax of all-zero logits. Deterministic, so a test tells it from the real answer.
+GARBAGE_TOKEN = "!"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +81,15 @@ class EngineOptions:
     disable_access_log: bool = False  # benchmarks: per-request log lines cost time
     # Paths answered as vLLM's FastAPI answers a route the model does not serve.
     disable_endpoint: tuple[str, ...] = ()
+    sleep: SleepOptions = field(default_factory=SleepOptions)  # see the module docstring
 
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters behind /metrics: one per app, changed only by `generation`."""
+    """Counters behind /metrics: one per app, changed only by `generation` (requests
+    running and waiting are the sleep controller's)."""
 
-    running: int = 0
-    aborted: int = 0
+    aborted: int = 0  # by the client going away
     success: dict[str, int] = field(default_factory=dict)  # by finished_reason
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers generating now
 
@@ -190,9 +206,37 @@ def max_tokens_of(body: JsonObject, *keys: str) -> Any:
 # ---- generation bookkeeping ----
 
 
+@dataclass(slots=True)
+class Run:
+    """One request's generation as it happens: parked while the engine sleeps, then its
+    tokens one by one; cut short (finish_reason "abort") when a sleep aborts it."""
+
+    planned: Generation
+    ticket: Ticket
+    tokens: list[str] = field(default_factory=list)
+    complete: bool = False
+
+    async def start(self, delay: float) -> bool:
+        """Waits for the engine to be awake (the hang), then the time to first token."""
+        return await self.ticket.admitted() and await self.ticket.step(delay)
+
+    def produce(self, index: int) -> str:
+        token = GARBAGE_TOKEN if self.ticket.garbage else self.planned.tokens[index]
+        self.tokens.append(token)
+        return token
+
+    @property
+    def outcome(self) -> Generation:
+        reason = self.planned.finish_reason if self.complete else "abort"
+        return Generation(
+            tokens=self.tokens, prompt_tokens=self.planned.prompt_tokens, finish_reason=reason
+        )
+
+
 @asynccontextmanager
-async def generation(request: web.Request, *, gen: Generation) -> AsyncIterator[None]:
-    """Counts the request as running while the block runs, then as a success or an abort.
+async def generation(request: web.Request, *, gen: Generation) -> AsyncIterator[Run]:
+    """The request's presence in the engine; counts it as a success (by its outcome's
+    finish reason: "abort" when a sleep cut it) or, if the client left, as aborted.
 
     The handler task is registered so shutdown can cancel it; cancellation also arrives
     here when the client disconnects (the server runs with handler_cancellation), and a
@@ -201,45 +245,71 @@ async def generation(request: web.Request, *, gen: Generation) -> AsyncIterator[
     stats = request.app[STATS]
     task = asyncio.current_task()
     assert task is not None, "called from a request handler"
-    stats.running += 1
     stats.tasks.add(task)
     try:
-        yield
+        with request.app[SLEEP].ticket() as ticket:
+            run = Run(planned=gen, ticket=ticket)
+            yield run
     except (asyncio.CancelledError, ConnectionResetError):
         stats.aborted += 1
         logger.info("request aborted: %s %s", request.method, request.path)
         raise
     else:
-        stats.success[gen.finish_reason] = stats.success.get(gen.finish_reason, 0) + 1
+        reason = run.outcome.finish_reason
+        stats.success[reason] = stats.success.get(reason, 0) + 1
     finally:
-        stats.running -= 1
         stats.tasks.discard(task)
 
 
-async def answer(request: web.Request, *, gen: Generation, body: JsonObject) -> web.Response:
-    async with generation(request, gen=gen):
-        await asyncio.sleep(request.app[OPTIONS].response_delay)
-    return web.json_response(body)
+async def answer(
+    request: web.Request, *, gen: Generation, render: Callable[[Generation], JsonObject]
+) -> web.Response:
+    async with generation(request, gen=gen) as run:
+        if await run.start(request.app[OPTIONS].response_delay):
+            for index in range(len(gen.tokens)):
+                run.produce(index)
+            run.complete = True
+    return web.json_response(render(run.outcome))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamShape:
+    """One endpoint's SSE events: before the tokens, one per token, after them."""
+
+    head: list[JsonObject]
+    token: Callable[[str], JsonObject]
+    tail: Callable[[Generation], list[JsonObject]]
 
 
 async def stream(
-    request: web.Request, *, gen: Generation, events: Iterator[JsonObject]
+    request: web.Request, *, gen: Generation, shape: StreamShape
 ) -> web.StreamResponse:
     """Writes each SSE event the moment it is produced, then [DONE].
 
-    Headers go out before --response-delay, as vLLM's do; the delay models the time to
-    the first token.
+    Headers go out before --response-delay (and before a sleeping engine wakes), as
+    vLLM's do; the delay models the time to the first token, --stream-delay the time
+    between tokens.
     """
     options = request.app[OPTIONS]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+
+    async def write(events: list[JsonObject]) -> None:
+        for event in events:
+            await response.write(b"data: " + dumps(event) + b"\n\n")
+
     with suppress(ConnectionResetError):  # the client left: counted by `generation`
-        async with generation(request, gen=gen):
+        async with generation(request, gen=gen) as run:
             await response.prepare(request)
-            await asyncio.sleep(options.response_delay)
-            for index, event in enumerate(events):
-                if index and options.stream_delay:
-                    await asyncio.sleep(options.stream_delay)
-                await response.write(b"data: " + dumps(event) + b"\n\n")
+            started = await run.start(options.response_delay)
+            await write(shape.head)
+            if started:
+                for index in range(len(gen.tokens)):
+                    if index and not await run.ticket.step(options.stream_delay):
+                        break
+                    await write([shape.token(run.produce(index))])
+                else:
+                    run.complete = True
+            await write(shape.tail(run.outcome))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
     return response
@@ -257,29 +327,32 @@ def include_usage(body: JsonObject) -> bool:
 # ---- chunk shapes ----
 
 
-def chat_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iterator[JsonObject]:
+def chat_shape(head: JsonObject, *, usage: bool) -> StreamShape:
     def chunk(delta: JsonObject, finish_reason: str | None = None) -> JsonObject:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**head, "choices": [choice]}
 
-    yield chunk({"role": "assistant", "content": ""})
-    for token in gen.tokens:
-        yield chunk({"content": token})
-    yield chunk({}, gen.finish_reason)
-    if usage:
-        yield {**head, "choices": [], "usage": gen.usage()}
+    def tail(gen: Generation) -> list[JsonObject]:
+        last = [chunk({}, gen.finish_reason)]
+        return last + ([{**head, "choices": [], "usage": gen.usage()}] if usage else [])
+
+    return StreamShape(
+        head=[chunk({"role": "assistant", "content": ""})],
+        token=lambda token: chunk({"content": token}),
+        tail=tail,
+    )
 
 
-def completion_events(gen: Generation, *, head: JsonObject, usage: bool) -> Iterator[JsonObject]:
+def completion_shape(head: JsonObject, *, usage: bool) -> StreamShape:
     def chunk(text: str, finish_reason: str | None = None) -> JsonObject:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
         return {**head, "choices": [choice]}
 
-    for token in gen.tokens:
-        yield chunk(token)
-    yield chunk("", gen.finish_reason)
-    if usage:
-        yield {**head, "choices": [], "usage": gen.usage()}
+    def tail(gen: Generation) -> list[JsonObject]:
+        last = [chunk("", gen.finish_reason)]
+        return last + ([{**head, "choices": [], "usage": gen.usage()}] if usage else [])
+
+    return StreamShape(head=[], token=chunk, tail=tail)
 
 
 # ---- handlers ----
@@ -308,14 +381,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         "model": options.served_model_name,
     }
     if body.get("stream"):
-        events = chat_events(
-            gen, head={**head, "object": "chat.completion.chunk"}, usage=include_usage(body)
-        )
-        return await stream(request, gen=gen, events=events)
-    message = {"role": "assistant", "content": gen.text, "tool_calls": []}
-    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": gen.finish_reason}
-    body = {**head, "object": "chat.completion", "choices": [choice], "usage": gen.usage()}
-    return await answer(request, gen=gen, body=body)
+        shape = chat_shape({**head, "object": "chat.completion.chunk"}, usage=include_usage(body))
+        return await stream(request, gen=gen, shape=shape)
+
+    def render(out: Generation) -> JsonObject:
+        message = {"role": "assistant", "content": out.text, "tool_calls": []}
+        choice = {"index": 0, "message": message, "logprobs": None}
+        choice["finish_reason"] = out.finish_reason
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": out.usage()}
+
+    return await answer(request, gen=gen, render=render)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -333,10 +408,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "model": options.served_model_name,
     }
     if body.get("stream"):
-        events = completion_events(gen, head=head, usage=include_usage(body))
-        return await stream(request, gen=gen, events=events)
-    choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
-    return await answer(request, gen=gen, body={**head, "choices": [choice], "usage": gen.usage()})
+        shape = completion_shape(head, usage=include_usage(body))
+        return await stream(request, gen=gen, shape=shape)
+
+    def render(out: Generation) -> JsonObject:
+        choice = {"index": 0, "text": out.text, "logprobs": None}
+        choice["finish_reason"] = out.finish_reason
+        return {**head, "choices": [choice], "usage": out.usage()}
+
+    return await answer(request, gen=gen, render=render)
 
 
 def embedding_of(text: str) -> list[float]:
@@ -349,6 +429,9 @@ async def embeddings(request: web.Request) -> web.Response:
     body = await read_body(request, options=options)
     raw = body.get("input")
     inputs = [text_of(item) for item in raw] if isinstance(raw, list) else [text_of(raw)]
+    with request.app[SLEEP].ticket() as ticket:  # an engine asleep holds these too
+        if not await ticket.admitted():
+            raise EngineError("Request aborted.", status=500, type_="InternalServerError")
     data = [
         {"object": "embedding", "index": i, "embedding": embedding_of(text)}
         for i, text in enumerate(inputs)
@@ -378,29 +461,32 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gen = plan_generation(
         prompt, options=options, max_tokens=max_tokens_of(body, "max_output_tokens")
     )
-    content = {"type": "output_text", "text": gen.text, "annotations": []}
-    message = {
-        "type": "message",
-        "id": f"msg_{uuid.uuid4().hex}",
-        "status": "completed",
-        "role": "assistant",
-        "content": [content],
-    }
-    usage = {
-        "input_tokens": gen.prompt_tokens,
-        "output_tokens": len(gen.tokens),
-        "total_tokens": gen.prompt_tokens + len(gen.tokens),
-    }
-    body = {
-        "id": f"resp_{uuid.uuid4().hex}",
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "completed",
-        "model": options.served_model_name,
-        "output": [message],
-        "usage": usage,
-    }
-    return await answer(request, gen=gen, body=body)
+
+    def render(out: Generation) -> JsonObject:
+        content = {"type": "output_text", "text": out.text, "annotations": []}
+        message = {
+            "type": "message",
+            "id": f"msg_{uuid.uuid4().hex}",
+            "status": "completed" if out.finish_reason != "abort" else "incomplete",
+            "role": "assistant",
+            "content": [content],
+        }
+        usage = {
+            "input_tokens": out.prompt_tokens,
+            "output_tokens": len(out.tokens),
+            "total_tokens": out.prompt_tokens + len(out.tokens),
+        }
+        return {
+            "id": f"resp_{uuid.uuid4().hex}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": message["status"],
+            "model": options.served_model_name,
+            "output": [message],
+            "usage": usage,
+        }
+
+    return await answer(request, gen=gen, render=render)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -424,12 +510,13 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     stats, name = request.app[STATS], request.app[OPTIONS].served_model_name
+    sleep = request.app[SLEEP]
     labels = f'engine="0",model_name="{name}"'
     lines = [
         "# TYPE vllm:num_requests_running gauge",
-        f"vllm:num_requests_running{{{labels}}} {float(stats.running)}",
+        f"vllm:num_requests_running{{{labels}}} {float(sleep.running)}",
         "# TYPE vllm:num_requests_waiting gauge",
-        f"vllm:num_requests_waiting{{{labels}}} 0.0",
+        f"vllm:num_requests_waiting{{{labels}}} {float(sleep.waiting)}",
         "# TYPE vllm:request_success_total counter",
         *(
             f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(n)}'
@@ -437,14 +524,13 @@ async def metrics(request: web.Request) -> web.Response:
         ),
         "# TYPE fake_engine_aborted_requests_total counter",
         f"fake_engine_aborted_requests_total{{{labels}}} {float(stats.aborted)}",
+        *sleep.metric_lines(labels),
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
 async def dev_endpoint(request: web.Request) -> web.Response:
     # Real vLLM serves these unauthenticated; a 200 here shows a proxy let one through.
-    if request.path == "/is_sleeping":
-        return web.json_response({"ok": True, "is_sleeping": False})
     return web.json_response({"ok": True})
 
 
@@ -479,6 +565,9 @@ def build_app(options: EngineOptions) -> web.Application:
     app = web.Application(middlewares=[gate])
     app[OPTIONS] = options
     app[STATS] = EngineStats()
+    config = options.sleep.config(served_model_name=options.served_model_name)
+    controller = SleepController(config, device=options.sleep.simulated_device())
+    add_sleep_routes(app, controller)
     app.on_response_prepare.append(mark_response)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
@@ -488,10 +577,17 @@ def build_app(options: EngineOptions) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", responses)
-    app.router.add_get("/is_sleeping", dev_endpoint)
     for path in DEV_PATHS:
         app.router.add_post(path, dev_endpoint)
+    if config.routes:
+        app.router.add_get("/debug/timings", debug_timings)
     return app
+
+
+async def debug_timings(request: web.Request) -> web.Response:
+    """The engine's own times of its sleep-mode calls (as bench/gpu_engine.py lists
+    them), for benchmarks that subtract the engine's part of a swap."""
+    return web.json_response({"calls": list(request.app[SLEEP].timings)})
 
 
 # ---- process lifetime ----
@@ -544,6 +640,7 @@ async def serve(options: EngineOptions) -> int:
     try:
         await web.TCPSite(runner, options.host, options.port).start()
         port = runner.addresses[0][1]
+        app[SLEEP].open_report(port=port)
         word = "LISTENING" if options.never_ready else "READY"
         print(f"{word} port={port}", flush=True)
         logger.info("serving %s on %s:%d", options.served_model_name, options.host, port)
@@ -559,6 +656,7 @@ async def serve(options: EngineOptions) -> int:
         for task in list(app[STATS].tasks):
             task.cancel()
         await runner.cleanup()
+        app[SLEEP].close_report()
 
 
 def parse_args(argv: Sequence[str] | None) -> EngineOptions:
@@ -592,9 +690,15 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     add("--exit-after", type=float, default=None, help="exit 3 this many seconds after ready")
     add("--disable-access-log", action="store_true")
     add("--disable-endpoint", action="append", type=str, default=[], help="404 as FastAPI does")
-    # Every option's dest is the name of an EngineOptions field.
+    sleep_options.add_arguments(parser, simulated=True)
     args = vars(parser.parse_args(argv))
-    return EngineOptions(**{**args, "disable_endpoint": tuple(args["disable_endpoint"])})
+    try:
+        sleep = sleep_options.take_options(args, simulated=True)
+    except ValueError as exc:  # vLLM fails at start on a non-integer VLLM_SERVER_DEV_MODE
+        parser.error(f"VLLM_SERVER_DEV_MODE: {exc}")
+    # Every other option's dest is the name of an EngineOptions field.
+    args["disable_endpoint"] = tuple(args["disable_endpoint"])
+    return EngineOptions(**args, sleep=sleep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

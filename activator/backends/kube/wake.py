@@ -51,12 +51,19 @@ class WakeTracker:
         # Events for pods not seen yet (pod and event watches are separate streams).
         self._early: deque[Obj] = deque(maxlen=50)
         self._timer: asyncio.TimerHandle | None = None
+        self._blocked = False
         self.reverts = 0
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._block(False)
+
+    def _block(self, blocked: bool) -> None:
+        if blocked != self._blocked:
+            self._blocked = blocked
+            self._listener.backend_blocked(blocked)
 
     def fail(self, key: str, reason: str) -> None:
         """Report a failure, once per key in this wake."""
@@ -90,6 +97,8 @@ class WakeTracker:
         for phase in PHASES:
             if reached[phase]:
                 self._phase(phase)
+        if view.scheduled:
+            self._block(False)
         if view.failure and view.failure_key:
             # No progress nudge with a failure: there is nothing to probe.
             self.fail(view.failure_key, view.failure)
@@ -126,6 +135,7 @@ class WakeTracker:
             self._listener.backend_phase(phase)
 
     def _judge_scheduling(self, pod: str) -> None:
+        self._block(True)
         loop = asyncio.get_running_loop()
         since = self._unschedulable_since.setdefault(pod, loop.time())
         waited = loop.time() - since

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -64,6 +65,10 @@ class PodPlan:
     engine_startup_delay: float = 0.0
     engine_never_ready: bool = False
     termination_grace: float = 5.0
+    # More of the container's args and env (e.g. vLLM's sleep mode: --enable-sleep-mode
+    # and VLLM_SERVER_DEV_MODE=1).
+    engine_args: tuple[str, ...] = ()
+    engine_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -539,8 +544,10 @@ class Kubelet:
             args.append("--crash-during-startup")
         if plan.engine_never_ready:
             args.append("--never-ready")
+        args.extend(plan.engine_args)
         process = await asyncio.create_subprocess_exec(
             *args,
+            env={**os.environ, **dict(plan.engine_env)},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,

@@ -1,0 +1,131 @@
+"""A model's lifecycle as one table: (state, event) -> (next state, effect).
+
+`activator.lifecycle.Model` owns the state and carries out the effects; this module only
+says which moves exist, so the whole machine can be read (and tested) in one place. An
+event that has no row for the current state is not a move: the model ignores it (a stop
+asked of a model that is already stopping, a wake of one that is awake).
+
+States (the GPU column is what `activator.policy` counts):
+
+    state           GPU   the engine
+    stopped         -     does not run
+    failed          -     does not run; the last start or the engine failed (a reason is kept)
+    starting        yes   is being started (cold) or adopted, then probed until ready
+    ready           yes   answers requests: the only state in which requests are forwarded
+    draining        yes   gets no new requests; in-flight ones may finish (bounded)
+    falling_asleep  yes   is being put to sleep (vLLM sleep mode); weights go to host memory
+    sleeping        -     runs asleep: its weights are in host memory (level 1) or dropped
+    waking          yes   is being woken; ready once its sleep state is confirmed off
+    stopping        yes   is being stopped; stopped (or failed) once it is really gone
+
+Events come from three places: the pool scheduler's decisions (start, stop, sleep), the
+model's own transition task reporting how it ended (ready, start_failed, drained_*,
+asleep, sleep_failed, wake_failed, stopped*), and the backend (died, lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+State = Literal[
+    "stopped",
+    "failed",
+    "starting",
+    "ready",
+    "draining",
+    "falling_asleep",
+    "sleeping",
+    "waking",
+    "stopping",
+]
+Event = Literal[
+    "start",  # the pool: make it ready (a cold start, or a wake when it sleeps)
+    "adopt",  # an engine runs that we did not start (activator restarted, a manual scale)
+    "stop",  # the pool (idle, swap, capacity...) or an admin: stop it
+    "sleep",  # the pool (swap) or an admin: put it to sleep
+    "ready",  # the start or wake task: the engine answers and is confirmed awake
+    "start_failed",  # the start task: the engine did not come up
+    "wake_failed",  # the wake task: /wake_up failed or the engine stayed asleep
+    "drained_for_stop",  # the drain task: nothing in flight any more (or the drain was cut)
+    "drained_for_sleep",
+    "asleep",  # the sleep task: /is_sleeping confirmed
+    "sleep_failed",  # the sleep task: /sleep failed or the engine is still awake
+    "found_asleep",  # the start task: the engine it adopted is asleep (left so by an activator)
+    "stopped",  # the stop task: the engine is gone
+    "stopped_after_failure",  # the stop task of a failure: the engine is gone
+    "died",  # the backend: the engine exited or crashed on its own
+    "lost",  # the backend: the engine was taken away (replicas reset, pod evicted)
+]
+Effect = Literal[
+    "start",  # run the start task (backend.start, readiness probe, warm-up)
+    "adopt",  # run the start task on an engine that already runs
+    "release",  # hand every held request a lease
+    "fail_start",  # fail held requests with the reason, then stop what is left
+    "drain_then_stop",
+    "drain_then_sleep",
+    "sleep",  # run the sleep task (POST /sleep, confirm /is_sleeping)
+    "wake",  # run the wake task (POST /wake_up..., confirm)
+    "stop",  # run the stop task (backend.stop)
+    "stop_after_failure",  # cut what is in flight, run the stop task, end in failed
+    "restart",  # the engine went away under us: back to starting, held requests wait
+    "none",
+]
+
+
+@dataclass(frozen=True)
+class Move:
+    next: State
+    effect: Effect
+
+
+def _table() -> Mapping[tuple[State, Event], Move]:
+    rows: dict[tuple[State, Event], Move] = {
+        # Making it ready.
+        ("stopped", "start"): Move("starting", "start"),
+        ("failed", "start"): Move("starting", "start"),
+        ("sleeping", "start"): Move("waking", "wake"),
+        ("stopped", "adopt"): Move("starting", "adopt"),
+        ("failed", "adopt"): Move("starting", "adopt"),
+        ("starting", "ready"): Move("ready", "release"),
+        ("waking", "ready"): Move("ready", "release"),
+        ("starting", "start_failed"): Move("stopping", "fail_start"),
+        # An adopted engine that sleeps (a restarted activator kept it): it holds no GPU.
+        ("starting", "found_asleep"): Move("sleeping", "none"),
+        # A wake that fails stops the engine; held requests keep waiting, and since the
+        # model still has demand the pool starts it again, cold.
+        ("waking", "wake_failed"): Move("stopping", "stop"),
+        # Leaving the GPU: drain first, then stop or sleep.
+        ("ready", "stop"): Move("draining", "drain_then_stop"),
+        ("ready", "sleep"): Move("draining", "drain_then_sleep"),
+        ("draining", "drained_for_stop"): Move("stopping", "stop"),
+        ("draining", "drained_for_sleep"): Move("falling_asleep", "sleep"),
+        ("falling_asleep", "asleep"): Move("sleeping", "none"),
+        # A sleep that fails falls back to a stop.
+        ("falling_asleep", "sleep_failed"): Move("stopping", "stop"),
+        ("sleeping", "stop"): Move("stopping", "stop"),
+        ("stopping", "stopped"): Move("stopped", "none"),
+        ("stopping", "stopped_after_failure"): Move("failed", "none"),
+        # The engine's own failures. While starting, waking or falling asleep the running
+        # task sees the death and ends with its own *_failed event instead.
+        ("ready", "died"): Move("stopping", "stop_after_failure"),
+        ("draining", "died"): Move("stopping", "stop_after_failure"),
+        ("sleeping", "died"): Move("stopping", "stop_after_failure"),
+        # Taken away while ready (a GitOps revert, an evicted pod): hold new requests and
+        # bring it back; asleep, it is simply gone.
+        ("ready", "lost"): Move("starting", "restart"),
+        ("sleeping", "lost"): Move("stopping", "stop_after_failure"),
+    }
+    return MappingProxyType(rows)
+
+
+TABLE = _table()
+STATES: tuple[State, ...] = State.__args__  # type: ignore[attr-defined]
+EVENTS: tuple[Event, ...] = Event.__args__  # type: ignore[attr-defined]
+
+
+def move(state: State, event: Event) -> Move | None:
+    """The move for `event` in `state`, or None when the event does not apply there."""
+    return TABLE.get((state, event))
