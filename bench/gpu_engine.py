@@ -157,6 +157,8 @@ class Model:
         self.shape = shape
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # set_device needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.kv_bytes = kv_bytes
         self.path = path
         self.dtype = torch_dtype(shape.dtype_name)

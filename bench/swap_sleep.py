@@ -122,10 +122,12 @@ async def first_byte(session: aiohttp.ClientSession, url: str, model: str) -> fl
     sent = time.perf_counter()
     first: float | None = None
     async with session.post(url + "/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{model}: HTTP {resp.status} {(await resp.read())[:4000]!r}")
         async for _ in resp.content.iter_any():
             first = first or time.perf_counter()
-        if resp.status != 200 or first is None:
-            raise RuntimeError(f"{model}: HTTP {resp.status}")
+        if first is None:
+            raise RuntimeError(f"{model}: an empty answer")
     return first - sent
 
 
