@@ -148,24 +148,40 @@ def publish(
     out_dir: Path | None,
     draw: Callable[[Path], None],
     report: str = "",
-) -> None:
-    """Write `<name>.json`, draw `<name>.png`, print the report and where they went."""
+) -> bool:
+    """Write `<name>.json`, print the report, draw `<name>.png`, say where they went.
+
+    Without matplotlib (or with one that does not import) the plot is skipped with a
+    message, never a crash: the figures are in the JSON and the report already printed.
+    Returns whether the PNG was drawn."""
     json_path = write_results(name, data, out_dir=out_dir)
-    png = plot_path(name, out_dir=out_dir)
-    draw(png)
     if report:
         print()
         print(report)
+    png = plot_path(name, out_dir=out_dir)
+    try:
+        draw(png)
+    except PlotUnavailable as exc:
+        print(f"\n{exc} - {png.name} skipped (pip install matplotlib)")
+        print(f"wrote {json_path}")
+        return False
     print(f"\nwrote {json_path} and {png}")
+    return True
+
+
+class PlotUnavailable(Exception):
+    """matplotlib cannot be imported; raised by pyplot(), handled by publish()."""
 
 
 def pyplot() -> Any:
     """matplotlib's pyplot with a file-only backend (no display on a server)."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # not installed, or a broken install (numpy, a backend)
+        raise PlotUnavailable(f"matplotlib: not importable ({exc})") from exc
     return plt
 
 
