@@ -246,6 +246,7 @@ class ActivatorProcess:
     url: str
     config_path: Path
     log_path: Path
+    startup_s: float = 0.0  # process spawned -> /readyz answered 200
 
     @property
     def pid(self) -> int:
@@ -299,6 +300,7 @@ def activator_process(
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = Path(tmp) / "activator.log"
+        spawned = time.monotonic()
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [
@@ -326,6 +328,7 @@ def activator_process(
             )
             if proc.poll() is not None:
                 raise RuntimeError(f"activator exited at start-up:\n{running.log_tail()}")
+            running.startup_s = time.monotonic() - spawned
             yield running
         finally:
             stop_process(proc, grace=30.0)

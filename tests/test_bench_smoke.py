@@ -109,3 +109,21 @@ def test_kube_wake_smoke_reports_pod_ready_to_first_byte(tmp_path: Path) -> None
     assert isinstance(trials, list) and len(trials) == 2
     assert all(t["wake_overhead_s"] > 0 for t in trials)
     assert "pod Ready -> first byte" in stdout
+
+
+@pytest.mark.timeout(120)
+def test_metrics_scale_smoke_reports_scrapes_and_latency_per_model_count(tmp_path: Path) -> None:
+    stdout = run_smoke("metrics_scale.py", out=tmp_path, timeout=100)
+    data = written(tmp_path, "metrics_scale-smoke")
+    results = data["results"]
+    assert isinstance(results, list)
+    assert [r["models"] for r in results] == [3, 30]
+    for r in results:
+        assert r["idle_scrape"]["bytes"] > 0
+        assert r["idle_scrape"]["created_series"] == 0
+        assert r["startup_s"] > 0
+        assert all(r["warm"][mode]["requests"] > 0 for mode in ("none", "interval", "busy"))
+        assert r["warm"]["busy"]["scrapes"] > 0
+    # More models, more series: the idle ones are in the exposition too.
+    assert results[1]["idle_scrape"]["series"] > results[0]["idle_scrape"]["series"]
+    assert "| models" in stdout
