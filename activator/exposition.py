@@ -6,8 +6,8 @@ many models. Run in one go on the event loop, that is a stall of every proxied r
 Run in a worker thread, it still holds the GIL against the loop, and uvloop takes the
 GIL back for each callback, so every callback of a proxied request waits out the
 interpreter's switch interval (5 ms): with 1000 models, warm requests' p99 went from
-26 ms to 546 ms during 1 s scrapes (bench/metrics_scale.py). So the render runs on the
-loop as background work: SLICE of rendering, then PAUSE in which the loop serves
+26 ms to 546 ms during 1 s scrapes (bench/metrics_scale.py, on a busy machine). So the
+render runs on the loop as background work: SLICE of rendering, then PAUSE in which the loop serves
 requests alone. A proxied request waits at most one slice for a scrape, and while a
 render runs it takes at most half of the loop's time; a scrape takes twice its CPU time
 to answer, which Prometheus (a 10 s scrape timeout by default) does not mind.

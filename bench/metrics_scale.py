@@ -5,7 +5,7 @@ while Prometheus-rate scrapes run, for 10 / 200 / 1000 configured models.
   python bench/metrics_scale.py --smoke    # 3 and 30 models, a second per phase; CI
 Options: --models 10,200,1000  --seconds S  --rounds N  --rate R  --scrape-interval S
          --name NAME  --baseline JSON (an earlier run, drawn and tabled beside this one)
-         --out DIR
+         --note TEXT (kept in the JSON)  --out DIR
 
 Per model count, activator runs as a subprocess (`activator serve`, uvloop) with that many
 models configured. One, `warm`, runs the stand-in engine and is woken by one request; the
@@ -27,6 +27,7 @@ import argparse
 import http.client
 import json
 import multiprocessing
+import shlex
 import sys
 import time
 import urllib.parse
@@ -334,6 +335,7 @@ def main() -> int:
     parser.add_argument("--scrape-interval", type=float, default=1.0)
     parser.add_argument("--name", help="results file name (default metrics_scale)")
     parser.add_argument("--baseline", type=Path, help="an earlier run's JSON, to compare")
+    parser.add_argument("--note", help="what was measured (e.g. which activator commit)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results)")
     args = parser.parse_args()
     counts = [int(c) for c in (args.models or ("3,30" if args.smoke else "10,200,1000")).split(",")]
@@ -358,7 +360,11 @@ def main() -> int:
     name = args.name or ("metrics_scale-smoke" if args.smoke else "metrics_scale")
     data = {
         "benchmark": "metrics_scale",
-        "command": "python bench/metrics_scale.py " + " ".join(sys.argv[1:]),
+        # The clone's own path is left out (the command names it as <repo>).
+        "command": shlex.join(["python", "bench/metrics_scale.py", *sys.argv[1:]]).replace(
+            str(bl.BENCH_DIR.parent), "<repo>"
+        ),
+        "note": args.note,
         "machine": bl.machine(),
         "seconds": round(time.time() - started, 1),
         "settings": {
