@@ -169,8 +169,8 @@ class Metrics:
         never wake never carry the 28 series of a histogram."""
         previous = self._states.get(model)
         if previous is not None and previous != state:
-            # Removed before the new one is set: a scrape in between shows no state for
-            # this model, never two.
+            # A render in progress skips it too (activator.exposition): one scrape never
+            # shows a model in two states.
             self.model_state.remove(model, previous)
         self.model_state.labels(model=model, state=state).set(1)
         self._states[model] = state
