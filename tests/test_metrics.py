@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
-from activator.exposition import Exposition
+from activator.exposition import Exposition, _Family
 from activator.metrics import MODEL_STATES, UNKNOWN_MODEL, Metrics
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, engine_pids, model_config, post, unique, wait_for
@@ -560,3 +560,18 @@ async def test_a_render_goes_on_while_a_scrape_waits_and_stops_when_none_does() 
     await asyncio.wait([render, *both])
     assert render.cancelled()
     assert exposition.renders == 2
+
+
+def test_a_state_left_during_a_render_is_not_shown_beside_the_new_one() -> None:
+    metrics = Metrics()
+    for name in ("a", "b"):
+        metrics.set_state(name, "stopped")
+    series = _Family(metrics.model_state).series()
+    text = next(series)  # the render has taken its snapshot of the family, and shown a
+    metrics.set_state("b", "starting")
+    text += "".join(series)
+    assert text == 'activator_model_state{model="a",state="stopped"} 1.0\n'
+    # b is in no state for this one scrape, and in its new state from the next.
+    assert 'activator_model_state{model="b",state="starting"} 1.0\n' in "".join(
+        _Family(metrics.model_state).series()
+    )
