@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from activator.errors import Conflict
 from activator.lifecycle import Model
@@ -61,7 +61,7 @@ def admin_routes(
         return web.json_response({"status": "ready"})
 
     async def metrics_view(request: web.Request) -> web.Response:
-        resp = web.Response(body=generate_latest(metrics.registry))
+        resp = web.Response(body=await metrics.render())
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 

@@ -2,13 +2,19 @@
 
 Label values are bounded: model and pool names come from config; a request for an
 unknown model is counted under UNKNOWN_MODEL, never under the name the client sent.
+
+Series are created when they first carry information, not for every configured model up
+front: a model that never wakes costs a handful of series (docs/observability.md lists
+which, and why each is kept). /metrics never stalls the event loop (`Metrics.render`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
+from activator.exposition import Exposition
 
 UNKNOWN_MODEL = "__unknown__"
 
@@ -176,19 +182,20 @@ class Metrics:
         self.build_info = Info("activator_build", "activator build information.", registry=r)
         self.build_info.info({"version": __version__})
 
+        self._backends: dict[str, str] = {}  # model -> backend label, from add_model
+        self._states: dict[str, str] = {}  # model -> the state its one series shows
+        self._exposition = Exposition(
+            [m for m in vars(self).values() if isinstance(m, MetricWrapperBase)]
+        )
+
     def add_model(self, model: str, *, backend: str) -> None:
-        """Create a model's wake series at zero, before its first wake. rate() and
-        increase() count an observation only if the series had a sample before it, so
-        without this a model's first wake would be missing from wake-latency panels and
-        alerts. Only the outcomes those read: each series is a whole histogram."""
-        for outcome in ("ready", "failed", "timeout"):
-            self.wake_duration.labels(
-                model=model, backend=backend, outcome=outcome, **{"from": "zero"}
-            )
+        """Note a configured model. It gets no wake series yet: see `set_state`."""
+        self._backends[model] = backend
 
     def observe_wake(
         self, *, model: str, backend: str, outcome: str, source: str, seconds: float
     ) -> None:
+        """A wake ended: from zero (a cold start) or from sleep (vLLM sleep mode)."""
         labels = {"model": model, "backend": backend, "outcome": outcome, "from": source}
         self.wake_duration.labels(**labels).observe(seconds)
 
@@ -196,5 +203,31 @@ class Metrics:
         self.sleep_duration.labels(model=model, outcome=outcome).observe(seconds)
 
     def set_state(self, model: str, state: str) -> None:
-        for s in MODEL_STATES:
-            self.model_state.labels(model=model, state=s).set(1 if s == state else 0)
+        """Show `state` as the model's one state series (value 1); the series of the
+        state it left is removed, and Prometheus marks it stale.
+
+        Entering `starting` also creates the model's wake series for the `ready` outcome
+        at zero, before the wake can end: rate() and increase() count an observation only
+        if the series had a sample before it, so a wake that outlasts one scrape interval
+        (any real engine's) is counted even when it is the model's first. Models that
+        never wake never carry the 28 series of a histogram."""
+        previous = self._states.get(model)
+        if previous is not None and previous != state:
+            # A render in progress skips it too (activator.exposition): one scrape never
+            # shows a model in two states.
+            self.model_state.remove(model, previous)
+        self.model_state.labels(model=model, state=state).set(1)
+        self._states[model] = state
+        backend = self._backends.get(model)
+        if state in ("starting", "waking") and backend is not None:
+            source = "sleep" if state == "waking" else "zero"
+            self.wake_duration.labels(
+                model=model, backend=backend, outcome="ready", **{"from": source}
+            )
+
+    async def render(self) -> bytes:
+        """The /metrics body: every metric above, in the Prometheus text format, without
+        `_created` series (prometheus_client adds one to every counter and histogram
+        series; nothing reads them). Rendered in slices between which the event loop
+        serves requests (activator.exposition). Concurrent calls share one render."""
+        return await self._exposition.render()

@@ -148,24 +148,40 @@ def publish(
     out_dir: Path | None,
     draw: Callable[[Path], None],
     report: str = "",
-) -> None:
-    """Write `<name>.json`, draw `<name>.png`, print the report and where they went."""
+) -> bool:
+    """Write `<name>.json`, print the report, draw `<name>.png`, say where they went.
+
+    Without matplotlib (or with one that does not import) the plot is skipped with a
+    message, never a crash: the figures are in the JSON and the report already printed.
+    Returns whether the PNG was drawn."""
     json_path = write_results(name, data, out_dir=out_dir)
-    png = plot_path(name, out_dir=out_dir)
-    draw(png)
     if report:
         print()
         print(report)
+    png = plot_path(name, out_dir=out_dir)
+    try:
+        draw(png)
+    except PlotUnavailable as exc:
+        print(f"\n{exc} - {png.name} skipped (pip install matplotlib)")
+        print(f"wrote {json_path}")
+        return False
     print(f"\nwrote {json_path} and {png}")
+    return True
+
+
+class PlotUnavailable(Exception):
+    """matplotlib cannot be imported; raised by pyplot(), handled by publish()."""
 
 
 def pyplot() -> Any:
     """matplotlib's pyplot with a file-only backend (no display on a server)."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # not installed, or a broken install (numpy, a backend)
+        raise PlotUnavailable(f"matplotlib: not importable ({exc})") from exc
     return plt
 
 
@@ -230,6 +246,7 @@ class ActivatorProcess:
     url: str
     config_path: Path
     log_path: Path
+    startup_s: float = 0.0  # process spawned -> /readyz answered 200
 
     @property
     def pid(self) -> int:
@@ -289,6 +306,7 @@ def activator_process(
         config_path = Path(tmp) / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = Path(tmp) / "activator.log"
+        spawned = time.monotonic()
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [
@@ -316,6 +334,7 @@ def activator_process(
             )
             if proc.poll() is not None:
                 raise RuntimeError(f"activator exited at start-up:\n{running.log_tail()}")
+            running.startup_s = time.monotonic() - spawned
             yield running
         finally:
             stop_process(proc, grace=30.0)

@@ -8,6 +8,7 @@ are skipped by the script with a message, never a failure.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,16 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run_smoke(script: str, *args: str, out: Path, timeout: float) -> str:
+def run_smoke(
+    script: str, *args: str, out: Path, timeout: float, env: dict[str, str] | None = None
+) -> str:
     done = subprocess.run(
         [sys.executable, str(BENCH / script), "--smoke", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=BENCH.parent,
+        env=None if env is None else {**os.environ, **env},
     )
     assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
@@ -72,6 +76,25 @@ def test_burst_smoke_answers_every_held_request_with_one_start(tmp_path: Path) -
 
 
 @pytest.mark.timeout(120)
+def test_a_script_without_matplotlib_skips_its_plot_with_a_message(tmp_path: Path) -> None:
+    # A `matplotlib` first on the path that fails to import, as an absent one does.
+    shadow = tmp_path / "shadow"
+    (shadow / "matplotlib").mkdir(parents=True)
+    (shadow / "matplotlib" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n"
+    )
+    path = os.pathsep.join(p for p in (str(shadow), os.environ.get("PYTHONPATH")) if p)
+    out = tmp_path / "out"
+    stdout = run_smoke("burst.py", out=out, timeout=100, env={"PYTHONPATH": path})
+    assert "matplotlib: not importable" in stdout
+    assert "burst-smoke.png skipped" in stdout
+    assert "| burst" in stdout  # the report is printed all the same
+    assert not (out / "burst-smoke.png").exists()
+    result = json.loads((out / "burst-smoke.json").read_text())["result"]
+    assert result["lost"] == 0
+
+
+@pytest.mark.timeout(120)
 def test_swap_smoke_reports_swap_overhead(tmp_path: Path) -> None:
     run_smoke("swap.py", out=tmp_path, timeout=100)
     data = written(tmp_path, "swap-smoke")
@@ -86,3 +109,21 @@ def test_kube_wake_smoke_reports_pod_ready_to_first_byte(tmp_path: Path) -> None
     assert isinstance(trials, list) and len(trials) == 2
     assert all(t["wake_overhead_s"] > 0 for t in trials)
     assert "pod Ready -> first byte" in stdout
+
+
+@pytest.mark.timeout(120)
+def test_metrics_scale_smoke_reports_scrapes_and_latency_per_model_count(tmp_path: Path) -> None:
+    stdout = run_smoke("metrics_scale.py", out=tmp_path, timeout=100)
+    data = written(tmp_path, "metrics_scale-smoke")
+    results = data["results"]
+    assert isinstance(results, list)
+    assert [r["models"] for r in results] == [3, 30]
+    for r in results:
+        assert r["idle_scrape"]["bytes"] > 0
+        assert r["idle_scrape"]["created_series"] == 0
+        assert r["startup_s"] > 0
+        assert all(r["warm"][mode]["requests"] > 0 for mode in ("none", "interval", "busy"))
+        assert r["warm"]["busy"]["scrapes"] > 0
+    # More models, more series: the idle ones are in the exposition too.
+    assert results[1]["idle_scrape"]["series"] > results[0]["idle_scrape"]["series"]
+    assert "| models" in stdout

@@ -13,9 +13,11 @@ from typing import Any
 
 import aiohttp
 import openai
+from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
+from activator.exposition import Exposition, _Family
 from activator.metrics import MODEL_STATES, UNKNOWN_MODEL, Metrics
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, engine_pids, model_config, post, unique, wait_for
@@ -84,6 +86,10 @@ async def exposition(running: Running) -> str:
 def series(text: str) -> set[str]:
     """Every sample's name and labels in an exposition (the value left off)."""
     return {line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")}
+
+
+def series_of(text: str, model: str) -> set[str]:
+    return {s for s in series(text) if f'model="{model}"' in s}
 
 
 async def test_cold_then_warm_request_are_counted_with_their_cold_label(
@@ -388,3 +394,184 @@ async def test_metrics_content_type_is_prometheus_text(activator: ActivatorFacto
     running = await activator({"models": {"m1": model_config(unique("m1"))}})
     async with aiohttp.ClientSession() as session, session.get(running.url + "/metrics") as r:
         assert r.headers["Content-Type"].startswith("text/plain; version=")
+
+
+# The series of a configured model that has not woken: its state, its queue capacity, its
+# in-flight and held gauges (docs/observability.md says why each one is kept).
+def idle_series(model: str, state: str = "stopped") -> set[str]:
+    return {
+        f'activator_model_state{{model="{model}",state="{state}"}}',
+        f'activator_queue_capacity{{model="{model}"}}',
+        f'activator_in_flight_requests{{model="{model}"}}',
+        *(
+            f'activator_held_requests{{model="{model}",reason="{reason}"}}'
+            for reason in ("starting", "waiting_for_gpu", "draining")
+        ),
+    }
+
+
+async def test_a_model_that_never_woke_has_only_its_idle_series(
+    activator: ActivatorFactory,
+) -> None:
+    models = {name: model_config(unique(name)) for name in ("m1", "m2")}
+    running = await activator({"models": models})
+    text = await exposition(running)
+    assert series_of(text, "m1") == idle_series("m1")
+    assert series_of(text, "m2") == idle_series("m2")
+    async with client(running) as c:
+        await c.chat.completions.create(model="m1", messages=HELLO, max_tokens=2)
+    text = await exposition(running)
+    assert series_of(text, "m2") == idle_series("m2")
+    # m1 now has a state series for ready only, and its wake and request series.
+    assert {s for s in series_of(text, "m1") if s.startswith("activator_model_state")} == {
+        'activator_model_state{model="m1",state="ready"}'
+    }
+    assert (
+        'activator_wake_duration_seconds_count{backend="process",model="m1",outcome="ready"}'
+        in (series_of(text, "m1"))
+    )
+
+
+async def test_no_created_series_are_exposed(activator: ActivatorFactory) -> None:
+    running = await activator({"models": {"m1": model_config(unique("m1"))}})
+    async with client(running) as c:
+        await c.chat.completions.create(model="m1", messages=HELLO, max_tokens=2)
+    # The registry has them (prometheus_client's counters and histograms always do) ...
+    created = running.sample(
+        "activator_requests_created", model="m1", endpoint="chat_completions", code="200",
+        cold="true",
+    )  # fmt: skip
+    assert created > 0
+    # ... and /metrics leaves them out: one fewer series per counter and histogram child.
+    text = await exposition(running)
+    assert "activator_requests_total" in text
+    assert "_created" not in text
+
+
+async def test_a_first_wake_shows_its_ready_series_at_zero_while_it_runs(
+    activator: ActivatorFactory,
+) -> None:
+    """rate() and increase() count an observation only after a sample of the series, so
+    a Prometheus scrape during the wake is what lets them count a model's first wake."""
+    running = await activator({"models": {"m1": model_config(unique("m1"), startup_delay=1.0)}})
+    count = 'activator_wake_duration_seconds_count{backend="process",model="m1",outcome="ready"}'
+    assert count not in await exposition(running)
+    async with client(running) as c:
+        waking = asyncio.create_task(
+            c.chat.completions.create(model="m1", messages=HELLO, max_tokens=2)
+        )
+
+        async def zero_during_the_wake() -> bool:
+            return f"{count} 0.0" in await exposition(running)
+
+        await wait_for(zero_during_the_wake, what="the ready series at zero")
+        await waking
+    assert f"{count} 1.0" in await exposition(running)
+    # Failed and timed-out wakes get series when one happens, not before.
+    assert 'outcome="failed"' not in await exposition(running)
+
+
+def populated() -> Metrics:
+    """A Metrics with series of every kind, odd label values and odd numbers in them."""
+    metrics = Metrics()
+    for model in ("m1", 'quote"back\\slash\nnewline'):
+        metrics.add_model(model, backend="process")
+        metrics.set_state(model, "starting")
+        metrics.set_state(model, "ready")
+        metrics.queue_capacity.labels(model=model).set(1e6)
+        metrics.in_flight.labels(model=model).set(-0.5)
+        labels = {"model": model, "endpoint": "chat_completions", "cold": "false"}
+        metrics.requests.labels(code="200", **labels).inc(3)
+        for seconds in (0.0004, 0.3, 7e9):
+            metrics.request_duration.labels(**labels).observe(seconds)
+        metrics.wake_duration.labels(model=model, backend="process", outcome="ready").observe(2)
+    metrics.pool_gpus.labels(pool="gpu").set(8)
+    return metrics
+
+
+def without_created(text: str) -> str:
+    """generate_latest's text less its `_created` series (a gauge family after each)."""
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("# HELP "):
+            skipping = line.split()[2].endswith("_created")
+        if not skipping:
+            kept.append(line)
+    return "".join(kept)
+
+
+async def test_the_exposition_is_prometheus_clients_less_the_created_series() -> None:
+    metrics = populated()
+    text = (await metrics.render()).decode()
+    assert text == without_created(generate_latest(metrics.registry).decode())
+    assert 'model="quote\\"back\\\\slash\\nnewline"' in text
+    assert "_created" not in text
+
+
+async def test_a_render_lets_the_event_loop_run_between_series() -> None:
+    metrics = populated()
+    for i in range(50):
+        metrics.set_state(f"idle-{i}", "stopped")
+    # No time slice: it yields after every series, whatever the machine's speed.
+    exposition = Exposition([metrics.model_state], slice_s=0, pause_s=0)
+    passes = 0
+
+    async def count_loop_passes() -> None:
+        nonlocal passes
+        while True:
+            passes += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_loop_passes())
+    text = (await exposition.render()).decode()
+    counter.cancel()
+    assert text.count("activator_model_state{") == 52
+    assert passes >= 52
+
+
+async def test_concurrent_scrapes_share_one_render() -> None:
+    metrics = populated()
+    exposition = Exposition([metrics.model_state, metrics.requests], slice_s=0, pause_s=0)
+    first, second = await asyncio.gather(exposition.render(), exposition.render())
+    assert first == second
+    assert exposition.renders == 1
+    await exposition.render()  # a later scrape renders afresh
+    assert exposition.renders == 2
+
+
+async def test_a_render_goes_on_while_a_scrape_waits_and_stops_when_none_does() -> None:
+    metrics = populated()
+    for i in range(50):
+        metrics.set_state(f"idle-{i}", "stopped")
+    # Yields after each of its 52 series.
+    exposition = Exposition([metrics.model_state], slice_s=0, pause_s=0)
+    leaving, staying = (asyncio.create_task(exposition.render()) for _ in range(2))
+    await asyncio.sleep(0)  # one pass of the loop: both have joined the render
+    leaving.cancel()
+    assert b'state="stopped"' in await staying
+    assert leaving.cancelled()
+
+    both = [asyncio.create_task(exposition.render()) for _ in range(2)]
+    await asyncio.sleep(0)
+    render = exposition._task
+    assert render is not None
+    for scrape in both:
+        scrape.cancel()
+    await asyncio.wait([render, *both])
+    assert render.cancelled()
+    assert exposition.renders == 2
+
+
+def test_a_state_left_during_a_render_is_not_shown_beside_the_new_one() -> None:
+    metrics = Metrics()
+    for name in ("a", "b"):
+        metrics.set_state(name, "stopped")
+    series = _Family(metrics.model_state).series()
+    text = next(series)  # the render has taken its snapshot of the family, and shown a
+    metrics.set_state("b", "starting")
+    text += "".join(series)
+    assert text == 'activator_model_state{model="a",state="stopped"} 1.0\n'
+    # b is in no state for this one scrape, and in its new state from the next.
+    assert 'activator_model_state{model="b",state="starting"} 1.0\n' in "".join(
+        _Family(metrics.model_state).series()
+    )

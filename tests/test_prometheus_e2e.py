@@ -175,12 +175,13 @@ async def test_prometheus_sees_the_wake_latency_the_client_saw(
     target = running.url.removeprefix("http://")
     ready_wakes = 'activator_wake_duration_seconds_count{model="m1",outcome="ready"}'
     async with prometheus_scraping(target, tmp_path) as prom:
-        # The wake series exist at zero before the first wake, so rate() counts it; wait
-        # until Prometheus has that zero.
         await wait_for(
-            lambda: _equals(prom.value(ready_wakes), 0.0), what="first scrape", timeout=60
+            lambda: _equals(prom.value('up{job="activator"}'), 1.0),
+            what="first scrape",
+            timeout=60,
         )
-        assert await prom.value('up{job="activator"}') == 1.0
+        # A model's wake series do not exist before its first wake.
+        assert await prom.value(ready_wakes) is None
 
         held: list[float] = []
         client = openai.AsyncOpenAI(base_url=running.v1, api_key="unused", max_retries=0)
@@ -188,9 +189,20 @@ async def test_prometheus_sees_the_wake_latency_the_client_saw(
             for i in range(COLD_REQUESTS):
                 if i:
                     await stop_model(running, "m1")
-                cold = await client.chat.completions.with_raw_response.create(
-                    model="m1", messages=HELLO, max_tokens=2
+                request = asyncio.create_task(
+                    client.chat.completions.with_raw_response.create(
+                        model="m1", messages=HELLO, max_tokens=2
+                    )
                 )
+                if not i:
+                    # The first wake creates them at zero, and a scrape during the wake
+                    # (it lasts seconds) gives rate() the sample before the first one.
+                    await wait_for(
+                        lambda: _equals(prom.value(ready_wakes), 0.0),
+                        what="the ready series at zero during the first wake",
+                        timeout=60,
+                    )
+                cold = await request
                 assert cold.headers["X-Activator-Cold-Start"] == "true"
                 held.append(int(cold.headers["X-Activator-Held-Ms"]) / 1000)
                 for _ in range(2):

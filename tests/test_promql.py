@@ -36,11 +36,12 @@ RULES = OBSERVABILITY / "prometheus-rules.yaml"
 METRIC_NAME = re.compile(r"\bactivator_[a-z0-9_]*[a-z0-9]")
 # Grafana's built-in interval variables, given a value Prometheus accepts.
 GRAFANA_BUILTINS = {"__rate_interval": "5m", "__interval": "1m", "__range": "6h"}
-# The sample names each metric type exposes (prometheus_client's exposition).
+# The sample names each metric type exposes (prometheus_client's exposition, without the
+# `_created` series, which /metrics leaves out).
 SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_count", "_sum", "_created"),
-    "summary": ("", "_count", "_sum", "_created"),
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("", "_count", "_sum"),
     "gauge": ("",),
     "info": ("_info",),
 }
@@ -139,7 +140,7 @@ def exported_names() -> set[str]:
     for family in Metrics().registry.collect():
         names.add(family.name)
         names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
-        names.update(sample.name for sample in family.samples)
+        names.update(s.name for s in family.samples if s.name != family.name + "_created")
     return names
 
 
@@ -321,20 +322,30 @@ def test_promtool_checks_the_rules(tmp_path: Path) -> None:
 
 
 def _alert_test(
-    alert: str, series: dict[str, str], *, quiet_at: str, firing_at: str, labels: dict[str, str]
+    alert: str,
+    series: dict[str, str],
+    *,
+    quiet_at: str,
+    firing_at: str,
+    labels: dict[str, str],
+    quiet_again_at: str | None = None,
 ) -> dict[str, Any]:
-    """A promtool unit test: `alert` is silent at `quiet_at` and fires at `firing_at`."""
+    """A promtool unit test: `alert` is silent at `quiet_at`, fires at `firing_at`, and
+    (if given) is silent again at `quiet_again_at`."""
+    checks: list[dict[str, Any]] = [
+        {"eval_time": quiet_at, "alertname": alert, "exp_alerts": []},
+        {
+            "eval_time": firing_at,
+            "alertname": alert,
+            "exp_alerts": [{"exp_labels": {**labels, "alertname": alert}}],
+        },
+    ]
+    if quiet_again_at is not None:
+        checks.append({"eval_time": quiet_again_at, "alertname": alert, "exp_alerts": []})
     return {
         "interval": "1m",
         "input_series": [{"series": name, "values": values} for name, values in series.items()],
-        "alert_rule_test": [
-            {"eval_time": quiet_at, "alertname": alert, "exp_alerts": []},
-            {
-                "eval_time": firing_at,
-                "alertname": alert,
-                "exp_alerts": [{"exp_labels": {**labels, "alertname": alert}}],
-            },
-        ],
+        "alert_rule_test": checks,
     }
 
 
@@ -350,6 +361,19 @@ ALERT_TESTS = [
         quiet_at="10m",
         firing_at="12m",
         labels={"model": "a", "severity": "warning"},
+    ),
+    # A model's first failed wake: its series appears with the count already at 1.
+    _alert_test(
+        "ActivatorWakeFailing",
+        {
+            'activator_wake_duration_seconds_count{model="b",backend="process",'
+            'outcome="timeout"}': "_x11 1x20",
+        },
+        quiet_at="10m",
+        firing_at="12m",
+        labels={"model": "b", "severity": "warning"},
+        # 15 minutes after that first failure, with no other since.
+        quiet_again_at="28m",
     ),
     _alert_test(
         "ActivatorWakeSlow",
