@@ -386,10 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         "trials": [asdict(t) for t in trials],
         "loads": loads,
     }
-    path = bl.write_results(name, data, out_dir=args.out)
     title = f"Swap in a 1-GPU pool, stand-in engines starting in {args.startup_delay:g}s"
-    plot(trials, loads, bl.plot_path(name, out_dir=args.out), title)
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    bl.publish(name, data, out_dir=args.out, draw=lambda png: plot(trials, loads, png, title))
     return 0
 
 
@@ -443,16 +441,14 @@ def main_sleep(args: argparse.Namespace, argv: list[str] | None) -> int:
         "machine": {**bl.machine(), "load_average_before": load_before},
         "runs": runs,
     }
-    path = bl.write_results(name, data, out_dir=args.out)
-    plot_sleep(runs, bl.plot_path(name, out_dir=args.out), engine=args.engine)
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    bl.publish(
+        name, data, out_dir=args.out, draw=lambda png: plot_sleep(runs, png, engine=args.engine)
+    )
     return 0
 
 
 def plot_sleep(runs: list[dict[str, Any]], path: Path, *, engine: str) -> None:
     plt = bl.pyplot()
-    if plt is None:
-        return
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
     for ax, run_ in zip(axes[0], runs, strict=True):
         trials = run_["trials"]

@@ -102,6 +102,20 @@ def test_swap_smoke_reports_swap_overhead(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_swap_sleep_mode_smoke_reports_the_overhead_over_the_engines_sleep_and_wake(
+    tmp_path: Path,
+) -> None:
+    stdout = run_smoke("swap.py", "--mode", "sleep", out=tmp_path, timeout=100)
+    data = written(tmp_path, "swap-sleep-smoke")
+    (run,) = data["runs"]  # type: ignore[misc]
+    assert len(run["trials"]) == 2 and len(run["stop_first_bytes"]) == 1
+    for trial in run["trials"]:  # the engines' own parts are real readings, not zeros
+        assert trial["engine_sleep"] > 0 and trial["engine_wake"] > 0
+        assert trial["first_byte"] > trial["engine_sleep"] + trial["engine_wake"]
+    assert "sleep swap is" in stdout
+
+
+@pytest.mark.timeout(120)
 def test_kube_wake_smoke_reports_pod_ready_to_first_byte(tmp_path: Path) -> None:
     stdout = run_smoke("kube_wake.py", out=tmp_path, timeout=100)
     data = written(tmp_path, "kube_wake-smoke")

@@ -427,7 +427,7 @@ async def test_a_model_that_never_woke_has_only_its_idle_series(
         'activator_model_state{model="m1",state="ready"}'
     }
     assert (
-        'activator_wake_duration_seconds_count{backend="process",model="m1",outcome="ready"}'
+        'activator_wake_duration_seconds_count{backend="process",from="zero",model="m1",outcome="ready"}'
         in (series_of(text, "m1"))
     )
 
@@ -454,7 +454,10 @@ async def test_a_first_wake_shows_its_ready_series_at_zero_while_it_runs(
     """rate() and increase() count an observation only after a sample of the series, so
     a Prometheus scrape during the wake is what lets them count a model's first wake."""
     running = await activator({"models": {"m1": model_config(unique("m1"), startup_delay=1.0)}})
-    count = 'activator_wake_duration_seconds_count{backend="process",model="m1",outcome="ready"}'
+    count = (
+        "activator_wake_duration_seconds_count"
+        '{backend="process",from="zero",model="m1",outcome="ready"}'
+    )
     assert count not in await exposition(running)
     async with client(running) as c:
         waking = asyncio.create_task(
@@ -484,7 +487,9 @@ def populated() -> Metrics:
         metrics.requests.labels(code="200", **labels).inc(3)
         for seconds in (0.0004, 0.3, 7e9):
             metrics.request_duration.labels(**labels).observe(seconds)
-        metrics.wake_duration.labels(model=model, backend="process", outcome="ready").observe(2)
+        metrics.observe_wake(
+            model=model, backend="process", outcome="ready", source="zero", seconds=2
+        )
     metrics.pool_gpus.labels(pool="gpu").set(8)
     return metrics
 
