@@ -15,6 +15,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
 from activator.exposition import Exposition
+from activator.transitions import STATES
 
 UNKNOWN_MODEL = "__unknown__"
 
@@ -29,18 +30,9 @@ REQUEST_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
     300, 600, 1200, 1800,
 )  # fmt: skip
-MODEL_STATES = (
-    "stopped",
-    "starting",
-    "ready",
-    "draining",
-    "falling_asleep",
-    "sleeping",
-    "waking",
-    "stopping",
-    "failed",
-    "unknown",
-)
+# The lifecycle's states (one table: activator.transitions), plus "unknown": shown while
+# the backend cannot observe the engine.
+MODEL_STATES = (*STATES, "unknown")
 
 
 class Metrics:
