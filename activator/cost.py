@@ -12,7 +12,8 @@ GPU-second at `gpu_hour` / 3600, except `sleeping` ones; plus each token of the 
 `usage` at its price per million. A sleeping engine leaves its GPU to the pool: the
 model awake on it pays for it (billing both would count one GPU twice). On Kubernetes a
 sleeping pod keeps its `nvidia.com/gpu` allocation, shared with the model awake through
-time-slicing; `state="sleeping"` is counted so that it can be priced in PromQL where it
+time-slicing (unshared, the other model's pod cannot be scheduled and the sleeper is
+stopped); `state="sleeping"` is counted so that it can be priced in PromQL where it
 should be (docs/observability.md, "Cost").
 
 Exact without a timer: each model's meter knows the label it is counted under now and
