@@ -321,6 +321,8 @@ def _model(
             problems.add(loc, f"needs exactly one of {' or '.join(TARGETS)}")
         if isinstance(target := body.get("kubernetes"), dict):
             body["kubernetes"] = _workload(target, (*loc, "kubernetes"), problems)
+        if isinstance(cost := body.get("cost"), dict) and isinstance(defaults.get("cost"), dict):
+            body["cost"] = {**defaults["cost"], **cost}  # gpu_hour shared, token prices own
         body = {"served_model_name": name, **defaults, **body, "name": name}
     return problems.validate(ModelSettings, body, loc, partial=True)
 

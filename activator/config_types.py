@@ -169,6 +169,15 @@ def _keepalive(value: object) -> object:
     return _positive(parse_duration)(value)
 
 
+def _price(value: object) -> float:
+    value = _from_env(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise WrongType("a number", value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a finite number, 0 or more")
+    return float(value)
+
+
 def _in_cluster(value: object) -> bool | None:
     value = _from_env(value)
     if value is None or value == "auto":
@@ -219,6 +228,7 @@ Duration = Annotated[float, BeforeValidator(_positive(parse_duration))]
 DurationOrZero = Annotated[float, BeforeValidator(parse_duration)]
 Keepalive = Annotated[float | None, BeforeValidator(_keepalive)]  # a duration, or null/off
 Size = Annotated[int, BeforeValidator(_positive(parse_size))]
+Price = Annotated[float, BeforeValidator(_price)]  # an amount of money, >= 0
 InCluster = Annotated[bool | None, BeforeValidator(_in_cluster)]  # auto (None), true, false
 HealthPath = Annotated[str, BeforeValidator(_health_path)]
 Url = Annotated[str, BeforeValidator(_url)]  # http(s)://host[:port], no path

@@ -173,7 +173,7 @@ class Model:
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
-        metrics.add_model(self.name, backend=settings.backend_kind)
+        metrics.add_model(self.name, backend=settings.backend_kind, settings=settings)
         self._update_held()
 
     @property
@@ -264,13 +264,13 @@ class Model:
         self._leases.add(lease)
         self._drained.clear()
         self.last_activity = self._clock()
-        self._metrics.in_flight.labels(model=self.name).inc()
+        self._metrics.request_started(self.name)
         return lease
 
     def _release(self, lease: Lease) -> None:
         self._leases.discard(lease)
         self.last_activity = self._clock()
-        self._metrics.in_flight.labels(model=self.name).dec()
+        self._metrics.request_ended(self.name)
         if not self._leases:
             self._drained.set()
             self._kick()
@@ -910,6 +910,7 @@ class Model:
             },
             "last_error": self.last_error,
             "idle_timeout": s.idle_timeout,
+            "cost": self._metrics.cost.report(self.name),
         }
 
 

@@ -17,12 +17,17 @@ What each deployment sets, and why (docs/litellm.md has the whole story):
   it, so a cooldown only turns away requests activator would have answered or woken for.
 - `model_info.disable_background_health_check`: a LiteLLM health check is a real chat
   request; run every few minutes it would keep each model awake forever.
+- `input_cost_per_token` / `output_cost_per_token`: the model's `cost:` prices per
+  million tokens, per token, so LiteLLM's spend and budgets use activator's prices.
+  `gpu_hour` has no LiteLLM twin: the GPU is paid while idle too, which only activator
+  sees (activator_cost_dollars_total).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+from decimal import Decimal
 from typing import Any
 
 import yaml
@@ -69,13 +74,10 @@ def longest_silence(model: ModelSettings) -> float:
 
 
 def litellm_params(model: ModelSettings, *, api_base: str, api_key: str) -> dict[str, Any]:
-    """The `litellm_params` of a deployment routed to `model` through activator.
-
-    The one place per-model LiteLLM settings come from: per-token costs
-    (`input_cost_per_token`, `output_cost_per_token`) belong here once models have them.
-    """
+    """The `litellm_params` of a deployment routed to `model` through activator: the
+    one place per-model LiteLLM settings come from."""
     timeout = math.ceil(longest_silence(model) + TIMEOUT_MARGIN)
-    return {
+    params: dict[str, Any] = {
         # activator's own name: it resolves the model and rewrites it to served_model_name.
         "model": f"openai/{model.name}",
         "api_base": api_base,
@@ -85,6 +87,18 @@ def litellm_params(model: ModelSettings, *, api_base: str, api_key: str) -> dict
         "num_retries": 0,
         "cooldown_time": 0,
     }
+    cost = model.cost
+    if cost is not None and cost.input_per_million is not None:
+        params["input_cost_per_token"] = per_token(cost.input_per_million)
+    if cost is not None and cost.output_per_million is not None:
+        params["output_cost_per_token"] = per_token(cost.output_per_million)
+    return params
+
+
+def per_token(per_million: float) -> float:
+    """A price per million tokens, per token, shifted in decimal: 0.4 -> 4e-07, not
+    the 4.0000000000000003e-07 of a float division."""
+    return float(Decimal(repr(per_million)).scaleb(-6))
 
 
 def model_list(settings: Settings, *, url: str, key_env: str = DEFAULT_KEY_ENV) -> list[Any]:

@@ -10,12 +10,18 @@ which, and why each is kept). /metrics never stalls the event loop (`Metrics.ren
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
+from activator.cost import CostMeter
 from activator.exposition import Exposition
+from activator.settings import ModelSettings
 from activator.transitions import STATES
+from activator.usage import Usage
 
 UNKNOWN_MODEL = "__unknown__"
 
@@ -38,7 +44,12 @@ MODEL_STATES = (*STATES, "unknown")
 class Metrics:
     """Every metric activator exports. One instance per app, with its own registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -174,15 +185,81 @@ class Metrics:
         self.build_info = Info("activator_build", "activator build information.", registry=r)
         self.build_info.info({"version": __version__})
 
+        # Cost (activator.cost owns these: GPU time, tokens, dollars).
+        self.gpu_seconds = Counter(
+            "activator_gpu_seconds",
+            "GPU-seconds held by the model's engine (its gpus x seconds), by state: "
+            "starting, ready (requests in flight), idle (ready, nothing in flight), "
+            "draining, falling_asleep, sleeping, waking, stopping.",
+            ["model", "pool", "state"],
+            registry=r,
+        )
+        self.cost_dollars = Counter(
+            "activator_cost_dollars",
+            "What the model cost, from its cost: prices: GPU-seconds in every state but "
+            "sleeping at gpu_hour, plus its tokens at their price per million.",
+            ["model"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "activator_tokens",
+            "Tokens in the engines' usage fields, by kind: input, output, cached (the "
+            "part of input served from the prefix cache).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.model_gpus = Gauge(
+            "activator_model_gpus",
+            "GPUs the model's engine takes when it runs (its gpus setting).",
+            ["model", "pool"],
+            registry=r,
+        )
+        self.start_time = Gauge(
+            "activator_start_time_seconds",
+            "When this activator started, in seconds since the epoch: its counters count "
+            "from then.",
+            registry=r,
+        )
+        self.start_time.set(time.time())
+        self.cost = CostMeter(
+            gpu_seconds=self.gpu_seconds,
+            dollars=self.cost_dollars,
+            tokens=self.tokens,
+            model_gpus=self.model_gpus,
+            clock=clock,
+        )
+
         self._backends: dict[str, str] = {}  # model -> backend label, from add_model
         self._states: dict[str, str] = {}  # model -> the state its one series shows
         self._exposition = Exposition(
             [m for m in vars(self).values() if isinstance(m, MetricWrapperBase)]
         )
 
-    def add_model(self, model: str, *, backend: str) -> None:
-        """Note a configured model. It gets no wake series yet: see `set_state`."""
+    def add_model(
+        self,
+        model: str,
+        *,
+        backend: str,
+        settings: ModelSettings | None = None,
+    ) -> None:
+        """Note a configured model. It gets no wake series yet: see `set_state`. Its
+        `settings` (GPUs, pool, prices) are what activator.cost counts with."""
         self._backends[model] = backend
+        if settings is not None:
+            self.cost.add_model(model, pool=settings.pool, gpus=settings.gpus, prices=settings.cost)
+
+    def request_started(self, model: str) -> None:
+        """A request got a lease on the model's engine (it is in flight)."""
+        self.in_flight.labels(model=model).inc()
+        self.cost.request_started(model)
+
+    def request_ended(self, model: str) -> None:
+        self.in_flight.labels(model=model).dec()
+        self.cost.request_ended(model)
+
+    def count_tokens(self, model: str, usage: Usage) -> None:
+        """An engine's answer reported its usage."""
+        self.cost.count_tokens(model, usage)
 
     def observe_wake(
         self, *, model: str, backend: str, outcome: str, source: str, seconds: float
@@ -210,6 +287,7 @@ class Metrics:
             self.model_state.remove(model, previous)
         self.model_state.labels(model=model, state=state).set(1)
         self._states[model] = state
+        self.cost.set_state(model, state)
         backend = self._backends.get(model)
         if state in ("starting", "waking") and backend is not None:
             source = "sleep" if state == "waking" else "zero"
@@ -221,5 +299,7 @@ class Metrics:
         """The /metrics body: every metric above, in the Prometheus text format, without
         `_created` series (prometheus_client adds one to every counter and histogram
         series; nothing reads them). Rendered in slices between which the event loop
-        serves requests (activator.exposition). Concurrent calls share one render."""
+        serves requests (activator.exposition). Concurrent calls share one render.
+        GPU time is counted up to now first (activator.cost)."""
+        self.cost.settle()
         return await self._exposition.render()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
 from activator.request_body import read_body
+from activator.usage import StreamTail, Usage, find_usage
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("activator.access")
@@ -236,6 +238,7 @@ class Proxy:
             raise self._upstream_error(model, "connect", lease, exc) from exc
         finally:
             lease.release()
+        self._count_tokens(model, upstream, lambda: find_usage(data))
         if ex.sent is not None:  # headers went out while held
             return await _end(ex.sent, _as_sse(upstream.status, data))
         headers = relay_headers(upstream.headers)
@@ -256,6 +259,9 @@ class Proxy:
             )
         ex.status = upstream.status
         chunks = upstream.content.iter_any()
+        # Only the last reads are kept, for the usage at the end (activator.usage).
+        tail = StreamTail()
+        keep = tail.append
         while True:
             try:
                 chunk = await anext(chunks)
@@ -272,8 +278,23 @@ class Proxy:
                 return await _end(response, sse_error_event(error))
             if ex.ttfb is None:
                 ex.ttfb = time.monotonic() - ex.started
+            keep(chunk)
             await _write(response, chunk)
+        self._count_tokens(lease.model, upstream, tail.usage)
         return await _end(response)
+
+    def _count_tokens(
+        self, model: Model, upstream: aiohttp.ClientResponse, usage: Callable[[], Usage | None]
+    ) -> None:
+        """Count the tokens of a successful answer whose body is readable (an engine
+        compresses only when asked, and then its usage goes uncounted)."""
+        if upstream.status != 200:
+            return
+        if upstream.headers.get("Content-Encoding", "identity").lower() != "identity":
+            return
+        found = usage()
+        if found is not None:
+            self._metrics.count_tokens(model.name, found)
 
     def _upstream_error(
         self, model: Model, kind: str, lease: Lease, exc: BaseException

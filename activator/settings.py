@@ -32,6 +32,7 @@ from activator.config_types import (
     InCluster,
     Keepalive,
     Port,
+    Price,
     Size,
     Text,
     TextList,
@@ -164,6 +165,24 @@ class SleepSettings(Section):
         return (self.host_memory or 0) if self.level == 1 else 0
 
 
+class CostSettings(Section):
+    """What a model costs, in dollars (any one currency will do): for
+    activator_cost_dollars_total (activator.cost) and LiteLLM's per-token prices
+    (activator.litellm_config). Every price is optional; None = not priced."""
+
+    # Per GPU and hour the engine holds its GPUs (x the model's `gpus`), in every state
+    # but sleeping: what the GPU node or the cloud's GPU costs.
+    gpu_hour: Price | None = None
+    # Per million tokens of the engines' `usage`: prompt (cached included) and completion.
+    input_per_million: Price | None = None
+    output_per_million: Price | None = None
+
+    @property
+    def priced(self) -> bool:
+        prices = (self.gpu_hour, self.input_per_million, self.output_per_million)
+        return any(price is not None for price in prices)
+
+
 class ModelDefaults(Section):
     """The per-model keys that `defaults:` may also set (for every model at once)."""
 
@@ -183,6 +202,9 @@ class ModelDefaults(Section):
     drain_timeout: Duration = 120.0
     max_wait: Duration = 300.0
     upstream_api_key: Annotated[Text | None, SECRET] = None  # None = forward the client's
+    # Prices (activator.cost); under `defaults:` and a model both, a model's keys win
+    # key by key. None = no activator_cost_dollars_total for the model.
+    cost: CostSettings | None = None
 
 
 class ModelSettings(ModelDefaults):

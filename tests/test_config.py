@@ -23,6 +23,7 @@ from activator.config import (
     parse_size,
 )
 from activator.settings import (
+    CostSettings,
     KubernetesSettings,
     KubernetesTarget,
     ModelDefaults,
@@ -186,6 +187,7 @@ SECTIONS = {
     "process": ProcessTarget,
     "target": KubernetesTarget,
     "sleep": SleepSettings,
+    "cost": CostSettings,
 }
 
 
@@ -203,6 +205,7 @@ def sections_of_example() -> dict[str, set[str]]:
         "process": set().union(*(set(m["process"]) for m in models if "process" in m)),
         "target": set().union(*(set(m["kubernetes"]) for m in models if "kubernetes" in m)),
         "sleep": set().union(*(set(m["sleep"]) for m in models if "sleep" in m)),
+        "cost": set().union(*(set(m["cost"]) for m in models if m.get("cost"))),
     }
 
 

@@ -102,6 +102,29 @@ async def test_timeouts_outlast_what_activator_may_hold_a_request(
     assert pooled - plain == (7 + 3) * 60
 
 
+def test_per_token_costs_come_from_the_models_prices_per_million() -> None:
+    config = generate(
+        {
+            "defaults": {"cost": {"gpu_hour": 2.48}},
+            "models": {
+                "priced": model_config(
+                    aliases=["p"], cost={"input_per_million": 0.1, "output_per_million": 0.4}
+                ),
+                "input-only": model_config(cost={"input_per_million": 0.15}),
+                "gpu-only": model_config(),
+            },
+        }
+    )
+    for name in ("priced", "p"):
+        assert params(config, name)["input_cost_per_token"] == 1e-07
+        assert params(config, name)["output_cost_per_token"] == 4e-07
+    assert params(config, "input-only")["input_cost_per_token"] == 1.5e-07
+    assert "output_cost_per_token" not in params(config, "input-only")
+    # A GPU-hour has no per-token twin: LiteLLM never sees the GPU idle.
+    assert not {k for k in params(config, "gpu-only") if "cost" in k}
+    assert "1.0e-07" in render(config)  # not 1.0000000000000001e-07
+
+
 @pytest.mark.parametrize(
     ("host", "url", "warns"),
     [

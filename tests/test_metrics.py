@@ -397,12 +397,13 @@ async def test_metrics_content_type_is_prometheus_text(activator: ActivatorFacto
 
 
 # The series of a configured model that has not woken: its state, its queue capacity, its
-# in-flight and held gauges (docs/observability.md says why each one is kept).
+# in-flight and held gauges, its GPUs (docs/observability.md says why each one is kept).
 def idle_series(model: str, state: str = "stopped") -> set[str]:
     return {
         f'activator_model_state{{model="{model}",state="{state}"}}',
         f'activator_queue_capacity{{model="{model}"}}',
         f'activator_in_flight_requests{{model="{model}"}}',
+        f'activator_model_gpus{{model="{model}",pool=""}}',
         *(
             f'activator_held_requests{{model="{model}",reason="{reason}"}}'
             for reason in ("starting", "waiting_for_gpu", "draining")

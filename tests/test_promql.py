@@ -181,9 +181,13 @@ def test_dashboard_shows_what_operators_ask_for() -> None:
         "activator_model_state",
         "activator_swaps_total",
         "activator_upstream_errors_total",
+        "activator_cost_dollars_total",
+        "activator_gpu_seconds_total",
+        "activator_model_gpus",  # the always-on baseline of GPU-hours avoided
     ):
         assert name in exprs
     assert "by (cold, le)" in exprs  # cold vs warm TTFB
+    assert 'state="idle"' in exprs  # idle GPU time
 
 
 @dataclass(frozen=True)
