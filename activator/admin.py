@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from activator.errors import Conflict
+from activator.errors import ConfigInvalid, Conflict, ReloadRefused
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.registry import ModelRegistry
+from activator.reload import ReloadResult
 
 ADMIN_MODELS_PATH = "/admin/models"
 
 
 def admin_routes(
-    *, registry: ModelRegistry, metrics: Metrics, is_ready: ReadyFlag
+    *,
+    registry: ModelRegistry,
+    metrics: Metrics,
+    is_ready: ReadyFlag,
+    reload: Callable[..., Awaitable[ReloadResult]],
 ) -> list[web.RouteDef]:
     def model_of(request: web.Request) -> Model:
         # By name or alias, as clients send it; an unknown one is the same 404 they get.
@@ -49,6 +56,18 @@ def admin_routes(
             raise Conflict(refused, param="name")
         return web.json_response(model.describe(), status=202)
 
+    async def reload_config(request: web.Request) -> web.Response:
+        # 200 with what changed; 400 with the problems check-config prints; 409 when the
+        # file is valid but needs a restart. Either way the answer comes after the
+        # reload: a removed model's drain goes on behind it.
+        result = await reload(trigger="admin")
+        extra = {"problems": list(result.problems), "config_hash": result.digest}
+        if result.outcome == "invalid":
+            raise ConfigInvalid(f"config not reloaded: {result.message}", extra=extra)
+        if result.outcome != "ok":
+            raise ReloadRefused(f"config not reloaded: {result.message}", extra=extra)
+        return web.json_response(result.body())
+
     async def pools(request: web.Request) -> web.Response:
         return web.json_response({"pools": [p.describe() for p in registry.pools()]})
 
@@ -73,6 +92,7 @@ def admin_routes(
         web.post(ADMIN_MODELS_PATH + "/{name}/stop", stop),
         web.post(ADMIN_MODELS_PATH + "/{name}/sleep", sleep),
         web.get("/admin/pools", pools),
+        web.post("/admin/reload", reload_config),
         web.get("/healthz", healthz),
         web.get("/readyz", readyz),
         web.get("/metrics", metrics_view),

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -13,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from activator.admin import ReadyFlag, admin_routes
 from activator.backends.base import Backend
+from activator.credentials import Credentials
 from activator.errors import NotFound, Unauthorized
 from activator.http_client import HttpClient
 from activator.http_errors import error_response, errors_middleware
@@ -21,15 +21,16 @@ from activator.metrics import Metrics
 from activator.pool import PoolScheduler
 from activator.proxy import ENDPOINTS, Proxy
 from activator.registry import ModelRegistry
-from activator.settings import ModelSettings, Settings
+from activator.reload import ConfigFile, Reloader
+from activator.settings import ModelSettings, ServerSettings, Settings
 from activator.tasks import TaskGroup
-from activator.ui import SESSION_COOKIE, EventStreams, session_token, ui_routes
-from activator.ui.auth import cookie_may_authorize
+from activator.ui import EventStreams, ui_routes
 from activator.ui.summary import snapshot
 
 logger = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", Settings)  # as at start; RELOADER.settings: as in force
+RELOADER = web.AppKey("reloader", Reloader)
 METRICS = web.AppKey("metrics", Metrics)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 READY = web.AppKey("ready", ReadyFlag)
@@ -38,16 +39,20 @@ HTTP = web.AppKey("http", HttpClient)
 BackendFactory = Callable[[ModelSettings, Model], Backend]
 
 
-def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
-    """The whole server. Engines and clients exist only while the app runs."""
+def build_app(
+    settings: Settings, *, metrics: Metrics | None = None, config: ConfigFile | None = None
+) -> web.Application:
+    """The whole server. Engines and clients exist only while the app runs. `config`: the
+    file the settings came from, which a reload reads again (none: reloads are refused)."""
     metrics = metrics or Metrics()
     http = HttpClient()
     tasks = TaskGroup()
     holds = HoldCounter(settings.server.max_queued_total)
-    models = [
-        Model(ms, http=http, metrics=metrics, holds=holds, tasks=tasks)
-        for ms in settings.models.values()
-    ]
+
+    def make_model(ms: ModelSettings) -> Model:
+        return Model(ms, http=http, metrics=metrics, holds=holds, tasks=tasks)
+
+    models = [make_model(ms) for ms in settings.models.values()]
     schedulers = [
         PoolScheduler(
             pool.name,
@@ -73,10 +78,26 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
         strip_client_auth=bool(settings.server.api_keys),
         access_log=settings.server.access_log,
     )
+    credentials = Credentials(settings.server)
+
+    def apply_server(server: ServerSettings) -> None:
+        credentials.update(server)
+        holds.limit = server.max_queued_total
+        proxy.configure(server)
+
+    reloader = Reloader(
+        settings,
+        source=config,
+        registry=registry,
+        metrics=metrics,
+        tasks=tasks,
+        make_model=make_model,
+        apply_server=apply_server,
+    )
     ready = ReadyFlag()
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[errors_middleware, _auth_middleware(settings)],
+        middlewares=[errors_middleware, _auth_middleware(credentials)],
         # Bodies are decoded by activator.request_body, where a bad one gets an answer.
         handler_args={"auto_decompress": False},
     )
@@ -85,17 +106,20 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     app[REGISTRY] = registry
     app[READY] = ready
     app[HTTP] = http
+    app[RELOADER] = reloader
     for path in ENDPOINTS:
         app.router.add_post(path, proxy.handle)
         app.router.add_route("*", path, proxy.method_not_allowed)  # 405, Allow: POST
     app.on_cleanup.append(lambda _: proxy.close())
     app.router.add_get("/v1/models", _list_models(registry))
-    app.router.add_routes(admin_routes(registry=registry, metrics=metrics, is_ready=ready))
+    app.router.add_routes(
+        admin_routes(registry=registry, metrics=metrics, is_ready=ready, reload=reloader.reload)
+    )
     streams = EventStreams(lambda: snapshot(registry, metrics))
     app.router.add_routes(
         ui_routes(
-            admin_key=settings.server.admin_api_key,
-            is_admin=_is_admin(settings),
+            admin_key=lambda: credentials.admin_key,
+            is_admin=credentials.is_admin,
             streams=streams,
             metrics=metrics,
         )
@@ -111,14 +135,17 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
         loops = TaskGroup()
         for scheduler in schedulers:
             loops.spawn(scheduler.run(), name=f"pool:{scheduler.name}")
+        reloader.start(make_backend=make_backend, loops=loops, kubernetes=cluster is not None)
         tasks.spawn(_reconcile(registry, ready), name="reconcile")
         try:
             yield
         finally:
             ready.value = False
+            reloader.closing = True
             await loops.aclose()
-            results = await asyncio.gather(*(m.shutdown() for m in models), return_exceptions=True)
-            for model, result in zip(models, results, strict=True):
+            running = list(registry)  # as reloads left them
+            results = await asyncio.gather(*(m.shutdown() for m in running), return_exceptions=True)
+            for model, result in zip(running, results, strict=True):
                 if isinstance(result, BaseException):
                     logger.error("model=%s shutdown failed: %r", model.name, result)
             await tasks.aclose()
@@ -132,62 +159,23 @@ def build_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Appl
     return app
 
 
-def _auth_middleware(settings: Settings) -> Any:
-    api_keys = [k.encode() for k in settings.server.api_keys]
-    admin_keys, admin_sessions = _admin_credentials(settings)
+def _auth_middleware(credentials: Credentials) -> Any:
     # Each 401 names the key it wants: an admin sent a client key (or none) is told so.
     client_key_hint = "API key (Authorization: Bearer <key>)"
     admin_key_hint = "admin key (Authorization: Bearer <server.admin_api_key>, or log in at /ui)"
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The keys in force now (a reload may have changed them), in constant time.
         path = request.path
-        if path.startswith("/v1/") and api_keys:
-            _check(request, api_keys, what=client_key_hint)
-        elif path.startswith("/admin/") and admin_keys:
-            _check(request, admin_keys, what=admin_key_hint, sessions=admin_sessions)
+        if path.startswith("/v1/") and not credentials.is_client(request):
+            raise Unauthorized(f"missing or invalid {client_key_hint}")
+        if path.startswith("/admin/") and not credentials.is_admin(request):
+            raise Unauthorized(f"missing or invalid {admin_key_hint}")
         response: web.StreamResponse = await handler(request)
         return response
 
     return auth
-
-
-def _check(
-    request: web.Request, keys: list[bytes], *, what: str, sessions: Sequence[bytes] = ()
-) -> None:
-    """401 unless the request's Bearer token is one of `keys` or its status-page session
-    cookie one of `sessions`; `what` names the key."""
-    if not _authorized(request, keys, sessions=sessions):
-        raise Unauthorized(f"missing or invalid {what}")
-
-
-def _authorized(request: web.Request, keys: list[bytes], *, sessions: Sequence[bytes]) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
-    # Compare against every key, in constant time each: no early exit to time.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key)
-    # The cookie counts for reads, and for changes only from the page (activator.ui.auth).
-    if sessions and cookie_may_authorize(request):
-        cookie = request.cookies.get(SESSION_COOKIE, "").encode()
-        for session in sessions:
-            matched |= hmac.compare_digest(cookie, session)
-    return matched
-
-
-def _admin_credentials(settings: Settings) -> tuple[list[bytes], list[bytes]]:
-    """The admin key and the status-page session cookie that stands for it; none if no
-    admin key is set."""
-    key = settings.server.admin_api_key
-    return ([key.encode()], [session_token(key).encode()]) if key else ([], [])
-
-
-def _is_admin(settings: Settings) -> Callable[[web.Request], bool]:
-    """For the status page itself (it redirects to its login instead of a 401)."""
-    keys, sessions = _admin_credentials(settings)
-    return lambda request: not keys or _authorized(request, keys, sessions=sessions)
 
 
 def default_backend_factory(settings: Settings) -> tuple[BackendFactory, Callable[[], Any]]:
@@ -244,8 +232,9 @@ async def _spend_shutdown_grace(app: web.Application) -> None:
     lets the handlers write it, and never adds a second grace.
     """
     app[READY].value = False
+    app[RELOADER].closing = True  # the models below are all there will be
     models = list(app[REGISTRY].models.values())
-    grace = app[SETTINGS].server.shutdown_grace
+    grace = app[RELOADER].settings.server.shutdown_grace
     logger.info(
         "shutting down: held=%d in_flight=%d grace=%gs (held requests get 503 now)",
         sum(m.queued for m in models),

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import urllib.error
@@ -159,6 +160,7 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
     from aiohttp import web
 
     from activator.app import build_app
+    from activator.reload import ConfigFile
 
     try:
         import uvloop
@@ -175,8 +177,12 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
         server.port,
         path,
     )
+    # The file is read again on a reload, with the same command-line overrides.
+    config_file = ConfigFile(path, adjust=lambda new: _listen_on(new, host=host, port=port))
+    app = build_app(settings, config=config_file)
+    app.on_startup.append(_reload_on_sighup)
     web.run_app(
-        build_app(settings),
+        app,
         host=server.host,
         port=server.port,
         shutdown_timeout=HANDLER_EXIT_TIMEOUT,
@@ -190,6 +196,15 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
         loop=loop,
     )
     return 0
+
+
+async def _reload_on_sighup(app: Any) -> None:
+    """SIGHUP reloads the config, as daemons do (docs/reload.md): the reload runs in the
+    background; its outcome is logged and counted. The handler stays until the loop
+    closes: a SIGHUP during shutdown is refused, it does not kill activator."""
+    from activator.app import RELOADER
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request, "sighup")
 
 
 def _listen_on(settings: Settings, *, host: str | None, port: int | None) -> Settings:

@@ -187,6 +187,13 @@ def _in_cluster(value: object) -> bool | None:
     raise ValueError("expected auto, true or false")
 
 
+def _flag(value: object) -> bool:
+    value = _from_env(value)
+    if not isinstance(value, bool):
+        raise WrongType("a boolean", value)
+    return value
+
+
 def _health_path(value: object) -> str:
     if not _text(value).startswith("/"):
         raise ValueError("must start with /")
@@ -230,6 +237,7 @@ Keepalive = Annotated[float | None, BeforeValidator(_keepalive)]  # a duration, 
 Size = Annotated[int, BeforeValidator(_positive(parse_size))]
 Price = Annotated[float, BeforeValidator(_price)]  # an amount of money, >= 0
 InCluster = Annotated[bool | None, BeforeValidator(_in_cluster)]  # auto (None), true, false
+Flag = Annotated[bool, BeforeValidator(_flag)]  # true or false (YAML's, or a variable's text)
 HealthPath = Annotated[str, BeforeValidator(_health_path)]
 Url = Annotated[str, BeforeValidator(_url)]  # http(s)://host[:port], no path
 EnvMap = Annotated[

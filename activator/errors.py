@@ -145,6 +145,25 @@ class ShuttingDown(ModelUnavailable):
     code = "shutting_down"
 
 
+class ModelRemoved(ModelUnavailable):
+    """A config reload removed the model while the request was held for it."""
+
+    code = "model_removed"
+    retryable = False
+
+
+class ConfigInvalid(BadRequest):
+    """POST /admin/reload: the new config file is invalid (`extra` lists its problems)."""
+
+    code = "invalid_config"
+
+
+class ReloadRefused(Conflict):
+    """POST /admin/reload: the new config is valid but cannot apply without a restart."""
+
+    code = "reload_refused"
+
+
 class UpstreamError(ActivatorError):
     status = 502
     type = "server_error"

@@ -34,6 +34,7 @@ from activator.backends.base import Backend
 from activator.errors import (
     ActivatorError,
     HoldTimeout,
+    ModelRemoved,
     ModelUnavailable,
     QueueFull,
     ShuttingDown,
@@ -102,6 +103,17 @@ class Lease:
             self.model._release(self)
 
 
+@dataclass(frozen=True)
+class PendingEngine:
+    """A reload's settings for the model's next engine (`Model.update_settings`)."""
+
+    settings: ModelSettings
+    keys: tuple[str, ...]  # what changed, for /admin/models and the log
+    backend: Callable[[ModelSettings, Model], Backend]  # makes the new engine's backend
+    # Told once the settings are in force (the reloader then moves the model to its pool).
+    applied: Callable[[Model], None]
+
+
 class Model:
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
@@ -156,6 +168,11 @@ class Model:
         self._leases_closed = False
         self._cancelling: asyncio.Task[None] | None = None  # a start cancelled at SIGTERM
         self._released = False
+        # Reloads: settings waiting for the engine that runs to go; the reason the model
+        # is being removed, and set once it is gone (activator.reload).
+        self._pending: PendingEngine | None = None
+        self.retiring: str | None = None
+        self._gone = asyncio.Event()
         self._effects: dict[Effect, Callable[..., None]] = {
             "none": self._effect_none,
             "start": self._effect_start,
@@ -214,6 +231,8 @@ class Model:
         """
         if self._leases_closed or (self._closing and self.state != "ready"):
             raise ShuttingDown("activator is shutting down", retry_after=5)
+        if self.retiring is not None and self.state not in ("ready", "starting", "waking"):
+            raise self._removed()
         if self.state == "ready":
             return self._new_lease(cold=False, held=0.0)
         if len(self._waiters) >= self.settings.max_queued or self._holds.count >= self._holds.limit:
@@ -308,13 +327,15 @@ class Model:
 
     def request_wake(self) -> None:
         """Admin wake: demand without a request."""
+        if self.retiring is not None:
+            return
         if self.state not in ("ready", "starting", "waking") and self._wake_requested_at is None:
             self._wake_requested_at = self._clock()
             self._kick()
 
     def begin_start(self, *, reason: str) -> bool:
         """Make the model ready: a cold start, or a wake when it sleeps."""
-        if self._closing:
+        if self._closing or self.retiring is not None:
             return False
         waking = self.state == "sleeping"
         if not self._fire("start"):
@@ -341,7 +362,7 @@ class Model:
 
     def begin_adopt(self, url: str) -> bool:
         """Take over an engine that runs without us having started it."""
-        if self._closing or not self._fire("adopt", url=url):
+        if self._closing or self.retiring is not None or not self._fire("adopt", url=url):
             return False
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
         return True
@@ -358,6 +379,7 @@ class Model:
         self._set_state(step.next)
         effect = self._effects[step.effect]
         effect(**context)
+        self._after_move()
         self._kick()
         return True
 
@@ -808,6 +830,107 @@ class Model:
             self._nudge.set()  # Backend.serving() may have changed with it
             self._kick()
 
+    # ----- reloads (activator.reload owns them; the model applies them) ----------------
+
+    @property
+    def restart_pending(self) -> tuple[str, ...]:
+        """Keys of a reload that wait for the engine that runs to go (empty: none)."""
+        return self._pending.keys if self._pending is not None else ()
+
+    @property
+    def configured(self) -> ModelSettings:
+        """The settings the config gives now: the pending ones, or those in force."""
+        return self._pending.settings if self._pending is not None else self.settings
+
+    def update_settings(
+        self, settings: ModelSettings, *, pending: PendingEngine | None = None
+    ) -> None:
+        """A reload changed the model: `settings` are in force from now on (timeouts,
+        aliases, queue limits: the next request, hold, start or idle check sees them);
+        their engine keys are those the running engine was started with. `pending` takes
+        over once no engine runs: at once if none runs now, else when it has stopped (an
+        idle stop, a swap, an admin stop, a failure). A later call replaces `pending`;
+        None drops it (the config went back). Synchronous: nothing is awaited."""
+        self.settings = settings
+        self._pending = pending
+        self._metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
+        self._update_held()
+        self._after_move()
+        self._kick()
+
+    def retire(self, reason: str) -> None:
+        """A reload removed the model. It takes no new work; held requests are served if
+        its engine is already coming up (they were accepted under the old config), else
+        they get a 503 with `reason` (never a 404); requests in flight may finish (bounded
+        by drain_timeout), then the engine is stopped. `retired()` says when it is over."""
+        self.retiring = reason
+        self._gone.clear()
+        self._wake_requested_at = None
+        if self.state not in ("starting", "waking"):
+            self._fail_waiters(self._removed())
+        self._after_move()
+        self._kick()
+
+    def revive(self) -> None:
+        """A later reload has the model again before it was gone: it takes work as before
+        (a stop under way completes; held requests start it again)."""
+        self.retiring = None
+        self._gone.clear()
+        self._kick()
+
+    async def retired(self) -> None:
+        """Until a retiring model runs no engine and has nothing in flight."""
+        await self._gone.wait()
+        await self._drained.wait()
+
+    def _removed(self) -> ModelRemoved:
+        return ModelRemoved(
+            f"model {self.name!r} was removed from activator's config while this request "
+            f"waited for it ({self.retiring})"
+        )
+
+    def _after_move(self) -> None:
+        """A reload's part in each move: pending engine settings take over once no engine
+        runs; a retiring model is stopped once its engine is up (held requests released
+        first), and is gone once stopped."""
+        if self.state in ("stopped", "failed"):
+            if self._pending is not None and not self._closing and self.retiring is None:
+                self._apply_pending()
+            if self.retiring is not None:
+                self._fail_waiters(self._removed())  # a failed wake left some waiting
+                self._gone.set()
+        elif self.retiring is not None and self.state in ("ready", "sleeping"):
+            self.begin_stop(reason="removed")
+
+    def _apply_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        self.settings = pending.settings
+        self._metrics.add_model(self.name, backend=self.settings.backend_kind)
+        self._metrics.queue_capacity.labels(model=self.name).set(self.settings.max_queued)
+        old = self._backend
+        if old is not None:
+            self._backend = pending.backend(self.settings, self)
+            self._tasks.spawn(self._replace_backend(old), name=f"new-backend:{self.name}")
+        logger.info(
+            "model=%s new engine settings in force (%s)", self.name, ", ".join(pending.keys)
+        )
+        pending.applied(self)
+        self._update_held()
+
+    async def _replace_backend(self, old: Backend) -> None:
+        """Release the old backend's watches; adopt the new target if it already runs
+        (as at start-up: a Kubernetes workload someone scaled up)."""
+        await old.aclose()
+        try:
+            url = await self.backend.discover()
+        except Exception as exc:  # an unreachable API must not break the model
+            logger.warning("model=%s discovery failed: %s", self.name, exc)
+            return
+        if url is not None:
+            logger.info("model=%s new target found running: adopting it", self.name)
+            self.begin_adopt(url)
+
     # ----- shutdown ------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
@@ -911,6 +1034,9 @@ class Model:
             "last_error": self.last_error,
             "idle_timeout": s.idle_timeout,
             "cost": self._metrics.cost.report(self.name),
+            "restart_pending": bool(self.restart_pending),
+            "restart_pending_keys": list(self.restart_pending),
+            "removing": self.retiring is not None,
         }
 
 

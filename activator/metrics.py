@@ -10,6 +10,7 @@ which, and why each is kept). /metrics never stalls the event loop (`Metrics.ren
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ REQUEST_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
     300, 600, 1200, 1800,
 )  # fmt: skip
+HELD_REASONS = ("starting", "waiting_for_gpu", "draining")
+RELOAD_OUTCOMES = ("ok", "invalid", "refused")
 # The lifecycle's states (one table: activator.transitions), plus "unknown": shown while
 # the backend cannot observe the engine.
 MODEL_STATES = (*STATES, "unknown")
@@ -182,6 +185,23 @@ class Metrics:
             ["model", "kind"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "activator_config_reloads",
+            "Config reloads by outcome: ok (applied; maybe nothing had changed), invalid (the "
+            "file did not validate) or refused (it needs a restart); nothing changes unless ok.",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in RELOAD_OUTCOMES:  # at zero: an alert on the first failure needs them
+            self.config_reloads.labels(outcome=outcome)
+        self.config_info = Gauge(
+            "activator_config_info",
+            "1, for the config in force: the sha256 of its file (the first 16 hex digits, "
+            "as `sha256sum` prints them).",
+            ["hash"],
+            registry=r,
+        )
+        self._config_hash: str | None = None
         self.build_info = Info("activator_build", "activator build information.", registry=r)
         self.build_info.info({"version": __version__})
 
@@ -294,6 +314,36 @@ class Metrics:
             self.wake_duration.labels(
                 model=model, backend=backend, outcome="ready", **{"from": source}
             )
+
+    def show_config(self, digest: str) -> None:
+        """The config in force is now the one of `digest` (its one series)."""
+        if self._config_hash is not None and self._config_hash != digest:
+            self.config_info.remove(self._config_hash)
+        self.config_info.labels(hash=digest).set(1)
+        self._config_hash = digest
+
+    def forget_model(self, model: str) -> None:
+        """A reload removed the model: its gauges go (they would show it forever).
+        Counters and histograms stay: they are its history, and rate() needs them."""
+        state = self._states.pop(model, None)
+        self._backends.pop(model, None)
+        gone = [(self.model_state, (model, state)), (self.queue_capacity, (model,))]
+        gone += [(self.in_flight, (model,))]
+        gone += [(self.held, (model, reason)) for reason in HELD_REASONS]
+        for gauge, labels in gone:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+
+    def forget_pool(self, pool: str) -> None:
+        """A reload removed the pool: its gauges go."""
+        for gauge in (
+            self.pool_gpus,
+            self.pool_gpus_in_use,
+            self.pool_host_memory,
+            self.pool_host_memory_in_use,
+        ):
+            with contextlib.suppress(KeyError):
+                gauge.remove(pool)
 
     async def render(self) -> bytes:
         """The /metrics body: every metric above, in the Prometheus text format, without

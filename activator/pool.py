@@ -19,7 +19,14 @@ from typing import Any
 
 from activator.lifecycle import Model
 from activator.metrics import Metrics
-from activator.policy import Decision, decide, gpus_in_use, host_in_use, plan_sleeps
+from activator.policy import (
+    Decision,
+    ModelView,
+    decide,
+    gpus_in_use,
+    host_in_use,
+    plan_sleeps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ class PoolScheduler:
         self._metrics = metrics
         self._clock = clock
         self._kicked = asyncio.Event()
+        self._closed = False
         self.last_decision = Decision()
         for m in self.models:
             m.scheduler = self
@@ -56,8 +64,8 @@ class PoolScheduler:
 
     async def run(self) -> None:
         """Decide until cancelled. Never returns; a failing decision is logged and retried
-        on the next kick so one bad step cannot wedge the pool."""
-        while True:
+        on the next kick so one bad step cannot wedge the pool. Returns after `close()`."""
+        while not self._closed:
             self._kicked.clear()
             wake_at: float | None = None
             try:
@@ -71,6 +79,38 @@ class PoolScheduler:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._kicked.wait()
+
+    # ----- reloads (activator.reload calls these; each is one synchronous change) -----
+
+    def add(self, model: Model) -> None:
+        """The model is decided for by this pool from now on (and by no other)."""
+        self.models.append(model)
+        self._by_name[model.name] = model
+        model.scheduler = self
+        self.kick()
+
+    def remove(self, model: Model) -> None:
+        """The model leaves: its engine runs no longer (or its next pool takes it over)."""
+        self.models.remove(model)
+        del self._by_name[model.name]
+        self.kick()
+
+    def resize(self, *, capacity: int, host_memory: int | None) -> None:
+        """New limits, in force for the next decision. GPUs over a smaller capacity are
+        freed by the policy's over-capacity eviction (nothing starts meanwhile); sleeping
+        engines over a smaller host memory are stopped now, least recently used first."""
+        self.capacity, self.host_memory = capacity, host_memory
+        self._metrics.pool_gpus.labels(pool=self.name).set(capacity)
+        if host_memory is not None:
+            self._metrics.pool_host_memory.labels(pool=self.name).set(host_memory)
+        for name in over_host_memory([m.view() for m in self.models], host_memory):
+            self._by_name[name].begin_stop(reason="host_memory")
+        self.kick()
+
+    def close(self) -> None:
+        """End `run()`: the pool has no models left (a reload removed it)."""
+        self._closed = True
+        self.kick()
 
     def step(self) -> float | None:
         now = self._clock()
@@ -142,3 +182,21 @@ class PoolScheduler:
                 if n in by_name
             ],
         }
+
+
+def over_host_memory(views: Sequence[ModelView], host_memory: int | None) -> list[str]:
+    """The sleeping models to stop, least recently used first, so that those left hold no
+    more host memory than `host_memory` (a pool's limit made smaller)."""
+    if host_memory is None:
+        return []
+    held = host_in_use(views)
+    stop: list[str] = []
+    sleepers = sorted(
+        (v for v in views if v.state == "sleeping"), key=lambda v: (v.last_activity, v.name)
+    )
+    for v in sleepers:
+        if held <= host_memory:
+            break
+        stop.append(v.name)
+        held -= v.host_held
+    return stop

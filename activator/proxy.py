@@ -35,6 +35,7 @@ from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
 from activator.request_body import read_body
+from activator.settings import ServerSettings
 from activator.usage import StreamTail, Usage, find_usage
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,13 @@ class Proxy:
         # a secret of ours and never goes to an engine.
         self._strip_client_auth = strip_client_auth
         self._access_log = access_log
+
+    def configure(self, server: ServerSettings) -> None:
+        """A reload: server settings in force from the next request on."""
+        self._max_body = server.max_body_bytes
+        self._body_timeout = server.body_timeout
+        self._strip_client_auth = bool(server.api_keys)
+        self._access_log = server.access_log
 
     async def close(self) -> None:
         """At the app's cleanup: stops the body-parsing worker, if one started."""

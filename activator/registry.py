@@ -1,4 +1,7 @@
-"""Which models exist, by client-facing name and alias. Built once from config."""
+"""Which models exist, by client-facing name and alias, and which pool decides for each.
+
+Built from config at start; a reload (activator.reload, the only caller of the methods
+that change it) adds and removes models and pools, and re-indexes the names."""
 
 from __future__ import annotations
 
@@ -15,9 +18,33 @@ class ModelRegistry:
         self.models = {m.name: m for m in models}
         self.schedulers = list(schedulers)
         self._by_name: dict[str, Model] = {}
-        for m in models:
-            for name in m.settings.names:
-                self._by_name[name] = m
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Names as the config gives them now. A model being removed has none: a new
+        request for it is a 404 (or the model that took the name over). A served name a
+        running engine still answers to, changed for its next start, is kept while no
+        other model has it: replies carried it, and clients send it back."""
+        by_name: dict[str, Model] = {}
+        serving = [m for m in self.models.values() if m.retiring is None]
+        for m in serving:
+            for name in m.configured.names:
+                by_name[name] = m
+        for m in serving:
+            by_name.setdefault(m.settings.served_model_name, m)
+        self._by_name = by_name
+
+    def add(self, model: Model) -> None:
+        self.models[model.name] = model
+        self.reindex()
+
+    def remove(self, model: Model) -> None:
+        del self.models[model.name]
+        self.reindex()
+
+    def pool(self, name: str) -> PoolScheduler | None:
+        """A configured pool's scheduler (not a model's own), by name."""
+        return next((s for s in self.pools() if s.name == name), None)
 
     def __iter__(self) -> Iterator[Model]:
         return iter(self.models.values())

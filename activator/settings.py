@@ -27,6 +27,7 @@ from activator.config_types import (
     Duration,
     DurationOrZero,
     EnvMap,
+    Flag,
     FrozenMap,
     HealthPath,
     InCluster,
@@ -78,6 +79,14 @@ class ServerSettings(Section):
     # that sends a byte every few seconds would otherwise hold a slot forever) -> 408.
     body_timeout: Duration = 60.0
     access_log: Annotated[AccessLogFormat, UNQUOTED_OFF] = "text"
+    # Reload when the config file's content changes (SIGHUP and POST /admin/reload reload
+    # in any case). Off by default: a file edited by hand would apply half-way through.
+    watch_config: Flag = False
+    # How often the file is read for a change. Its content is compared, not its mtime or
+    # inode: Kubernetes swaps a ConfigMap volume's `..data` symlink and editors rename a new
+    # file over the old one, and both must count. Reading a small file is cheap, and the
+    # kubelet takes up to a minute to deliver a ConfigMap change anyway.
+    watch_interval: Duration = 2.0
 
 
 class KubernetesSettings(Section):

@@ -383,7 +383,7 @@ async def test_sleeping_models_and_host_memory_are_shown_when_the_admin_data_has
     streams = EventStreams(lambda: SLEEPY_SNAPSHOT)
     app = web.Application()
     routes = ui_routes(
-        admin_key=None, is_admin=lambda request: True, streams=streams, metrics=Metrics()
+        admin_key=lambda: None, is_admin=lambda request: True, streams=streams, metrics=Metrics()
     )
     app.router.add_routes(routes)
     app.on_shutdown.append(streams.close)

@@ -50,15 +50,17 @@ LOGIN_ERROR = '<p class="error" role="alert">That is not the admin key.</p>'
 
 def ui_routes(
     *,
-    admin_key: str | None,
+    admin_key: Callable[[], str | None],
     is_admin: Callable[[web.Request], bool],
     streams: EventStreams,
     metrics: Metrics,
 ) -> list[web.RouteDef]:
-    """`is_admin` says whether a request carries the admin key (Bearer or the session
-    cookie); it is always true when no admin key is configured."""
+    """`admin_key` gives the admin key in force (a reload may change it; None: none is
+    set); `is_admin` says whether a request carries it (Bearer or the session cookie),
+    always true when there is none."""
     files = _load_static()
-    page = files.pop("index.html").replace(b"{{login}}", b"on" if admin_key else b"off")
+    template = files.pop("index.html")
+    pages = {login: template.replace(b"{{login}}", login) for login in (b"on", b"off")}
     login_page = files.pop("login.html")
 
     def html(body: bytes, *, status: int = 200) -> web.Response:
@@ -71,18 +73,19 @@ def ui_routes(
     async def show_page(request: web.Request) -> web.Response:
         if not is_admin(request):
             return _see_other("ui/login")
-        return html(page)
+        return html(pages[b"on" if admin_key() else b"off"])
 
     async def trailing_slash(request: web.Request) -> web.Response:
         return _see_other("../ui")
 
     async def show_login(request: web.Request) -> web.Response:
-        if admin_key is None or is_admin(request):
+        if admin_key() is None or is_admin(request):
             return _see_other("../ui")
         return html(login_page.replace(b"<!--error-->", b""))
 
     async def login(request: web.Request) -> web.Response:
-        if admin_key is None:
+        key = admin_key()
+        if key is None:
             return _see_other("../ui")
         if request.content_length is None:
             raise BadRequest("the login form must be sent with a Content-Length")
@@ -91,12 +94,12 @@ def ui_routes(
         form = await request.post()
         given = form.get("key")
         given_bytes = given.encode() if isinstance(given, str) else b""
-        if not hmac.compare_digest(given_bytes, admin_key.encode()):
+        if not hmac.compare_digest(given_bytes, key.encode()):
             # The key given is never logged; where it came from helps spot guessing.
             logger.warning("status page: wrong admin key from %s", request.remote)
             return html(login_page.replace(b"<!--error-->", LOGIN_ERROR.encode()), status=401)
         response = _see_other("../ui")
-        set_session(response, request, session_token(admin_key))
+        set_session(response, request, session_token(key))
         return response
 
     async def logout(request: web.Request) -> web.Response:

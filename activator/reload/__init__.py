@@ -1,0 +1,6 @@
+"""Config reload while activator runs: nothing dropped (docs/reload.md)."""
+
+from activator.reload.reloader import Reloader, ReloadResult
+from activator.reload.source import ConfigFile
+
+__all__ = ["ConfigFile", "ReloadResult", "Reloader"]
