@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import engine_pids, model_config, unique, wait_for
 from tests.serve_process import free_port
+from tests.tools import in_ci, unavailable
 
 # Setting the proxy up takes most of the first test's time (LiteLLM imports for ~15 s).
 pytestmark = pytest.mark.timeout(240)
@@ -64,12 +65,10 @@ def litellm_binary() -> Path:
     binary = venv / "bin" / "litellm"
     if binary.exists():
         return binary
-    reason = (
-        f"no LiteLLM proxy at {binary}; build it with bench/litellm_env.sh (or set LITELLM_VENV)"
+    unavailable(
+        f"no LiteLLM proxy at {binary}; build it with bench/litellm_env.sh (or set LITELLM_VENV)",
+        required=os.environ.get("ACTIVATOR_REQUIRE_LITELLM") == "1" or in_ci(),
     )
-    if os.environ.get("ACTIVATOR_REQUIRE_LITELLM") == "1" or os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @dataclass(frozen=True)

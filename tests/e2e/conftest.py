@@ -35,8 +35,9 @@ import openai
 import pytest
 import yaml
 
+from tests.tools import vllm_venv_python
+
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent.parent
 TEMPLATE = HERE / "vllm.yaml"
 TAG_VARIABLE = "ACTIVATOR_E2E_TAG"
 # Where the tests find vLLM and the model: the harness's business, never an engine's.
@@ -178,29 +179,7 @@ class Activator:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    required = os.environ.get("ACTIVATOR_REQUIRE_VLLM") == "1"
-    explicit = os.environ.get("VLLM_PYTHON")
-    venv = Path(os.environ.get("VLLM_VENV", REPO_ROOT / ".vllm-venv"))
-    python = Path(explicit) if explicit else venv / "bin" / "python"
-    missing = None
-    if not python.exists():
-        missing = f"no vLLM python at {python}"
-    else:
-        # find_spec, not import: importing vllm takes seconds.
-        probe = subprocess.run(
-            [python, "-c", "import importlib.util as u; assert u.find_spec('vllm')"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if probe.returncode != 0:
-            missing = f"{python} cannot import vllm"
-    if missing:
-        reason = f"{missing}; prepare it with tests/e2e/vllm_env.sh (or set VLLM_PYTHON)"
-        if required:
-            pytest.fail(f"ACTIVATOR_REQUIRE_VLLM=1 but {reason}")
-        pytest.skip(reason)
-    return python
+    return vllm_venv_python(needs="vllm", label="vLLM python")
 
 
 @pytest.fixture(scope="session")
