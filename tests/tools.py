@@ -6,6 +6,7 @@ fails, so that such a run cannot pass by skipping."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import NoReturn
@@ -24,6 +25,7 @@ def in_ci() -> bool:
 def unavailable(reason: str, *, required: bool, fail_reason: str | None = None) -> NoReturn:
     """Skip the calling test for `reason`, or fail it (with `fail_reason`, if given) where
     the program is `required`."""
+    __tracebackhide__ = True  # the report names the caller's line, not this one
     if required:
         pytest.fail(reason if fail_reason is None else fail_reason)
     pytest.skip(reason)
@@ -34,6 +36,7 @@ def vllm_venv_python(*, needs: str, label: str = "python") -> Path:
     $VLLM_VENV/bin/python, else <repo>/.vllm-venv/bin/python. Without it the test skips,
     unless ACTIVATOR_REQUIRE_VLLM=1 (CI), where it fails. `label` names the python in
     the skip message."""
+    __tracebackhide__ = True
     explicit = os.environ.get("VLLM_PYTHON")
     venv = Path(os.environ.get("VLLM_VENV", REPO / ".vllm-venv"))
     python = Path(explicit) if explicit else venv / "bin" / "python"
@@ -58,3 +61,13 @@ def vllm_venv_python(*, needs: str, label: str = "python") -> Path:
             fail_reason=f"ACTIVATOR_REQUIRE_VLLM=1 but {reason}",
         )
     return python
+
+
+def on_path(program: str, *, hint: str) -> str:
+    """`program`'s path; without it on PATH the test skips, or fails in CI. `hint` says
+    where to get it."""
+    __tracebackhide__ = True
+    found = shutil.which(program)
+    if found is None:
+        unavailable(f"{program} is not on PATH ({hint})", required=in_ci())
+    return found
