@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from activator.testing.sleepmode import read_reports
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, engine_pids, model_config, post, wait_for
+from tests.harness import Running, Sampler, engine_pids, model_config, post, wait_for
 
 GIB = 2**30
 HELLO: Any = [{"role": "user", "content": "one two three"}]
@@ -56,36 +55,25 @@ def sleep_model(
     return cfg
 
 
-class MemoryObserver:
+class MemoryObserver(Sampler):
     """Samples the engines' memory reports until closed; keeps the worst moments."""
 
     def __init__(self, reports: Path, served: set[str]) -> None:
+        super().__init__(name="memory-observer")
         self._reports = reports
         self._served = served
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memory-observer", daemon=True)
         self.max_awake = 0
         self.max_host = 0
         self.samples = 0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            ours = [
-                r for r in read_reports(self._reports) if r.get("served_model_name") in self._served
-            ]
-            awake = [r for r in ours if r.get("state") != "sleeping"]
-            self.max_awake = max(self.max_awake, len(awake))
-            self.max_host = max(self.max_host, sum(int(r.get("host_bytes", 0)) for r in ours))
-            self.samples += 1
-            self._stop.wait(0.002)
-
-    def __enter__(self) -> MemoryObserver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        ours = [
+            r for r in read_reports(self._reports) if r.get("served_model_name") in self._served
+        ]
+        awake = [r for r in ours if r.get("state") != "sleeping"]
+        self.max_awake = max(self.max_awake, len(awake))
+        self.max_host = max(self.max_host, sum(int(r.get("host_bytes", 0)) for r in ours))
+        self.samples += 1
 
 
 @dataclass
