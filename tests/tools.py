@@ -1,15 +1,19 @@
 """Programs the tests need from outside the project's venv (the real-vLLM venv, LiteLLM's
 venv, chromium, prometheus): where each is found, and what a test does without one. It
 skips; where the run must have the program (CI, or the variable that asks for it), it
-fails, so that such a run cannot pass by skipping."""
+fails, so that such a run cannot pass by skipping. And, for such a program run as a
+process of its own, a bounded poll of its state and a bounded stop."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -71,3 +75,31 @@ def on_path(program: str, *, hint: str) -> str:
     if found is None:
         unavailable(f"{program} is not on PATH ({hint})", required=in_ci())
     return found
+
+
+def poll(condition: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str) -> Any:
+    """Call `condition` until it returns something truthy; fail after `timeout` seconds.
+
+    For states that have no event to wait on from outside the process (an engine's
+    metrics, /proc, a server's health). Returns the truthy value.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace: float) -> None:
+    """SIGTERM, up to `grace` seconds for the process to exit, then SIGKILL to its process
+    group (started with start_new_session, so its children go too)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)

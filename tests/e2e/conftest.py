@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -35,7 +34,7 @@ import openai
 import pytest
 import yaml
 
-from tests.tools import vllm_venv_python
+from tests.tools import poll, stop_process, vllm_venv_python
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "vllm.yaml"
@@ -50,22 +49,6 @@ ENGINE_START_BUDGET = 300.0
 ACTIVATOR_READY_BUDGET = 60.0
 SHUTDOWN_BUDGET = 90.0
 MODEL_BUILD_BUDGET = 300.0
-
-
-def poll(condition: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str) -> Any:
-    """Call `condition` until it returns something truthy; fail after `timeout` seconds.
-
-    For states that have no event to wait on from outside the process (an engine's
-    metrics, /proc). Returns the truthy value.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def http(
@@ -227,17 +210,6 @@ def fill_in(config: Any, values: Mapping[str, str]) -> Any:
     return config
 
 
-def stop_activator(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, bounded wait (it stops its engines first), then SIGKILL of its group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=SHUTDOWN_BUDGET)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-
-
 def kill_leftovers(tags: Mapping[str, str]) -> list[int]:
     """SIGKILL any engine process still alive; returns their pids (should be none)."""
     left = [pid for tag in tags.values() for pid in tagged_pids(tag)]
@@ -289,7 +261,7 @@ def launch_activator(
     finally:
         # Shown by pytest only when a test using this activator failed.
         print(activator.diagnostics())
-        stop_activator(process)
+        stop_process(process, grace=SHUTDOWN_BUDGET)  # it stops its engines first
         leftovers = kill_leftovers(tags)
     assert not leftovers, (
         f"engine processes {leftovers} outlived activator's shutdown:\n{activator.log_tail()}"
