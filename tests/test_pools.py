@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import ActivatorFactory
-from tests.harness import FAKE_ENGINE, Running, Sampler, chat, model_config, wait_for
+from tests.harness import FAKE_ENGINE, Running, Sampler, chat, model_config, unique, wait_for
 
 # Engines that stream slowly enough for swaps to land while requests are in flight.
 STREAMING = ("--stream-delay", "0.02", "--response-delay", "0.01")
@@ -104,7 +103,7 @@ async def start_pool(
 ) -> Pool:
     """One pool named `gpu` holding `gpus` (model -> GPUs), every model on a stand-in
     engine whose served name is unique: tests elsewhere on the machine run engines too."""
-    served = {m: f"{m}-{uuid.uuid4().hex[:10]}" for m in gpus}
+    served = {m: unique(m) for m in gpus}
     models = {
         m: model_config(served[m], *flags, startup_delay=startup_delay, pool="gpu", gpus=g, **keys)
         for m, g in gpus.items()
