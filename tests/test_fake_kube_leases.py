@@ -39,6 +39,19 @@ def lease_body(name: str, holder: str, **spec: Any) -> client.V1Lease:
     )
 
 
+async def created_then_taken_over(api: client.ApiClient) -> client.V1Lease:
+    """The lease "leader" as "a" created it, returned after "b" has taken it over by a
+    patch: its resourceVersion is stale."""
+    created = await leases(api).create_namespaced_lease(NS, lease_body("leader", "a"))
+    await leases(api).patch_namespaced_lease(
+        "leader",
+        NS,
+        {"spec": {"holderIdentity": "b"}},
+        _content_type="application/merge-patch+json",
+    )
+    return created
+
+
 def reason(caught: pytest.ExceptionInfo[ApiException]) -> str:
     return str(json.loads(caught.value.body)["reason"])
 
@@ -171,13 +184,7 @@ async def test_patch_types(api: client.ApiClient, content_type: str, patch: Any)
 
 
 async def test_patch_carrying_a_stale_resource_version_conflicts(api: client.ApiClient) -> None:
-    created = await leases(api).create_namespaced_lease(NS, lease_body("leader", "a"))
-    await leases(api).patch_namespaced_lease(
-        "leader",
-        NS,
-        {"spec": {"holderIdentity": "b"}},
-        _content_type="application/merge-patch+json",
-    )
+    created = await created_then_taken_over(api)
     with pytest.raises(ApiException) as caught:
         await leases(api).patch_namespaced_lease(
             "leader",
@@ -217,13 +224,7 @@ async def test_invalid_spec_is_422(api: client.ApiClient, spec: dict[str, int], 
 
 
 async def test_delete_checks_preconditions(kube: FakeKube, api: client.ApiClient) -> None:
-    created = await leases(api).create_namespaced_lease(NS, lease_body("leader", "a"))
-    await leases(api).patch_namespaced_lease(
-        "leader",
-        NS,
-        {"spec": {"holderIdentity": "b"}},
-        _content_type="application/merge-patch+json",
-    )
+    created = await created_then_taken_over(api)
     stale = client.V1DeleteOptions(
         preconditions=client.V1Preconditions(resource_version=created.metadata.resource_version)
     )
