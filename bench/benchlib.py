@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark scripts: the machine record, percentiles, results files,
-and a real activator subprocess started from a generated config.
+a timed streaming request, and a real activator subprocess started from a generated config.
 
 The scripts run as `python bench/NAME.py`, so this module is imported as `benchlib`.
 """
@@ -20,12 +20,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -221,6 +222,36 @@ def wait_until(condition: Any, *, timeout: float, what: str, interval: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+async def first_byte(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str,
+    *,
+    prompt: str = "def fib(n):",
+    headers: Mapping[str, str] | None = None,
+) -> tuple[float, float]:
+    """One streaming chat request for 4 tokens, read to its end: the seconds from sending
+    it to its first body byte, and the wall-clock time of that byte (to set against the
+    stamps of engine logs). Raises on an error status or an empty stream."""
+    body = {
+        "model": model,
+        "stream": True,
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+    sent = time.perf_counter()
+    ttfb = wall = None
+    async with session.post(url + "/v1/chat/completions", json=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{model}: HTTP {resp.status}: {(await resp.read())[:4000]!r}")
+        async for _ in resp.content.iter_any():
+            if ttfb is None:
+                ttfb, wall = time.perf_counter() - sent, time.time()
+    if ttfb is None or wall is None:
+        raise RuntimeError(f"{model}: an empty stream")
+    return ttfb, wall
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

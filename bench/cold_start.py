@@ -59,31 +59,6 @@ async def admin(session: aiohttp.ClientSession, target: Target, path: str, **kw:
         return await resp.json()
 
 
-async def first_byte(
-    session: aiohttp.ClientSession, target: Target, model: str
-) -> tuple[float, float]:
-    """One streaming chat request; (TTFB in s, wall-clock time of the first byte)."""
-    body = {
-        "model": model,
-        "stream": True,
-        "max_tokens": 4,
-        "messages": [{"role": "user", "content": "cold start probe"}],
-    }
-    started = time.monotonic()
-    async with session.post(
-        target.url + "/v1/chat/completions", json=body, headers=target.api_headers()
-    ) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"model {model}: HTTP {resp.status}: {await resp.text()}")
-        ttfb = wall = None
-        async for _ in resp.content.iter_any():
-            if ttfb is None:
-                ttfb, wall = time.monotonic() - started, time.time()
-        if ttfb is None or wall is None:
-            raise RuntimeError(f"model {model}: empty stream")
-        return ttfb, wall
-
-
 async def first_healthy(session: aiohttp.ClientSession, url: str) -> float:
     """Wall-clock time at which `url` first answered 200, polled every 2 ms (bounded)."""
     deadline = time.monotonic() + 1800
@@ -115,6 +90,11 @@ async def wait_stopped(
 async def trial(
     session: aiohttp.ClientSession, target: Target, model: str, *, warm_requests: int
 ) -> dict[str, Any]:
+    async def probe() -> tuple[float, float]:
+        return await bl.first_byte(
+            session, target.url, model, prompt="cold start probe", headers=target.api_headers()
+        )
+
     await admin(session, target, f"/admin/models/{model}/stop", method="POST")
     await wait_stopped(session, target, model, within=300)
     sent_wall = time.time()
@@ -123,9 +103,9 @@ async def trial(
         if target.engine_health
         else None
     )
-    cold_ttfb, first_wall = await first_byte(session, target, model)
+    cold_ttfb, first_wall = await probe()
     healthy_wall = await watcher if watcher is not None else None
-    warm = [(await first_byte(session, target, model))[0] for _ in range(warm_requests)]
+    warm = [(await probe())[0] for _ in range(warm_requests)]
     described = await admin(session, target, f"/admin/models/{model}")
     logs = await admin(session, target, f"/admin/models/{model}/logs")
     ready_wall = healthy_wall or bl.engine_ready_wallclock(

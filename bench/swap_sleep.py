@@ -113,22 +113,7 @@ def pooled(
 
 async def first_byte(session: aiohttp.ClientSession, url: str, model: str) -> float:
     """Seconds from sending one streaming request to its first body byte."""
-    body = {
-        "model": model,
-        "stream": True,
-        "max_tokens": 4,
-        "messages": [{"role": "user", "content": "def fib(n):"}],
-    }
-    sent = time.perf_counter()
-    first: float | None = None
-    async with session.post(url + "/v1/chat/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{model}: HTTP {resp.status} {(await resp.read())[:4000]!r}")
-        async for _ in resp.content.iter_any():
-            first = first or time.perf_counter()
-        if first is None:
-            raise RuntimeError(f"{model}: an empty answer")
-    return first - sent
+    return (await bl.first_byte(session, url, model))[0]
 
 
 async def engine_url(session: aiohttp.ClientSession, url: str, model: str) -> str:

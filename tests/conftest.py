@@ -4,7 +4,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.config import new_client_from_config
 
+from activator.testing.fake_kube import FakeKube
 from tests.harness import Running, start_activator
 
 ActivatorFactory = Callable[[dict[str, Any]], Awaitable[Running]]
@@ -23,3 +26,20 @@ async def activator() -> AsyncIterator[ActivatorFactory]:
     yield start
     for running in reversed(started):
         await running.close()
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[FakeKube]:
+    """A fake Kubernetes cluster on loopback. Bookmarks (only to watches that ask for them)
+    every 0.2 s, so a test waiting for one is short. A module needing other options
+    defines a `kube` of its own."""
+    async with FakeKube(bookmark_interval=0.2) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def api(kube: FakeKube) -> AsyncIterator[client.ApiClient]:
+    """kubernetes_asyncio's client on `kube`, through its kubeconfig as a pod would be."""
+    api_client = await new_client_from_config(config_file=kube.kubeconfig)
+    async with api_client:
+        yield api_client

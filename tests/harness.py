@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from aiohttp import web
@@ -163,6 +164,37 @@ def engine_pids(marker: str) -> list[int]:
         if FAKE_ENGINE.encode() in argv and marker.encode() in argv:
             pids.append(int(entry))
     return pids
+
+
+class Sampler:
+    """Calls sample() from a thread of its own, from entering a `with` block until leaving
+    it: an observer that shares neither activator's state nor its event loop, so what it
+    records is a fact about the engines, not about what activator believes."""
+
+    # A sampling interval, not synchronisation: what an observer looks for (two engines
+    # alive at once, a peak of host memory) lasts at least an engine's start, stop, sleep
+    # or wake, far longer than this.
+    INTERVAL_S = 0.002
+
+    def __init__(self, *, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.INTERVAL_S)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
 def chat(model: str, text: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from activator.testing.fake_kube import FakeKube
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.2) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def api(kube: FakeKube) -> AsyncIterator[client.ApiClient]:
-    api_client = await config.new_client_from_config(config_file=kube.kubeconfig)
-    async with api_client:
-        yield api_client
+from tests.fakekube_helpers import next_event, raw_request, ready, watch_from_list
 
 
 def apps(api: client.ApiClient) -> client.AppsV1Api:
@@ -40,12 +27,6 @@ def apps(api: client.ApiClient) -> client.AppsV1Api:
 
 def core(api: client.ApiClient) -> client.CoreV1Api:
     return client.CoreV1Api(api)
-
-
-async def next_event(stream: watch.Watch) -> dict[str, Any]:
-    async with asyncio.timeout(10):
-        event: dict[str, Any] = await stream.__anext__()
-        return event
 
 
 async def test_list_carries_a_collection_resource_version_and_the_items(
@@ -124,15 +105,13 @@ async def test_scale_patch_with_a_stale_resource_version_conflicts(
 
 async def test_unknown_patch_content_type_is_unsupported_media_type(kube: FakeKube) -> None:
     kube.add_workload("coder-chat", engine=False)
-    token = kube._state.token
-    async with (
-        aiohttp.ClientSession() as session,
-        session.patch(
-            f"{kube.url}/apis/apps/v1/namespaces/serving/deployments/coder-chat/scale",
-            data=json.dumps({"spec": {"replicas": 1}}),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"},
-        ) as response,
-    ):
+    async with raw_request(
+        kube,
+        "PATCH",
+        "/apis/apps/v1/namespaces/serving/deployments/coder-chat/scale",
+        body={"spec": {"replicas": 1}},
+        content_type="text/plain",
+    ) as response:
         assert response.status == 415
         assert (await response.json())["reason"] == "UnsupportedMediaType"
 
@@ -266,14 +245,9 @@ async def test_watch_ends_at_the_server_timeout(kube: FakeKube, api: client.ApiC
 
 async def test_dropped_watch_ends_the_stream(kube: FakeKube, api: client.ApiClient) -> None:
     kube.add_workload("coder-chat", engine=False)
-    listing = await apps(api).list_namespaced_deployment("serving")
-    async with watch.Watch() as stream:
-        events = stream.stream(
-            apps(api).list_namespaced_deployment,
-            "serving",
-            resource_version=listing.metadata.resource_version,
-            timeout_seconds=60,
-        )
+    async with watch_from_list(
+        apps(api).list_namespaced_deployment, "serving", timeout_seconds=60
+    ) as events:
         kube.scale("coder-chat", 1)
         await next_event(events)
         assert kube.drop_watches() == 1
@@ -347,7 +321,7 @@ async def test_scale_up_runs_an_engine_pod_to_ready_and_scale_down_deletes_it(
 ) -> None:
     coder = kube.add_workload("coder-chat", served_model_name="coder")
     kube.scale("coder-chat", 1)
-    await kube.wait_until(lambda: kube.get("coder-chat")["status"].get("readyReplicas") == 1)
+    await kube.wait_until(lambda: ready(kube, "coder-chat", 1))
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{coder.url}/v1/models") as response:
             assert [m["id"] for m in (await response.json())["data"]] == ["coder"]
@@ -365,11 +339,11 @@ async def test_scale_up_runs_an_engine_pod_to_ready_and_scale_down_deletes_it(
 async def test_pod_stays_pending_while_the_only_gpu_is_taken() -> None:
     async with FakeKube(gpus=1) as kube:
         kube.add_workload("a", engine=False, gpu=True, replicas=1)
-        await kube.wait_until(lambda: kube.get("a")["status"].get("readyReplicas") == 1)
+        await kube.wait_until(lambda: ready(kube, "a", 1))
         kube.add_workload("b", engine=False, gpu=True, replicas=1)
         await kube.wait_until(lambda: any(e["reason"] == "FailedScheduling" for e in kube.events()))
         kube.scale("a", 0)
-        await kube.wait_until(lambda: kube.get("b")["status"].get("readyReplicas") == 1)
+        await kube.wait_until(lambda: ready(kube, "b", 1))
         assert kube.max_gpus_in_use == 1
 
 
@@ -379,7 +353,7 @@ async def test_failed_scheduling_then_autoscaler_scale_up_schedules_the_pod(
     kube.add_workload("coder-chat", engine=False)
     kube.fail_scheduling("coder-chat", autoscaler="triggered")
     kube.scale("coder-chat", 1)
-    await kube.wait_until(lambda: kube.get("coder-chat")["status"].get("readyReplicas") == 1)
+    await kube.wait_until(lambda: ready(kube, "coder-chat", 1))
     reasons = [
         e["reason"]
         for e in sorted(kube.events(), key=lambda e: int(e["metadata"]["resourceVersion"]))

@@ -6,22 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from activator.testing.fake_kube import FakeKube
+from tests.fakekube_helpers import leases, next_event, watch_from_list
 
 NS = "activator"
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.2) as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -35,16 +29,6 @@ async def replicas(kube: FakeKube) -> AsyncIterator[dict[str, client.ApiClient]]
     finally:
         for api_client in clients.values():
             await api_client.close()
-
-
-def leases(api: client.ApiClient) -> client.CoordinationV1Api:
-    return client.CoordinationV1Api(api)
-
-
-async def next_event(stream: Any, within: float = 10) -> dict[str, Any]:
-    async with asyncio.timeout(within):
-        event: dict[str, Any] = await stream.__anext__()
-        return event
 
 
 async def test_requests_are_recorded_under_their_client(
@@ -77,16 +61,13 @@ async def test_a_hung_partition_times_one_client_out_and_applies_nothing(
 async def test_a_refusing_partition_resets_the_client_and_its_watches(
     kube: FakeKube, replicas: dict[str, client.ApiClient]
 ) -> None:
-    streams = {}
-    async with watch.Watch() as watch_a, watch.Watch() as watch_b:
-        for name, stream in (("replica-a", watch_a), ("replica-b", watch_b)):
-            listing = await leases(replicas[name]).list_namespaced_lease(NS)
-            streams[name] = stream.stream(
-                leases(replicas[name]).list_namespaced_lease,
-                NS,
-                resource_version=listing.metadata.resource_version,
-                timeout_seconds=60,
-            )
+    list_a = leases(replicas["replica-a"]).list_namespaced_lease
+    list_b = leases(replicas["replica-b"]).list_namespaced_lease
+    async with (
+        watch_from_list(list_a, NS, timeout_seconds=60) as events_a,
+        watch_from_list(list_b, NS, timeout_seconds=60) as events_b,
+    ):
+        streams = {"replica-a": events_a, "replica-b": events_b}
         kube.put_lease("leader", holder="replica-b", namespace=NS)
         for name in streams:
             assert (await next_event(streams[name]))["type"] == "ADDED"
@@ -104,15 +85,8 @@ async def test_a_refusing_partition_resets_the_client_and_its_watches(
 async def test_a_hung_partition_stalls_watches_until_healed(
     kube: FakeKube, replicas: dict[str, client.ApiClient]
 ) -> None:
-    api_client = replicas["replica-a"]
-    listing = await leases(api_client).list_namespaced_lease(NS)
-    async with watch.Watch() as stream:
-        events = stream.stream(
-            leases(api_client).list_namespaced_lease,
-            NS,
-            resource_version=listing.metadata.resource_version,
-            timeout_seconds=60,
-        )
+    list_call = leases(replicas["replica-a"]).list_namespaced_lease
+    async with watch_from_list(list_call, NS, timeout_seconds=60) as events:
         kube.partition("replica-a", mode="hang")
         kube.put_lease("leader", holder="replica-b", namespace=NS)
         pending = asyncio.ensure_future(next_event(events))

@@ -5,41 +5,24 @@ and the Service address balances new connections over usable endpoints only."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client
 
 from activator.testing.fake_kube import Address, FakeKube
 from activator.testing.fakekube.proxy import usable_endpoints
 from activator.testing.fakekube.store import Change
+from tests.fakekube_helpers import raw_request, ready, watch_from_list
 
 SERVICE_NAME = "kubernetes.io/service-name"
 
 
-@pytest.fixture
-async def kube() -> AsyncIterator[FakeKube]:
-    async with FakeKube() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def api(kube: FakeKube) -> AsyncIterator[client.ApiClient]:
-    api_client = await config.new_client_from_config(config_file=kube.kubeconfig)
-    async with api_client:
-        yield api_client
-
-
 def discovery(api: client.ApiClient) -> client.DiscoveryV1Api:
     return client.DiscoveryV1Api(api)
-
-
-def ready(kube: FakeKube, name: str, count: int) -> bool:
-    return kube.get(name)["status"].get("readyReplicas") == count
 
 
 async def models(session: aiohttp.ClientSession, url: str) -> list[str]:
@@ -83,14 +66,9 @@ async def test_a_service_without_endpoints_has_a_placeholder_with_null_lists(
     kube: FakeKube, api: client.ApiClient
 ) -> None:
     kube.add_workload("coder-chat", engine=False)
-    token = kube._state.token
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(
-            f"{kube.url}/apis/discovery.k8s.io/v1/namespaces/serving/endpointslices",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as response,
-    ):
+    async with raw_request(
+        kube, "GET", "/apis/discovery.k8s.io/v1/namespaces/serving/endpointslices"
+    ) as response:
         (raw,) = (await response.json())["items"]
     # As Kubernetes before 1.36 serves it (kubernetes#135968): clients must take null.
     assert raw["endpoints"] is None
@@ -104,15 +82,8 @@ async def test_terminating_pod_is_serving_but_not_ready_until_it_goes(
 ) -> None:
     kube.add_workload("coder-chat", replicas=1)
     await kube.wait_until(lambda: ready(kube, "coder-chat", 1))
-    listing = await discovery(api).list_namespaced_endpoint_slice("serving")
     seen: list[tuple[bool, bool, bool] | None] = []
-    async with watch.Watch() as stream:
-        events = stream.stream(
-            discovery(api).list_namespaced_endpoint_slice,
-            "serving",
-            resource_version=listing.metadata.resource_version,
-            timeout_seconds=30,
-        )
+    async with watch_from_list(discovery(api).list_namespaced_endpoint_slice, "serving") as events:
         kube.scale("coder-chat", 0)
         async with asyncio.timeout(20):
             async for event in events:
@@ -273,14 +244,7 @@ async def test_endpoints_a_test_sets_are_mirrored_and_routed(
 
 async def test_slices_are_watched_through_scale_up(kube: FakeKube, api: client.ApiClient) -> None:
     kube.add_workload("coder-chat", engine=False)
-    listing = await discovery(api).list_namespaced_endpoint_slice("serving")
-    async with watch.Watch() as stream:
-        events = stream.stream(
-            discovery(api).list_namespaced_endpoint_slice,
-            "serving",
-            resource_version=listing.metadata.resource_version,
-            timeout_seconds=30,
-        )
+    async with watch_from_list(discovery(api).list_namespaced_endpoint_slice, "serving") as events:
         kube.scale("coder-chat", 2)
         async with asyncio.timeout(20):
             async for event in events:

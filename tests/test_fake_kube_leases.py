@@ -8,37 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.leaderelection import electionconfig, leaderelection
 from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 
 from activator.testing.fake_kube import FakeKube
+from tests.fakekube_helpers import leases, next_event, raw_request, watch_from_list
 
 NS = "activator"
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[FakeKube]:
-    async with FakeKube(bookmark_interval=0.2) as fake:
-        yield fake
-
-
-@pytest.fixture
-async def api(kube: FakeKube) -> AsyncIterator[client.ApiClient]:
-    api_client = await config.new_client_from_config(config_file=kube.kubeconfig)
-    async with api_client:
-        yield api_client
-
-
-def leases(api: client.ApiClient) -> client.CoordinationV1Api:
-    return client.CoordinationV1Api(api)
 
 
 def lease_body(name: str, holder: str, **spec: Any) -> client.V1Lease:
@@ -54,6 +37,19 @@ def lease_body(name: str, holder: str, **spec: Any) -> client.V1Lease:
             **spec,
         ),
     )
+
+
+async def created_then_taken_over(api: client.ApiClient) -> client.V1Lease:
+    """The lease "leader" as "a" created it, returned after "b" has taken it over by a
+    patch: its resourceVersion is stale."""
+    created = await leases(api).create_namespaced_lease(NS, lease_body("leader", "a"))
+    await leases(api).patch_namespaced_lease(
+        "leader",
+        NS,
+        {"spec": {"holderIdentity": "b"}},
+        _content_type="application/merge-patch+json",
+    )
+    return created
 
 
 def reason(caught: pytest.ExceptionInfo[ApiException]) -> str:
@@ -147,22 +143,15 @@ async def test_replace_without_a_resource_version_is_invalid(api: client.ApiClie
 
 
 async def test_replace_of_a_missing_lease_creates_it(kube: FakeKube) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.put(
-            f"{kube.url}/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/leader",
-            data=json.dumps(
-                {
-                    "metadata": {"name": "leader"},
-                    "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15},
-                }
-            ),
-            headers={
-                "Authorization": f"Bearer {kube._state.token}",
-                "Content-Type": "application/json",
-            },
-        ) as response,
-    ):
+    async with raw_request(
+        kube,
+        "PUT",
+        f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/leader",
+        body={
+            "metadata": {"name": "leader"},
+            "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15},
+        },
+    ) as response:
         assert response.status == 201
     assert kube.lease_holders("leader", namespace=NS) == ["a"]
 
@@ -195,13 +184,7 @@ async def test_patch_types(api: client.ApiClient, content_type: str, patch: Any)
 
 
 async def test_patch_carrying_a_stale_resource_version_conflicts(api: client.ApiClient) -> None:
-    created = await leases(api).create_namespaced_lease(NS, lease_body("leader", "a"))
-    await leases(api).patch_namespaced_lease(
-        "leader",
-        NS,
-        {"spec": {"holderIdentity": "b"}},
-        _content_type="application/merge-patch+json",
-    )
+    created = await created_then_taken_over(api)
     with pytest.raises(ApiException) as caught:
         await leases(api).patch_namespaced_lease(
             "leader",
@@ -241,13 +224,7 @@ async def test_invalid_spec_is_422(api: client.ApiClient, spec: dict[str, int], 
 
 
 async def test_delete_checks_preconditions(kube: FakeKube, api: client.ApiClient) -> None:
-    created = await leases(api).create_namespaced_lease(NS, lease_body("leader", "a"))
-    await leases(api).patch_namespaced_lease(
-        "leader",
-        NS,
-        {"spec": {"holderIdentity": "b"}},
-        _content_type="application/merge-patch+json",
-    )
+    created = await created_then_taken_over(api)
     stale = client.V1DeleteOptions(
         preconditions=client.V1Preconditions(resource_version=created.metadata.resource_version)
     )
@@ -269,36 +246,21 @@ async def test_delete_checks_preconditions(kube: FakeKube, api: client.ApiClient
 
 
 async def test_unknown_fields_are_dropped_with_a_warning(kube: FakeKube) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{kube.url}/apis/coordination.k8s.io/v1/namespaces/{NS}/leases",
-            data=json.dumps(
-                {"metadata": {"name": "leader"}, "spec": {"holderIdentity": "a", "color": "red"}}
-            ),
-            headers={
-                "Authorization": f"Bearer {kube._state.token}",
-                "Content-Type": "application/json",
-            },
-        ) as response,
-    ):
+    async with raw_request(
+        kube,
+        "POST",
+        f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases",
+        body={"metadata": {"name": "leader"}, "spec": {"holderIdentity": "a", "color": "red"}},
+    ) as response:
         assert response.status == 201
         assert response.headers["Warning"] == '299 - "unknown field \\"spec.color\\""'
         assert (await response.json())["spec"] == {"holderIdentity": "a"}
 
 
 async def test_watch_streams_lease_writes(kube: FakeKube, api: client.ApiClient) -> None:
-    listing = await leases(api).list_namespaced_lease(NS)
-    async with watch.Watch() as stream:
-        events = stream.stream(
-            leases(api).list_namespaced_lease,
-            NS,
-            resource_version=listing.metadata.resource_version,
-            timeout_seconds=30,
-        )
+    async with watch_from_list(leases(api).list_namespaced_lease, NS) as events:
         kube.put_lease("leader", holder="a", namespace=NS)
-        async with asyncio.timeout(10):
-            event = await events.__anext__()
+        event = await next_event(events)
     assert event["type"] == "ADDED"
     assert event["object"].spec.holder_identity == "a"
 

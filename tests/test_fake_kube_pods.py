@@ -4,24 +4,13 @@ readiness faults, and GPUs held per pod (shared only with device-plugin time-sli
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 from kubernetes_asyncio import client, config
 
 from activator.testing.fake_kube import FakeKube, PodPlan
-
-
-@pytest.fixture
-async def kube() -> AsyncIterator[FakeKube]:
-    async with FakeKube() as fake:
-        yield fake
-
-
-def ready(kube: FakeKube, name: str, count: int) -> bool:
-    return kube.get(name)["status"].get("readyReplicas") == count
+from tests.fakekube_helpers import ready
 
 
 def is_ready(pod: dict[str, Any]) -> bool:

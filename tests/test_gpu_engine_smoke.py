@@ -2,7 +2,7 @@
 
 The benchmark's GPU stand-in needs torch, which the project's venv does not carry; the
 real-vLLM venv has it (CPU build), so the test runs the engine with that venv's python,
-found as the e2e tests find it (tests/e2e/conftest.py): $VLLM_PYTHON, else
+found as the e2e tests find it (tests/tools.py): $VLLM_PYTHON, else
 $VLLM_VENV/bin/python, else <repo>/.vllm-venv/bin/python. Without it the test skips,
 unless ACTIVATOR_REQUIRE_VLLM=1 (CI), where it fails.
 """
@@ -10,11 +10,9 @@ unless ACTIVATOR_REQUIRE_VLLM=1 (CI), where it fails.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,8 @@ import aiohttp
 import pytest
 
 from activator.testing.sleepmode import read_reports
+from tests.tools import REPO, vllm_venv_python
 
-REPO = Path(__file__).resolve().parent.parent
 ENGINE = REPO / "bench" / "gpu_engine.py"
 # Budgets, not expectations: importing torch alone takes seconds on a busy 2-core machine.
 START_BUDGET_S = 180.0
@@ -33,32 +31,6 @@ CALL_BUDGET_S = 60.0
 TINY = ("--hidden", "64", "--device", "cpu", "--dtype", "bf16")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2 * START_BUDGET_S + 120)]
-
-
-def torch_python() -> Path:
-    required = os.environ.get("ACTIVATOR_REQUIRE_VLLM") == "1"
-    explicit = os.environ.get("VLLM_PYTHON")
-    venv = Path(os.environ.get("VLLM_VENV", REPO / ".vllm-venv"))
-    python = Path(explicit) if explicit else venv / "bin" / "python"
-    missing = None
-    if not python.exists():
-        missing = f"no python at {python}"
-    else:
-        probe = subprocess.run(
-            [python, "-c", "import importlib.util as u; assert u.find_spec('torch')"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if probe.returncode != 0:
-            missing = f"{python} cannot import torch"
-    if missing:
-        reason = f"{missing}; prepare it with tests/e2e/vllm_env.sh (or set VLLM_PYTHON)"
-        if required:
-            pytest.fail(f"ACTIVATOR_REQUIRE_VLLM=1 but {reason}")
-        pytest.skip(reason)
-    assert importlib.util.find_spec("aiohttp")
-    return python
 
 
 @dataclass
@@ -76,7 +48,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    python = torch_python()
+    python = vllm_venv_python(needs="torch")
     weights = tmp_path / "weights.bin"
     make = await asyncio.create_subprocess_exec(
         python, ENGINE, "--make-weights", weights, "--weights-gib", "0.001", *TINY,

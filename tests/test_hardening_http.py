@@ -68,6 +68,17 @@ async def raw_post(
         return resp.status, parsed, resp.headers
 
 
+async def held_stream(running: Running) -> tuple[str, Any]:
+    """A streamed chat for model "m", answered 200 while it starts (stream_keepalive):
+    the whole body, and its last event."""
+    async with running.session.post(
+        running.v1 + "/chat/completions", json=chat("m", stream=True)
+    ) as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return text, json.loads(text.rstrip().rsplit("\n", 1)[-1].removeprefix("data: "))
+
+
 def requests_counted(running: Running, code: int, model: str = UNKNOWN_MODEL) -> float:
     return running.sample(
         "activator_requests_total",
@@ -492,16 +503,14 @@ async def test_a_held_stream_gets_a_wrapped_engine_error_as_an_event(
     activator: ActivatorFactory,
 ) -> None:
     config = model_config(
-        unique("held-detail"), "--disable-endpoint", "/v1/chat/completions", startup_delay=1.0
+        unique("held-detail"),
+        "--disable-endpoint",
+        "/v1/chat/completions",
+        startup_delay=1.0,
+        stream_keepalive="0.2s",
     )
-    config["stream_keepalive"] = "0.2s"
     running = await activator({"models": {"m": config}})
-    async with running.session.post(
-        running.v1 + "/chat/completions", json=chat("m", stream=True)
-    ) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    event = json.loads(text.rstrip().rsplit("\n", 1)[-1].removeprefix("data: "))
+    _, event = await held_stream(running)
     assert error_of(event)["source"] == "engine"
     assert json.loads(error_of(event)["message"]) == {"detail": "Not Found"}
 
@@ -511,16 +520,12 @@ async def test_a_held_stream_whose_engine_fails_gets_the_error_as_an_event(
 ) -> None:
     # The status line (200) went out while the request was held: the engine's failure
     # can only travel inside the stream, never as a second status line.
-    config = variant_config("drop-all", unique("held-drop"), startup_delay=1.0)
-    config["stream_keepalive"] = "0.2s"
+    config = variant_config(
+        "drop-all", unique("held-drop"), startup_delay=1.0, stream_keepalive="0.2s"
+    )
     running = await activator({"models": {"m": config}})
-    async with running.session.post(
-        running.v1 + "/chat/completions", json=chat("m", stream=True)
-    ) as resp:
-        assert resp.status == 200
-        text = await resp.text()
+    text, event = await held_stream(running)
     assert text.startswith(": waiting for m to start")
-    event = json.loads(text.rstrip().rsplit("\n", 1)[-1].removeprefix("data: "))
     activator_error(event, "upstream_connection_error")
     assert requests_counted(running, 502, model="m") == 0  # counted as cold, below
     assert (

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -39,6 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import engine_pids, model_config, unique, wait_for
 from tests.serve_process import free_port
+from tests.tools import in_ci, poll, stop_process, unavailable
 
 # Setting the proxy up takes most of the first test's time (LiteLLM imports for ~15 s).
 pytestmark = pytest.mark.timeout(240)
@@ -64,12 +64,10 @@ def litellm_binary() -> Path:
     binary = venv / "bin" / "litellm"
     if binary.exists():
         return binary
-    reason = (
-        f"no LiteLLM proxy at {binary}; build it with bench/litellm_env.sh (or set LITELLM_VENV)"
+    unavailable(
+        f"no LiteLLM proxy at {binary}; build it with bench/litellm_env.sh (or set LITELLM_VENV)",
+        required=os.environ.get("ACTIVATOR_REQUIRE_LITELLM") == "1" or in_ci(),
     )
-    if os.environ.get("ACTIVATOR_REQUIRE_LITELLM") == "1" or os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @dataclass(frozen=True)
@@ -188,15 +186,6 @@ def with_test_entries(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def poll(condition: Any, *, timeout: float, what: str) -> None:
-    """Poll another process's state until `condition()` holds, with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.25)
-
-
 def answers(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
     if process.poll() is not None:
         raise AssertionError(f"{process.args!r} exited ({process.returncode}):\n{tail(log)}")
@@ -209,16 +198,6 @@ def answers(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
 
 def tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_S)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +254,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(litellm_url=litellm_url, activator_url=activator_url, served=served)
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process(process, grace=STOP_S)
         for name in served.values():
             for pid in engine_pids(name):
                 with contextlib.suppress(ProcessLookupError):

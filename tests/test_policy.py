@@ -383,6 +383,19 @@ def test_idle_deadline_and_gpus_in_use() -> None:
 STATES = ("stopped", "failed", "starting", "ready", "draining", "stopping")
 
 
+def random_traffic(rng: random.Random, *, state: str, queued: int) -> dict[str, Any]:
+    """A random pool model's requests and times, as its `state` allows (ModelView keys);
+    test_policy_sleep.py's random pools draw theirs here too."""
+    return {
+        "in_flight": rng.choice([0, 0, 2]) if state in ("ready", "draining") else 0,
+        "queued": queued,
+        "oldest_wait": NOW - rng.uniform(0, 400) if queued else None,
+        "last_activity": NOW - rng.uniform(0, 900),
+        "ready_since": NOW - rng.uniform(0, 60) if state == "ready" else None,
+        "unknown": rng.random() < 0.05,
+    }
+
+
 def random_pool(rng: random.Random) -> tuple[int, list[ModelView]]:
     capacity = rng.choice([1, 2, 4, 8])
     models = []
@@ -395,12 +408,7 @@ def random_pool(rng: random.Random) -> tuple[int, list[ModelView]]:
                 name=f"m{i}",
                 state=state,
                 gpus=gpus,
-                in_flight=rng.choice([0, 0, 2]) if state in ("ready", "draining") else 0,
-                queued=queued,
-                oldest_wait=NOW - rng.uniform(0, 400) if queued else None,
-                last_activity=NOW - rng.uniform(0, 900),
-                ready_since=NOW - rng.uniform(0, 60) if state == "ready" else None,
-                unknown=rng.random() < 0.05,
+                **random_traffic(rng, state=state, queued=queued),
                 idle_timeout=600,
                 min_residency=30,
                 max_wait=300,

@@ -22,6 +22,7 @@ from activator.policy import (
     host_in_use,
     idle_deadline,
 )
+from tests.test_policy import random_traffic
 
 NOW = 1000.0
 GIB = 2**30
@@ -278,12 +279,7 @@ def random_pool(rng: random.Random) -> tuple[int, int, list[ModelView]]:
                 name=f"m{i}",
                 state=state,
                 gpus=gpus,
-                in_flight=rng.choice([0, 0, 2]) if state in ("ready", "draining") else 0,
-                queued=queued,
-                oldest_wait=NOW - rng.uniform(0, 400) if queued else None,
-                last_activity=NOW - rng.uniform(0, 900),
-                ready_since=NOW - rng.uniform(0, 60) if state == "ready" else None,
-                unknown=rng.random() < 0.05,
+                **random_traffic(rng, state=state, queued=queued),
                 sleep_level=level,
                 sleep_host=sleep_host,
                 host_held=host_held,

@@ -12,8 +12,6 @@ import asyncio
 import json
 import os
 import random
-import threading
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import ActivatorFactory
-from tests.harness import FAKE_ENGINE, Running, chat, model_config, wait_for
+from tests.harness import FAKE_ENGINE, Running, Sampler, chat, model_config, unique, wait_for
 
 # Engines that stream slowly enough for swaps to land while requests are in flight.
 STREAMING = ("--stream-delay", "0.02", "--response-delay", "0.01")
@@ -59,33 +57,20 @@ def alive_engines(markers: set[str]) -> set[str]:
     return alive
 
 
-class EngineObserver:
+class EngineObserver(Sampler):
     """Samples which engines are alive together until closed; see the module docstring."""
 
     def __init__(self, gpus: dict[str, int]) -> None:
+        super().__init__(name="engine-observer")
         self._gpus = gpus  # marker -> GPUs its engine holds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine-observer", daemon=True)
+        self._markers = set(gpus)
         self.together: set[frozenset[str]] = {frozenset()}  # each set seen alive at once
 
-    def _run(self) -> None:
-        markers = set(self._gpus)
-        while not self._stop.is_set():
-            self.together.add(frozenset(alive_engines(markers)))
-            # A sampling interval, not synchronisation: an overlap caused by activator would
-            # last at least an engine's start or stop, far longer than this.
-            self._stop.wait(0.002)
+    def sample(self) -> None:
+        self.together.add(frozenset(alive_engines(self._markers)))
 
     def peak_gpus(self) -> int:
         return max(sum(self._gpus[m] for m in alive) for alive in self.together)
-
-    def __enter__(self) -> EngineObserver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 # ----- set-up helpers -------------------------------------------------------------------
@@ -118,7 +103,7 @@ async def start_pool(
 ) -> Pool:
     """One pool named `gpu` holding `gpus` (model -> GPUs), every model on a stand-in
     engine whose served name is unique: tests elsewhere on the machine run engines too."""
-    served = {m: f"{m}-{uuid.uuid4().hex[:10]}" for m in gpus}
+    served = {m: unique(m) for m in gpus}
     models = {
         m: model_config(served[m], *flags, startup_delay=startup_delay, pool="gpu", gpus=g, **keys)
         for m, g in gpus.items()

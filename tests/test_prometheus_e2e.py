@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import os
 import re
-import shutil
 import statistics
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +31,7 @@ import yaml
 from activator.metrics import WAKE_BUCKETS
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, model_config, wait_for
+from tests.tools import on_path
 
 pytestmark = pytest.mark.prometheus
 
@@ -49,13 +48,7 @@ HELLO: Any = [{"role": "user", "content": "hello"}]
 
 
 def prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is not None:
-        return found
-    reason = "prometheus is not on PATH (Debian package prometheus; .ci/tools.sh installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return on_path("prometheus", hint="Debian package prometheus; .ci/tools.sh installs it")
 
 
 @dataclass

@@ -9,10 +9,8 @@ these tests skip, and fail when CI=true (`.ci/tools.sh` installs them).
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -27,6 +25,7 @@ import pytest
 import yaml
 
 from activator.metrics import Metrics
+from tests.tools import on_path
 
 REPO = Path(__file__).resolve().parents[1]
 OBSERVABILITY = REPO / "deploy" / "observability"
@@ -49,13 +48,7 @@ STARTUP_DEADLINE = 60.0
 
 
 def _require(tool: str) -> str:
-    found = shutil.which(tool)
-    if found is not None:
-        return found
-    reason = f"{tool} is not on PATH (Debian package prometheus; bash .ci/tools.sh installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return on_path(tool, hint="Debian package prometheus; bash .ci/tools.sh installs it")
 
 
 @dataclass(frozen=True)

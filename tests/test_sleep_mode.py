@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,15 @@ import pytest
 
 from activator.testing.sleepmode import read_reports
 from tests.conftest import ActivatorFactory
-from tests.harness import Running, engine_pids, model_config, post, wait_for
+from tests.harness import (
+    Running,
+    Sampler,
+    engine_pids,
+    model_config,
+    post,
+    unique,
+    wait_for,
+)
 
 GIB = 2**30
 HELLO: Any = [{"role": "user", "content": "one two three"}]
@@ -56,36 +62,25 @@ def sleep_model(
     return cfg
 
 
-class MemoryObserver:
+class MemoryObserver(Sampler):
     """Samples the engines' memory reports until closed; keeps the worst moments."""
 
     def __init__(self, reports: Path, served: set[str]) -> None:
+        super().__init__(name="memory-observer")
         self._reports = reports
         self._served = served
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="memory-observer", daemon=True)
         self.max_awake = 0
         self.max_host = 0
         self.samples = 0
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            ours = [
-                r for r in read_reports(self._reports) if r.get("served_model_name") in self._served
-            ]
-            awake = [r for r in ours if r.get("state") != "sleeping"]
-            self.max_awake = max(self.max_awake, len(awake))
-            self.max_host = max(self.max_host, sum(int(r.get("host_bytes", 0)) for r in ours))
-            self.samples += 1
-            self._stop.wait(0.002)
-
-    def __enter__(self) -> MemoryObserver:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        ours = [
+            r for r in read_reports(self._reports) if r.get("served_model_name") in self._served
+        ]
+        awake = [r for r in ours if r.get("state") != "sleeping"]
+        self.max_awake = max(self.max_awake, len(awake))
+        self.max_host = max(self.max_host, sum(int(r.get("host_bytes", 0)) for r in ours))
+        self.samples += 1
 
 
 @dataclass
@@ -107,12 +102,12 @@ class SleepPool:
     def sample(self, metric: str, **labels: str) -> float:
         return self.running.sample(metric, **labels)
 
-    def wakes(self, model: str, source: str) -> float:
+    def wakes(self, model: str, source: str, outcome: str = "ready") -> float:
         return self.sample(
             "activator_wake_duration_seconds_count",
             model=model,
             backend="process",
-            outcome="ready",
+            outcome=outcome,
             **{"from": source},
         )
 
@@ -128,7 +123,7 @@ async def start_sleep_pool(
 ) -> SleepPool:
     """A pool `gpu` of `gpus` GPUs; `models` maps a name to sleep_model() keyword args."""
     reports = tmp_path / "memory"
-    served = {m: f"{m}-{uuid.uuid4().hex[:10]}" for m in models}
+    served = {m: unique(m) for m in models}
     config = {
         "pools": {"gpu": {"gpus": gpus, "host_memory": host_memory}},
         "defaults": {"min_residency": "0s", **keys},
@@ -212,16 +207,7 @@ async def test_a_failed_wake_falls_back_to_a_cold_start_and_the_held_request_is_
     await ask(pool, "b")
     assert await ask(pool, "a") == "one two three"
     assert pool.engine("a") and pool.engine("a") != first_a  # a new process
-    assert (
-        pool.sample(
-            "activator_wake_duration_seconds_count",
-            model="a",
-            backend="process",
-            outcome="failed",
-            **{"from": "sleep"},
-        )
-        == 1
-    )
+    assert pool.wakes("a", "sleep", outcome="failed") == 1
     assert pool.wakes("a", "zero") == 2
 
 
@@ -291,7 +277,7 @@ async def test_admin_sleep_puts_a_model_to_sleep_by_hand(
 async def test_admin_sleep_of_a_model_without_sleep_mode_is_a_clear_409(
     activator: ActivatorFactory, tmp_path: Path
 ) -> None:
-    running = await activator({"models": {"m": model_config("plain-" + uuid.uuid4().hex[:8])}})
+    running = await activator({"models": {"m": model_config(unique("plain"))}})
     status, body, _ = await post(running, "/admin/models/m/sleep", None)
     assert status == 409
     assert "sleep" in body["error"]["message"]

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import shutil
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from aiohttp import web
@@ -29,6 +28,7 @@ from activator.ui import SESSION_COOKIE, EventStreams, ui_routes
 from tests.conftest import ActivatorFactory
 from tests.harness import chat, model_config, post, unique
 from tests.test_ui import ADMIN_KEY, gated_model
+from tests.tools import in_ci, unavailable
 
 # Generous: a loaded CI machine starts engines and repaints slowly. A bound, not a target.
 WAIT_S = 60.0
@@ -49,10 +49,12 @@ CHROMIUM_FLAGS = (
 Driver = Any  # selenium.webdriver.Chrome; selenium may be missing where this is collected
 
 
-def _missing(what: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what}; CI must have it (bash .ci/tools.sh installs it)")
-    pytest.skip(f"{what} (bash .ci/tools.sh installs it)")
+def _missing(what: str) -> NoReturn:
+    unavailable(
+        f"{what} (bash .ci/tools.sh installs it)",
+        required=in_ci(),
+        fail_reason=f"{what}; CI must have it (bash .ci/tools.sh installs it)",
+    )
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -35,8 +34,9 @@ import openai
 import pytest
 import yaml
 
+from tests.tools import poll, stop_process, vllm_venv_python
+
 HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent.parent
 TEMPLATE = HERE / "vllm.yaml"
 TAG_VARIABLE = "ACTIVATOR_E2E_TAG"
 # Where the tests find vLLM and the model: the harness's business, never an engine's.
@@ -49,22 +49,6 @@ ENGINE_START_BUDGET = 300.0
 ACTIVATOR_READY_BUDGET = 60.0
 SHUTDOWN_BUDGET = 90.0
 MODEL_BUILD_BUDGET = 300.0
-
-
-def poll(condition: Callable[[], Any], *, timeout: float, interval: float = 0.25, what: str) -> Any:
-    """Call `condition` until it returns something truthy; fail after `timeout` seconds.
-
-    For states that have no event to wait on from outside the process (an engine's
-    metrics, /proc). Returns the truthy value.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def http(
@@ -178,29 +162,7 @@ class Activator:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    required = os.environ.get("ACTIVATOR_REQUIRE_VLLM") == "1"
-    explicit = os.environ.get("VLLM_PYTHON")
-    venv = Path(os.environ.get("VLLM_VENV", REPO_ROOT / ".vllm-venv"))
-    python = Path(explicit) if explicit else venv / "bin" / "python"
-    missing = None
-    if not python.exists():
-        missing = f"no vLLM python at {python}"
-    else:
-        # find_spec, not import: importing vllm takes seconds.
-        probe = subprocess.run(
-            [python, "-c", "import importlib.util as u; assert u.find_spec('vllm')"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-        if probe.returncode != 0:
-            missing = f"{python} cannot import vllm"
-    if missing:
-        reason = f"{missing}; prepare it with tests/e2e/vllm_env.sh (or set VLLM_PYTHON)"
-        if required:
-            pytest.fail(f"ACTIVATOR_REQUIRE_VLLM=1 but {reason}")
-        pytest.skip(reason)
-    return python
+    return vllm_venv_python(needs="vllm", label="vLLM python")
 
 
 @pytest.fixture(scope="session")
@@ -246,17 +208,6 @@ def fill_in(config: Any, values: Mapping[str, str]) -> Any:
         for name, value in values.items():
             config = config.replace("${" + name + "}", value.replace("$", "$$"))
     return config
-
-
-def stop_activator(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, bounded wait (it stops its engines first), then SIGKILL of its group."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=SHUTDOWN_BUDGET)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 def kill_leftovers(tags: Mapping[str, str]) -> list[int]:
@@ -310,7 +261,7 @@ def launch_activator(
     finally:
         # Shown by pytest only when a test using this activator failed.
         print(activator.diagnostics())
-        stop_activator(process)
+        stop_process(process, grace=SHUTDOWN_BUDGET)  # it stops its engines first
         leftovers = kill_leftovers(tags)
     assert not leftovers, (
         f"engine processes {leftovers} outlived activator's shutdown:\n{activator.log_tail()}"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tools import poll
+
 from .conftest import (
     ENGINE_START_BUDGET,
     HARNESS_VARIABLES,
@@ -15,7 +17,6 @@ from .conftest import (
     load_template,
     model_config,
     new_tag,
-    poll,
 )
 
 

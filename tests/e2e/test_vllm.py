@@ -16,6 +16,8 @@ from typing import Any
 import openai
 import pytest
 
+from tests.tools import poll
+
 from .conftest import (
     ENGINE_START_BUDGET,
     SHUTDOWN_BUDGET,
@@ -26,7 +28,6 @@ from .conftest import (
     load_template,
     model_config,
     new_tag,
-    poll,
 )
 
 CLIENT_NAME = "tiny-chat"  # what clients send
