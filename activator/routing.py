@@ -211,7 +211,11 @@ class PodRouter:
         if self._closed:
             return None
         pod = self._pick(frozenset(exclude))
-        return None if pod is None else self._lease(pod)
+        if pod is None:
+            return None
+        lease = self._lease(pod)
+        self._notify()  # one more in flight: demand changed
+        return lease
 
     async def acquire(self, *, exclude: Collection[str] = ()) -> PodLease:
         """Wait for room on a routable pod (not one of `exclude`), first come first
