@@ -476,7 +476,7 @@ def main() -> int:
     name = args.name or ("scale_out-smoke" if args.smoke else "scale_out")
     result = {
         "benchmark": "scale_out",
-        "command": "python bench/scale_out.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python bench/scale_out.py", *sys.argv[1:]]),
         "machine": bl.machine(),
         "seconds": round(time.time() - started, 1),
         "settings": {
