@@ -141,3 +141,20 @@ def test_metrics_scale_smoke_reports_scrapes_and_latency_per_model_count(tmp_pat
     # More models, more series: the idle ones are in the exposition too.
     assert results[1]["idle_scrape"]["series"] > results[0]["idle_scrape"]["series"]
     assert "| models" in stdout
+
+
+@pytest.mark.timeout(180)
+def test_scale_out_smoke_reports_throughput_per_replica_count_and_the_load_step(
+    tmp_path: Path,
+) -> None:
+    stdout = run_smoke("scale_out.py", out=tmp_path, timeout=160)
+    data = written(tmp_path, "scale_out-smoke")
+    by_replicas = data["by_replicas"]
+    assert isinstance(by_replicas, dict)
+    assert sorted(by_replicas) == ["1", "2", "4"]
+    assert all(s["rps"] > 0 and s["errors"] == 0 for s in by_replicas.values())
+    step = data["step"]
+    assert isinstance(step, dict)
+    assert step["routed_before_ready"] == 0  # a correctness check, not a timing one
+    assert [d["to"] for d in step["decisions"]][:1] == [4]
+    assert "| replicas" in stdout and "Ready -> routed" in stdout

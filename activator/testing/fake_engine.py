@@ -79,6 +79,10 @@ class EngineOptions:
     ignore_sigterm: bool = False
     exit_after: float | None = None
     disable_access_log: bool = False  # benchmarks: per-request log lines cost time
+    # Generations at once; more wait their turn (before their headers), as requests do
+    # on an engine whose batch is full. None: no limit. With --response-delay, a fixed
+    # service time per request: the engine, not the proxy, is the bottleneck.
+    max_concurrency: int | None = None
     # Paths answered as vLLM's FastAPI answers a route the model does not serve.
     disable_endpoint: tuple[str, ...] = ()
     sleep: SleepOptions = field(default_factory=SleepOptions)  # see the module docstring
@@ -96,6 +100,7 @@ class EngineStats:
 
 OPTIONS = web.AppKey("options", EngineOptions)
 STATS = web.AppKey("stats", EngineStats)
+LIMIT = web.AppKey("limit", asyncio.Semaphore)
 
 
 class EngineError(Exception):
@@ -247,9 +252,10 @@ async def generation(request: web.Request, *, gen: Generation) -> AsyncIterator[
     assert task is not None, "called from a request handler"
     stats.tasks.add(task)
     try:
-        with request.app[SLEEP].ticket() as ticket:
-            run = Run(planned=gen, ticket=ticket)
-            yield run
+        async with request.app[LIMIT]:
+            with request.app[SLEEP].ticket() as ticket:
+                run = Run(planned=gen, ticket=ticket)
+                yield run
     except (asyncio.CancelledError, ConnectionResetError):
         stats.aborted += 1
         logger.info("request aborted: %s %s", request.method, request.path)
@@ -565,6 +571,7 @@ def build_app(options: EngineOptions) -> web.Application:
     app = web.Application(middlewares=[gate])
     app[OPTIONS] = options
     app[STATS] = EngineStats()
+    app[LIMIT] = asyncio.Semaphore(options.max_concurrency or 2**31)
     config = options.sleep.config(served_model_name=options.served_model_name)
     controller = SleepController(config, device=options.sleep.simulated_device())
     add_sleep_routes(app, controller)
@@ -689,6 +696,12 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     add("--ignore-sigterm", action="store_true")
     add("--exit-after", type=float, default=None, help="exit 3 this many seconds after ready")
     add("--disable-access-log", action="store_true")
+    add(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="generations at once; the rest wait their turn (a full batch)",
+    )
     add("--disable-endpoint", action="append", type=str, default=[], help="404 as FastAPI does")
     sleep_options.add_arguments(parser, simulated=True)
     args = vars(parser.parse_args(argv))
