@@ -178,6 +178,13 @@ def _in_cluster(value: object) -> bool | None:
     raise ValueError("expected auto, true or false")
 
 
+def _flag(value: object) -> bool:
+    value = _from_env(value)
+    if isinstance(value, bool):
+        return value
+    raise WrongType("true or false", value)
+
+
 def _health_path(value: object) -> str:
     if not _text(value).startswith("/"):
         raise ValueError("must start with /")
@@ -220,6 +227,7 @@ DurationOrZero = Annotated[float, BeforeValidator(parse_duration)]
 Keepalive = Annotated[float | None, BeforeValidator(_keepalive)]  # a duration, or null/off
 Size = Annotated[int, BeforeValidator(_positive(parse_size))]
 InCluster = Annotated[bool | None, BeforeValidator(_in_cluster)]  # auto (None), true, false
+Flag = Annotated[bool, BeforeValidator(_flag)]  # true or false, not "yes" or 1
 HealthPath = Annotated[str, BeforeValidator(_health_path)]
 Url = Annotated[str, BeforeValidator(_url)]  # http(s)://host[:port], no path
 EnvMap = Annotated[

@@ -25,6 +25,7 @@ from activator.config import (
 from activator.settings import (
     KubernetesSettings,
     KubernetesTarget,
+    LeaderElectionSettings,
     ModelDefaults,
     ModelSettings,
     PoolSettings,
@@ -180,6 +181,7 @@ SECTIONS = {
     "top": Settings,
     "server": ServerSettings,
     "kubernetes": KubernetesSettings,
+    "leader_election": LeaderElectionSettings,
     "pools": PoolSettings,
     "defaults": ModelDefaults,
     "models": ModelSettings,
@@ -197,6 +199,7 @@ def sections_of_example() -> dict[str, set[str]]:
         "top": set(data),
         "server": set(data["server"]),
         "kubernetes": set(data["kubernetes"]),
+        "leader_election": set(data["kubernetes"]["leader_election"]),
         "pools": set().union(*map(set, data["pools"].values())),
         "defaults": set(data["defaults"]),
         "models": set().union(*map(set, models)),
