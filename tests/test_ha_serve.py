@@ -1,0 +1,154 @@
+"""Several activators (separate `activator serve` processes, one identity each) on the fake
+API server: one decider, every replica's demand, a wake happens once, and a GPU pool's
+capacity holds cluster-wide."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from activator.testing.fake_kube import FakeKube
+from tests.ha_cluster import Cluster, cluster_of, kube_model
+from tests.harness import wait_for
+
+
+@pytest.fixture
+async def kube() -> AsyncIterator[FakeKube]:
+    async with FakeKube(gpus=1, bookmark_interval=0.2) as fake:
+        yield fake
+
+
+def header(headers: dict[str, str], name: str) -> str:
+    return next((v for k, v in headers.items() if k.lower() == name.lower()), "")
+
+
+async def test_a_wake_through_any_replica_scales_once_and_every_replica_serves_it(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    models = {"coder": kube_model(kube, "coder")}
+    async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
+        leader = await cluster.leader()
+        (follower,) = cluster.followers(leader)
+        # Cold requests through both replicas at once; the follower's own wake included.
+        asks = [cluster.ask(follower, "coder") for _ in range(3)]
+        asks += [cluster.ask(leader, "coder") for _ in range(2)]
+        answers = await asyncio.gather(*asks)
+        assert [status for status, _, _ in answers] == [200] * 5, answers
+        assert all(header(h, "X-Activator-Cold-Start") == "true" for _, _, h in answers)
+        # One scale write, by the leader; the follower wrote nothing to the scale.
+        assert cluster.scale_writes("coder", 1) == [leader]
+        assert cluster.pods_created("coder") == 1
+        # Warm now, through either.
+        for name in (leader, follower):
+            status, _, headers = await cluster.ask(name, "coder")
+            assert status == 200 and header(headers, "X-Activator-Cold-Start") == "false"
+
+        # The cluster-wide view: the leader decided; both replicas say so.
+        for name in (leader, follower):
+            (model,) = (await cluster.admin(name, "/admin/models"))["models"]
+            assert model["state"] == "ready"
+            assert model["cluster"]["decided_by"] == leader
+            assert model["cluster"]["intent"]["state"] == "ready"
+            assert model["cluster"]["leader"] == leader
+        ha = await cluster.admin(follower, "/admin/ha")
+        assert ha["role"] == "follower" and not ha["deciding"]
+        assert ha["election"]["leader"] == leader
+        assert leader in ha["replicas"]["fresh"]
+        # A follower refuses the leader's decisions with the leader's name.
+        async with cluster.session.post(
+            cluster.replicas[follower].url + "/admin/models/coder/stop"
+        ) as resp:
+            assert resp.status == 409
+            assert leader in (await resp.json())["error"]["message"]
+        # Metrics: who leads.
+        async with cluster.session.get(cluster.replicas[leader].url + "/metrics") as resp:
+            text = await resp.text()
+        assert f'activator_leader{{replica="{leader}"}} 1.0' in text
+        async with cluster.session.get(cluster.replicas[follower].url + "/metrics") as resp:
+            text = await resp.text()
+        assert f'activator_leader{{replica="{follower}"}} 0.0' in text
+
+
+async def test_pool_capacity_holds_cluster_wide_with_three_replicas_and_random_traffic(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    names = ("a", "b", "c")
+    models = {
+        name: kube_model(
+            kube, name, pool="gpu", min_residency="0s", max_wait="2s", drain_timeout="5s"
+        )
+        for name in names
+    }
+    rng = random.Random(12)
+    async with cluster_of(
+        kube, tmp_path, models, names=("r1", "r2", "r3"), pools={"gpu": {"gpus": 1}}
+    ) as cluster:
+        await cluster.leader()
+        replicas = sorted(cluster.replicas)
+        plan = [(rng.choice(replicas), rng.choice(names)) for _ in range(14)]
+
+        async def client(work: list[tuple[str, str]]) -> list[tuple[int, object]]:
+            answers = []
+            for replica, model in work:
+                status, body, _ = await cluster.ask(replica, model)
+                answers.append((status, body))
+            return answers
+
+        batches = await asyncio.gather(*(client(plan[i::3]) for i in range(3)))
+        failed = [body for batch in batches for status, body in batch if status != 200]
+        assert not failed, failed
+        swaps = sum(len(cluster.scale_writes(name, 1)) for name in names)
+        print(f"\n[capacity] {len(plan)} requests, {swaps} scale-ups, 3 replicas")
+        assert swaps >= 2  # the traffic did move the GPU around
+        # Never two models of the 1-GPU pool up at once: by the kubelet's own count and
+        # by the API server's record of spec.replicas.
+        assert kube.max_gpus_in_use == 1
+        assert cluster.most_running_at_once(set(names)) == 1
+        # Every scale write came from the leader of its time, never from two replicas
+        # deciding at once (one leader here throughout).
+        writers = {c for name in names for v in (0, 1) for c in cluster.scale_writes(name, v)}
+        assert len(writers) == 1, writers
+
+
+async def idle(cluster: Cluster, name: str) -> None:
+    await cluster.kube.wait_until(lambda: cluster.kube.replicas(name) == 0, within=60)
+
+
+async def test_a_model_busy_on_a_follower_is_not_idle_for_the_leader(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """A stream in flight through the follower keeps the model up past its idle timeout
+    on the leader, which has no traffic of its own; the model idles once it ends."""
+    from activator.testing.fake_kube import PodPlan
+
+    models = {
+        "coder": kube_model(
+            kube,
+            "coder",
+            idle_timeout="1s",
+            plan=PodPlan(engine_args=("--stream-delay", "0.25")),
+        )
+    }
+    async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
+        leader = await cluster.leader()
+        (follower,) = cluster.followers(leader)
+        stream = asyncio.create_task(
+            cluster.ask(follower, "coder", stream=True, max_tokens=16)  # about 4 s
+        )
+
+        async def leader_sees_it() -> bool:
+            (model,) = (await cluster.admin(leader, "/admin/models"))["models"]
+            return bool(model["cluster"]["in_flight"] == 1 and model["in_flight"] == 0)
+
+        await wait_for(leader_sees_it, timeout=30, what="the follower's stream, on the leader")
+        status, body, _ = await stream
+        assert status == 200
+        assert isinstance(body, str) and "[DONE]" in body  # the whole stream, uncut
+        # It was up all along: no stop before the stream ended.
+        assert cluster.scale_writes("coder", 0) == []
+        await idle(cluster, "coder")
+        assert cluster.scale_writes("coder", 0) == [leader]
