@@ -40,8 +40,14 @@ async def takeover_after(cluster: Cluster, old: str, since: float, what: str) ->
     takeover = cluster.kube.lease_takeovers(LEASE, namespace=NS)[-1]
     assert takeover.previous == old and takeover.holder is not None
     gap = takeover.at - since
-    print(f"\n[{what}] {takeover.holder} took over {gap:.2f}s after the leader's failure")
+    assert takeover.previous_write is not None
+    waited = takeover.at - takeover.previous_write
+    print(
+        f"\n[{what}] {takeover.holder} took over {gap:.2f}s after the leader's failure "
+        f"({waited:.2f}s after its last renewal; lease_duration {LEASE_DURATION}s)"
+    )
     assert gap <= ISSUE_BOUND + SLACK, f"{what}: takeover after {gap:.2f}s"
+    assert waited >= LEASE_DURATION  # the old leader's lease was waited out, never cut short
     return takeover.holder
 
 
