@@ -540,7 +540,7 @@ class Model:
 
     def _effect_let_go(self, *, reason: str = "", **_: Any) -> None:
         """The leader stopped the engine or put it to sleep: what is still in flight here
-        is cut, and the engine forgotten (a follower's Backend.stop writes nothing)."""
+        is cut, and the engine forgotten (a follower never calls Backend.stop)."""
         why = f"model {self.name!r} was stopped by the leader" + (f" ({reason})" if reason else "")
         for lease in list(self._leases):
             lease.cut(why)
@@ -766,7 +766,8 @@ class Model:
         self.url = None
         self.ready_since = None
         try:
-            await self.backend.stop()
+            if self._decides():  # a follower only lets go: the engine is the leader's
+                await self.backend.stop()
         except asyncio.CancelledError:
             raise
         except Exception:

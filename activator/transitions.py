@@ -25,7 +25,8 @@ asleep, sleep_failed, wake_failed, stopped*), and the backend (died, lost).
 Several replicas (activator.ha) add a fourth: the replica's role. Only the leader's pool
 decides; a follower's pool turns the leader's published intent into the follower events
 below (activator.ha.follow picks them), and a follower's effects never touch the engine
-(probe, hold, let_go; its Backend.stop writes nothing). A replica that becomes leader
+(probe, hold, let_go: it never calls Backend.start or Backend.stop, and its backend is
+fenced besides: it writes nothing without leadership). A replica that becomes leader
 reconciles every model from the API first (found_running, found_stopped); one that
 stops leading drops its own work on the engine at once (demoted) and keeps serving.
 """

@@ -16,6 +16,7 @@ from activator.testing.fake_kube import FakeKube, PodPlan
 from tests.ha_cluster import (
     ISSUE_BOUND,
     LEASE,
+    LEASE_DURATION,
     NS,
     SLACK,
     Cluster,

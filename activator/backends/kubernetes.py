@@ -21,9 +21,10 @@ replica's leadership is still guaranteed). Then it writes only while the fence h
 checked right before each write, and every scale write is conditional: the PATCH carries
 the resourceVersion of the scale it read, a 409 means another writer came first, and the
 scale is read and decided again (never a lost update); a write that would change nothing
-is not made. Without leadership (a follower) it writes nothing at all: `stop()` only
-stops following the engine, a revert or a manual scale-up is left to the leader, and a
-running workload is one whose spec.replicas is at least 1 (`discover`).
+is not made. Without leadership it writes nothing at all: `stop()` (which a follower's
+model does not call anyway) only stops following the engine, a revert or a manual
+scale-up is left to the leader, and a running workload is one whose spec.replicas is at
+least 1 (`discover`).
 """
 
 from __future__ import annotations

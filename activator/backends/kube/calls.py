@@ -116,7 +116,7 @@ def to_backend_error(op: Op, exc: BaseException) -> BackendError:
     if isinstance(exc, ApiException) and exc.status == 401:
         return LastingApiError(f"Kubernetes: {op}: unauthorized (credentials rejected)")
     if isinstance(exc, ApiException) and exc.status == 409:
-        return ConflictError(f"Kubernetes API: {op}: conflict: {describe(exc)}")
+        return ConflictError(f"Kubernetes API: {op} failed: {describe(exc)}")
     return BackendError(f"Kubernetes API: {op} failed: {describe(exc)}")
 
 
