@@ -57,6 +57,7 @@ async def test_rolling_restart_under_load_fails_nothing_and_cold_starts_nothing(
 ) -> None:
     models = {"a": kube_model(kube, "a"), "b": kube_model(kube, "b")}
     service = kube.add_service(SERVICE, namespace=NS)
+    proxy = kube.proxy.services[(NS, SERVICE)]
     async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
         await cluster.leader()
         for name in ("a", "b"):  # warm
@@ -96,11 +97,14 @@ async def test_rolling_restart_under_load_fails_nothing_and_cold_starts_nothing(
             before = outcomes.total()
             await cluster.spawn(new)  # the surge pod, Ready first
             await route_to(cluster, sorted({*cluster.replicas} - {old}))
+            # The preStop pause: SIGTERM comes once what was routed to it is answered.
+            endpoint = ("127.0.0.1", cluster.replicas[old].port)
+            await wait_for(lambda e=endpoint: proxy.open[e] == 0, what=f"{old} drained")
             was_leader = cluster.holder() == old
             assert await cluster.terminate(old) == 0  # SIGTERM: in-flight ones finish
             handovers.append(was_leader)
             await wait_for(
-                lambda before=before: outcomes.total() > before + 20,  # type: ignore[misc]
+                lambda before=before: outcomes.total() > before + 20,
                 what="traffic through the new replica set",
             )
         await cluster.leader()  # a deciding leader among the new replicas

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from activator.testing.fake_kube import FakeKube
-from tests.ha_cluster import Cluster, cluster_of, kube_model
+from tests.ha_cluster import LEASE, NS, Cluster, cluster_of, kube_model
 from tests.harness import wait_for
 
 
@@ -56,7 +56,7 @@ async def test_a_wake_through_any_replica_scales_once_and_every_replica_serves_i
             assert model["cluster"]["leader"] == leader
         ha = await cluster.admin(follower, "/admin/ha")
         assert ha["role"] == "follower" and not ha["deciding"]
-        assert ha["election"]["leader"] == leader
+        assert ha["leader"] == leader
         assert leader in ha["replicas"]["fresh"]
         # A follower refuses the leader's decisions with the leader's name.
         async with cluster.session.post(
@@ -108,10 +108,9 @@ async def test_pool_capacity_holds_cluster_wide_with_three_replicas_and_random_t
         # by the API server's record of spec.replicas.
         assert kube.max_gpus_in_use == 1
         assert cluster.most_running_at_once(set(names)) == 1
-        # Every scale write came from the leader of its time, never from two replicas
-        # deciding at once (one leader here throughout).
+        # Every scale write came from a leader; the followers wrote none.
         writers = {c for name in names for v in (0, 1) for c in cluster.scale_writes(name, v)}
-        assert len(writers) == 1, writers
+        assert writers <= set(kube.lease_holders(LEASE, namespace=NS)), writers
 
 
 async def idle(cluster: Cluster, name: str) -> None:
@@ -151,4 +150,4 @@ async def test_a_model_busy_on_a_follower_is_not_idle_for_the_leader(
         # It was up all along: no stop before the stream ended.
         assert cluster.scale_writes("coder", 0) == []
         await idle(cluster, "coder")
-        assert cluster.scale_writes("coder", 0) == [leader]
+        assert cluster.scale_writes("coder", 0) == [cluster.holder()]

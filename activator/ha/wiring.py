@@ -420,10 +420,19 @@ class Replica:
 
     # -- admin ------------------------------------------------------------------------------
 
+    def leader(self) -> str | None:
+        """The leader as this replica knows it: itself, else the holder of the leader
+        Lease as last watched (or polled)."""
+        if self._blocks is None:
+            return None
+        if self.leading():
+            return self.identity
+        return self._blocks.watcher.leader or self._blocks.elector.leader
+
     def check_decides(self, what: str) -> None:
         """409 on a follower for an admin action only the leader takes."""
         if not self.deciding():
-            leader = self._b.elector.leader if self._blocks is not None else None
+            leader = self.leader()
             raise Conflict(
                 f"this replica ({self.identity}) does not decide: {what} is taken by the "
                 f"leader ({leader or 'none elected yet'}); send it to the leader's pod",
@@ -458,7 +467,7 @@ class Replica:
             "intent": None if intent is None else {"state": intent.state, "epoch": intent.epoch},
             "decided_by": intent.by if intent is not None else None,
             "failures": intent.failures if intent is not None else 0,
-            "leader": self._b.elector.leader,
+            "leader": self.leader(),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -472,6 +481,7 @@ class Replica:
             "identity": self.identity,
             "namespace": self.settings.namespace,
             "role": "leader" if self.leading() else "follower",
+            "leader": self.leader(),
             "deciding": self.deciding(),
             "election": dict(snapshot(b.elector)),
             "intent": {
