@@ -403,7 +403,8 @@ class Model:
             return self._fire("found_stopped")
         if not self._fire("found_running", url=url):
             return False
-        self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
+        if self._decides():  # a follower starting up adopts nothing: it probes
+            self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
         return True
 
     def fail_held(self, message: str) -> int:
@@ -798,6 +799,8 @@ class Model:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _observe_wake(self, outcome: str) -> None:
+        if not self._decides():
+            return  # a follower's probe is no wake: wakes are counted once, by the leader
         took = self._clock() - self._wake_started
         if outcome == "ready":
             self.last_wake_seconds = took
@@ -865,7 +868,8 @@ class Model:
             return
         took = self._clock() - self._wake_started
         self.phases[phase] = took
-        self._metrics.wake_phase_duration.labels(model=self.name, phase=phase).observe(took)
+        if self._decides():  # a follower's probe is no wake: counted once, by the leader
+            self._metrics.wake_phase_duration.labels(model=self.name, phase=phase).observe(took)
         self._nudge.set()
 
     def backend_progress(self) -> None:
@@ -890,7 +894,7 @@ class Model:
         """The engine was taken away (the ready pod gone): new requests are held until
         it is ready again. Not a move outside ready: a wake, a stop or a failure under
         way deals with it."""
-        if self.state == "ready":
+        if self.state == "ready" and self._decides():
             self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
         self._fire("lost", reason=reason)
 

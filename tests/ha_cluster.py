@@ -241,6 +241,10 @@ class Cluster:
         async with self.session.get(self.replicas[identity].url + path) as resp:
             return await resp.json()
 
+    async def metrics(self, identity: str) -> str:
+        async with self.session.get(self.replicas[identity].url + "/metrics") as resp:
+            return await resp.text()
+
     async def ask(self, identity: str, model: str, **extra: Any) -> tuple[int, Any, dict[str, str]]:
         """One chat completion through replica `identity`: (status, body, headers).
         Bounded by ASK_S (a held request waits for a wake, maybe a failover)."""
