@@ -90,7 +90,8 @@ class LeaderElectionSettings(Section):
     # else the service account's namespace.
     namespace: Text | None = None
     lease_name: Text = "activator-leader"
-    identity: Text | None = None  # this replica's name; None = $POD_NAME, else $HOSTNAME
+    # This replica's name, unique among them; None = $POD_NAME, else $HOSTNAME.
+    identity: Text | None = None
     # client-go's defaults: another replica takes over about lease_duration + retry_period
     # after the leader dies; the leader stops deciding renew_deadline after its last renewal.
     lease_duration: Duration = 15.0
