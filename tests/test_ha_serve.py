@@ -162,3 +162,21 @@ async def test_a_model_busy_on_a_follower_is_not_idle_for_the_leader(
         assert cluster.scale_writes("coder", 0) == []
         await idle(cluster, "coder")
         assert cluster.scale_writes("coder", 0) == [cluster.holder()]
+
+
+async def test_a_start_that_fails_on_the_leader_fails_what_followers_hold(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """The follower's held request gets the leader's reason at once, not a hold timeout;
+    and the follower never retries the start itself."""
+    models = {"coder": kube_model(kube, "coder")}
+    kube.fail_image_pull("coder")
+    async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
+        leader = await cluster.leader()
+        (follower,) = cluster.followers(leader)
+        status, body, _ = await cluster.ask(follower, "coder")
+        assert status == 503, body
+        message = body["error"]["message"]
+        assert "ImagePullBackOff" in message and leader in message
+        assert cluster.intent()["coder"].failures >= 1
+        assert set(cluster.scale_writes("coder", 1)) == {leader}
