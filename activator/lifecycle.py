@@ -79,7 +79,8 @@ class Replicas(Protocol):
         """The model's state or demand changed (synchronous, cheap): publish it."""
 
     async def drained_elsewhere(self, model: Model) -> None:
-        """Until no other replica has a request in flight for `model`. Safe to cancel."""
+        """Until no other replica has a request in flight for `model`, and every one
+        heard from holds new requests for it (it applied the drain). Safe to cancel."""
 
 
 class HoldCounter:
@@ -537,7 +538,6 @@ class Model:
         if transition is not None and not transition.done():
             if transition is not asyncio.current_task():
                 transition.cancel()
-        self.blocked = False
 
     def _effect_let_go(self, *, reason: str = "", **_: Any) -> None:
         """The leader stopped the engine or put it to sleep: what is still in flight here
