@@ -180,3 +180,39 @@ async def test_a_start_that_fails_on_the_leader_fails_what_followers_hold(
         assert "ImagePullBackOff" in message and leader in message
         assert cluster.intent()["coder"].failures >= 1
         assert set(cluster.scale_writes("coder", 1)) == {leader}
+
+
+async def test_sleep_swaps_decided_by_the_leader_are_followed_and_served_everywhere(
+    tmp_path: Path,
+) -> None:
+    """vLLM sleep mode on a shared GPU: the leader puts `a` to sleep for `b` and wakes it
+    again; the follower mirrors the sleep, then probes the woken engine (/is_sleeping)
+    and serves it, without ever calling the sleep API itself."""
+    from activator.testing.fake_kube import PodPlan
+
+    sleepy = PodPlan(
+        engine_args=("--enable-sleep-mode", "--weights-gib", "2"),
+        engine_env=(("VLLM_SERVER_DEV_MODE", "1"),),
+    )
+    keys = {
+        "pool": "gpu",
+        "min_residency": "0s",
+        "sleep": {"level": 1, "host_memory": "2GiB", "timeout": "20s"},
+    }
+    async with FakeKube(gpus=1, gpu_sharing=2, bookmark_interval=0.2) as kube:
+        models = {n: kube_model(kube, n, plan=sleepy, **keys) for n in ("a", "b")}
+        pools = {"gpu": {"gpus": 1, "host_memory": "8GiB"}}
+        async with cluster_of(kube, tmp_path, models, names=("r1", "r2"), pools=pools) as cluster:
+            leader = await cluster.leader()
+            (follower,) = cluster.followers(leader)
+            for model in ("a", "b", "a"):  # a sleeps for b, then b for a: woken in place
+                status, body, _ = await cluster.ask(follower, model)
+                assert status == 200, body
+            b = await cluster.admin(follower, "/admin/models/b")
+            assert b["state"] == "sleeping"  # mirrored
+            assert kube.replicas("a") == kube.replicas("b") == 1  # sleepers keep their pods
+            assert cluster.pods_created("a") == 1  # woken, not cold-started
+            # The follower's metrics hold no sleep or wake: the leader's do.
+            follower_text = await cluster.metrics(follower)
+            assert sample(follower_text, "activator_sleep_duration_seconds_count") == 0
+            assert sample(await cluster.metrics(leader), "activator_swaps_total") == 2
