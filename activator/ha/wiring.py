@@ -44,9 +44,10 @@ from activator.admin import ReadyFlag
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kubernetes import KubernetesBackend
 from activator.errors import Conflict
+from activator.ha import status
 from activator.ha.changes import Changes
-from activator.ha.demand import ClusterView, Demand
-from activator.ha.election import LeaderElector, Leadership, snapshot
+from activator.ha.demand import Demand
+from activator.ha.election import LeaderElector, Leadership
 from activator.ha.follow import (
     drained_everywhere,
     evidence_unknown,
@@ -107,7 +108,9 @@ class _Probes:
 
 
 @dataclass(frozen=True)
-class _Blocks:
+class Blocks:
+    """The HA blocks of one started replica."""
+
     elector: LeaderElector
     publisher: IntentPublisher
     watcher: IntentWatcher
@@ -132,7 +135,7 @@ class Replica:
         self._registry = registry
         self._metrics = metrics
         self._tasks = TaskGroup()
-        self._blocks: _Blocks | None = None
+        self._blocks: Blocks | None = None
         self._demand_changed = asyncio.Event()
         self._models_changed = Changes()
         self._started = asyncio.Event()  # the start-up reconcile is done
@@ -145,7 +148,7 @@ class Replica:
         self._holder: str | None = None
 
     @property
-    def _b(self) -> _Blocks:
+    def _b(self) -> Blocks:
         if self._blocks is None:
             raise RuntimeError("the replica is not started")
         return self._blocks
@@ -157,7 +160,7 @@ class Replica:
         the models (read-only) in the background; `ready` is set once that is done."""
         s = self.settings
         elector = LeaderElector(cluster, settings=s, identity=self.identity)
-        self._blocks = _Blocks(
+        self._blocks = Blocks(
             elector=elector,
             publisher=IntentPublisher(elector),  # subscribed first: seeded before we act
             watcher=IntentWatcher(cluster, settings=s),
@@ -247,14 +250,12 @@ class Replica:
         return self.leading() and self._reconciled_term == self._b.elector.term
 
     def merged(self, views: Sequence[ModelView]) -> list[ModelView]:
-        now = time.monotonic()
-        unknown = evidence_unknown(
-            self._b.cluster.reports(),
-            now=now,
-            lease_duration=self.settings.lease_duration,
-            evidence_age=self._evidence_age,
+        return merge_views(
+            views,
+            self._b.cluster.view().models,
+            unknown=self.demand_unknown(),
+            now=time.monotonic(),
         )
-        return merge_views(views, self._cluster_view().models, unknown=unknown, now=now)
 
     @property
     def _evidence_age(self) -> float:
@@ -415,9 +416,6 @@ class Replica:
             )
         return out
 
-    def _cluster_view(self) -> ClusterView:
-        return self._b.cluster.view()
-
     # -- admin ------------------------------------------------------------------------------
 
     def leader(self) -> str | None:
@@ -443,78 +441,19 @@ class Replica:
         """The cluster-wide view of one model, for /admin/models."""
         if self._blocks is None:
             return {}
-        now = time.monotonic()
-        remote = self._cluster_view().models.get(model.name)
-        intent = self._b.watcher.models.get(model.name)
-        published = self._b.publisher.models.get(model.name) if self.leading() else None
-        intent = published or intent
-        last = model.last_activity
-        if remote is not None and remote.last_activity is not None:
-            last = max(last, remote.last_activity)
-        return {
-            "in_flight": model.in_flight + (remote.in_flight if remote else 0),
-            "queued": model.queued + (remote.queued if remote else 0),
-            "replicas": sorted({self.identity, *(remote.replicas if remote else ())}),
-            # Since the last request on any replica heard from, and whether some replica
-            # cannot be heard (then nothing is stopped as idle).
-            "idle_seconds": round(max(0.0, now - last), 3),
-            "demand_unknown": evidence_unknown(
-                self._b.cluster.reports(),
-                now=now,
-                lease_duration=self.settings.lease_duration,
-                evidence_age=self._evidence_age,
-            ),
-            "intent": None if intent is None else {"state": intent.state, "epoch": intent.epoch},
-            "decided_by": intent.by if intent is not None else None,
-            "failures": intent.failures if intent is not None else 0,
-            "leader": self.leader(),
-        }
+        return status.describe_model(self, self._blocks, model)
 
     def describe(self) -> dict[str, Any]:
         """/admin/ha: the election, the replicas heard from, the intent followed."""
         if self._blocks is None:
             return {"identity": self.identity, "started": False}
-        b = self._blocks
-        view = b.cluster.view()
-        now = time.monotonic()
-        return {
-            "identity": self.identity,
-            "namespace": self.settings.namespace,
-            "role": "leader" if self.leading() else "follower",
-            "leader": self.leader(),
-            "deciding": self.deciding(),
-            "election": dict(snapshot(b.elector)),
-            "intent": {
-                "leader": b.watcher.leader,
-                "fresh": b.watcher.fresh(),
-                "synced": b.watcher.synced.is_set(),
-                "models": {
-                    name: {"state": i.state, "epoch": i.epoch, "by": i.by, "failures": i.failures}
-                    for name, i in sorted(b.watcher.models.items())
-                },
-            },
-            "replicas": {
-                "fresh": sorted(view.fresh),
-                "unconfirmed": sorted(view.unconfirmed),
-                "stale": sorted(view.stale),
-                "reports": [
-                    {
-                        "identity": r.identity,
-                        "age_seconds": round(now - r.received_at, 3),
-                        "renewed_seconds_ago": None
-                        if r.renewed_at is None
-                        else round(now - r.renewed_at, 3),
-                        "models": {
-                            m: {"in_flight": d.in_flight, "queued": d.queued}
-                            for m, d in sorted(r.models.items())
-                        },
-                    }
-                    for r in sorted(b.cluster.reports(), key=lambda r: r.identity)
-                ],
-            },
-            "demand_lease": {
-                "name": b.demand.lease_name,
-                "writes": b.demand.writes,
-                "last_error": b.demand.last_error,
-            },
-        }
+        return status.describe(self, self._blocks)
+
+    def demand_unknown(self) -> bool:
+        """Whether some replica's demand cannot be vouched for now (nothing is idle)."""
+        return evidence_unknown(
+            self._b.cluster.reports(),
+            now=time.monotonic(),
+            lease_duration=self.settings.lease_duration,
+            evidence_age=self._evidence_age,
+        )
