@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,22 +17,40 @@ from activator.reload import ReloadResult
 ADMIN_MODELS_PATH = "/admin/models"
 
 
+class ReplicaStatus(Protocol):
+    """Several replicas (activator.ha.wiring): the cluster-wide view and the election."""
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def describe_model(self, model: Model) -> dict[str, Any]: ...
+
+    def check_decides(self, what: str) -> None:
+        """Raises Conflict (409) on a replica that does not decide."""
+
+
 def admin_routes(
     *,
     registry: ModelRegistry,
     metrics: Metrics,
     is_ready: ReadyFlag,
     reload: Callable[..., Awaitable[ReloadResult]],
+    replicas: ReplicaStatus | None = None,
 ) -> list[web.RouteDef]:
     def model_of(request: web.Request) -> Model:
         # By name or alias, as clients send it; an unknown one is the same 404 they get.
         return registry.resolve(request.match_info["name"], param="name")
 
+    def described(model: Model) -> dict[str, Any]:
+        body = model.describe()
+        if replicas is not None:
+            body["cluster"] = replicas.describe_model(model)
+        return body
+
     async def list_models(request: web.Request) -> web.Response:
-        return web.json_response({"models": [m.describe() for m in registry]})
+        return web.json_response({"models": [described(m) for m in registry]})
 
     async def get_model(request: web.Request) -> web.Response:
-        return web.json_response(model_of(request).describe())
+        return web.json_response(described(model_of(request)))
 
     async def get_logs(request: web.Request) -> web.Response:
         model = model_of(request)
@@ -44,6 +63,8 @@ def admin_routes(
 
     async def stop(request: web.Request) -> web.Response:
         model = model_of(request)
+        if replicas is not None:
+            replicas.check_decides("a stop")
         stopping = model.begin_stop(reason="admin")
         body = model.describe()
         body["stopping"] = stopping
@@ -51,6 +72,8 @@ def admin_routes(
 
     async def sleep(request: web.Request) -> web.Response:
         model = model_of(request)
+        if replicas is not None:
+            replicas.check_decides("a sleep")
         refused = registry.scheduler_of(model).sleep_by_hand(model)
         if refused is not None:
             raise Conflict(refused, param="name")
@@ -84,7 +107,10 @@ def admin_routes(
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
-    return [
+    async def ha(request: web.Request) -> web.Response:
+        return web.json_response(replicas.describe() if replicas is not None else {})
+
+    routes = [
         web.get(ADMIN_MODELS_PATH, list_models),
         web.get(ADMIN_MODELS_PATH + "/{name}", get_model),
         web.get(ADMIN_MODELS_PATH + "/{name}/logs", get_logs),
@@ -97,6 +123,9 @@ def admin_routes(
         web.get("/readyz", readyz),
         web.get("/metrics", metrics_view),
     ]
+    if replicas is not None:
+        routes.append(web.get("/admin/ha", ha))
+    return routes
 
 
 class ReadyFlag:

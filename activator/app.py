@@ -95,6 +95,7 @@ def build_app(
         apply_server=apply_server,
     )
     ready = ReadyFlag()
+    replica = _replica(settings, registry=registry, metrics=metrics)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[errors_middleware, _auth_middleware(credentials)],
@@ -113,7 +114,13 @@ def build_app(
     app.on_cleanup.append(lambda _: proxy.close())
     app.router.add_get("/v1/models", _list_models(registry))
     app.router.add_routes(
-        admin_routes(registry=registry, metrics=metrics, is_ready=ready, reload=reloader.reload)
+        admin_routes(
+            registry=registry,
+            metrics=metrics,
+            is_ready=ready,
+            reload=reloader.reload,
+            replicas=replica,
+        )
     )
     streams = EventStreams(lambda: snapshot(registry, metrics))
     app.router.add_routes(
@@ -132,31 +139,52 @@ def build_app(
         cluster = await connect()
         for m in models:
             m.attach_backend(make_backend(m.settings, m))
+        if replica is not None:
+            await replica.start(cluster, ready=ready)  # it reconciles, read-only
         loops = TaskGroup()
         for scheduler in schedulers:
             loops.spawn(scheduler.run(), name=f"pool:{scheduler.name}")
         reloader.start(make_backend=make_backend, loops=loops, kubernetes=cluster is not None)
-        tasks.spawn(_reconcile(registry, ready), name="reconcile")
+        if replica is None:
+            tasks.spawn(_reconcile(registry, ready), name="reconcile")
         try:
             yield
         finally:
             ready.value = False
             reloader.closing = True
+            if replica is not None:
+                await replica.step_down()
             await loops.aclose()
             running = list(registry)  # as reloads left them
             results = await asyncio.gather(*(m.shutdown() for m in running), return_exceptions=True)
             for model, result in zip(running, results, strict=True):
                 if isinstance(result, BaseException):
                     logger.error("model=%s shutdown failed: %r", model.name, result)
+            if replica is not None:
+                await replica.aclose()
             await tasks.aclose()
             if cluster is not None:
                 await cluster.aclose()
             await http.close()
 
     app.cleanup_ctx.append(lifetime)
+    if replica is not None:
+        app.on_shutdown.append(replica.on_shutdown)  # hand over before the grace is spent
     app.on_shutdown.append(streams.close)  # open status pages must not hold up shutdown
     app.on_shutdown.append(_spend_shutdown_grace)
     return app
+
+
+def _replica(settings: Settings, *, registry: ModelRegistry, metrics: Metrics) -> Any:
+    """This activator as one of several replicas (activator.ha.wiring), or None when it
+    runs alone. Kubernetes code is imported only then. ValueError (one line) when the
+    replica cannot tell its namespace."""
+    election = settings.kubernetes.leader_election
+    if not election.enabled:
+        return None
+    from activator.ha.wiring import Replica
+
+    return Replica(election, registry=registry, metrics=metrics)
 
 
 def _auth_middleware(credentials: Credentials) -> Any:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -153,7 +156,9 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
     if settings is None:
         return 2
     settings = _listen_on(settings, host=host, port=port)
-    problem = _cannot_listen(settings.server.host, settings.server.port, config=config)
+    lock, problem = _single_activator(settings, path)
+    if problem is None:
+        problem = _cannot_listen(settings.server.host, settings.server.port, config=config)
     if problem is not None:
         print(f"activator: {problem}", file=sys.stderr)
         return 1
@@ -161,6 +166,12 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
 
     from activator.app import build_app
     from activator.reload import ConfigFile
+
+    try:
+        app = build_app(settings)
+    except ValueError as error:  # what only the environment tells (activator.ha.wiring)
+        print(f"activator: {error}", file=sys.stderr)
+        return 2
 
     try:
         import uvloop
@@ -195,6 +206,8 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
         print=None,
         loop=loop,
     )
+    if lock is not None:
+        os.close(lock)  # the kernel would release it at exit anyway, even on SIGKILL
     return 0
 
 
@@ -205,6 +218,54 @@ async def _reload_on_sighup(app: Any) -> None:
     from activator.app import RELOADER
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, app[RELOADER].request, "sighup")
+
+
+def runtime_dir() -> Path:
+    """Where activator keeps per-host runtime files: $XDG_RUNTIME_DIR (per user, on a
+    tmpfs, cleaned at logout), else a private directory under the temp dir."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg)
+    path = Path(tempfile.gettempdir()) / f"activator-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def lock_path(config: str) -> Path:
+    """The lock of one config file: by its real path, so a symlink or another spelling of
+    the same file is the same lock."""
+    digest = hashlib.sha256(os.path.realpath(config).encode()).hexdigest()[:16]
+    return runtime_dir() / f"activator-{digest}.lock"
+
+
+def _single_activator(settings: Settings, config: str) -> tuple[int | None, str | None]:
+    """Local process engines are one activator's children: a second `serve` of the same
+    config on this host must not start, adopt or stop them. An flock on a file named
+    after the config, held while activator runs; the kernel releases it when the process
+    ends, however it ends (SIGKILL included), so a stale file never locks anyone out.
+    Returns (the lock's descriptor, kept open, or None; a problem line, or None)."""
+    if not any(model.process is not None for model in settings.models.values()):
+        return None, None  # Kubernetes engines: several replicas may share them (HA)
+    path = lock_path(config)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        return None, f"cannot open the lock file {path}: {error.strerror}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return None, f"cannot lock {path}: {error.strerror}"
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        return None, (
+            f"another activator{pid} already serves {config} on this host: its local "
+            "engines belong to it; stop it first (one activator per config)"
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd, None
 
 
 def _listen_on(settings: Settings, *, host: str | None, port: int | None) -> Settings:

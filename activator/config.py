@@ -263,6 +263,8 @@ def parse_config(
     models = _models(sections["models"], _defaults(sections["defaults"], problems), problems)
     _check_names(models, problems)
     _check_pools(models, pools, problems)
+    if settings is not None:
+        _check_replicas(settings, models, problems)
     if problems.lines or settings is None:
         raise _error(problems.lines, source)
     valid = {name: model for name, model in models.items() if model is not None}
@@ -378,6 +380,21 @@ def _check_pools(
                 message = f"{model.gpus} exceeds pool {pool.name} capacity of {pool.gpus}"
                 problems.add(("models", name, "gpus"), message)
             _check_sleep(name, model, pool, problems)
+
+
+def _check_replicas(
+    settings: Settings, models: Mapping[str, ModelSettings | None], problems: _Problems
+) -> None:
+    """Several replicas share Kubernetes workloads; a local process is one replica's own."""
+    if not settings.kubernetes.leader_election.enabled:
+        return
+    for name, model in models.items():
+        if model is not None and model.process is not None:
+            problems.add(
+                ("models", name, "process"),
+                "not with kubernetes.leader_election enabled: a local engine belongs to one "
+                "activator (use a kubernetes target)",
+            )
 
 
 def _check_sleep(name: str, model: ModelSettings, pool: PoolSettings, problems: _Problems) -> None:

@@ -17,6 +17,12 @@ Shutdown is not a move of the table but three steps, in order: `begin_shutdown` 
 held requests get a 503, a start or wake under way is cancelled), `cut_in_flight`
 (shutdown_grace passed: what is still in flight ends with a shutting_down error) and
 `shutdown` (the engine is stopped, or left running for the next activator to adopt).
+
+Several replicas (activator.ha): `replicas` links the model to the others. Only the
+leader's model takes decisions (begin_start / begin_stop / begin_adopt refuse elsewhere)
+and its drain also waits for what other replicas have in flight; a follower's model is
+moved by the events its pool feeds it from the leader's intent (`follow`, `reconcile`:
+rows of the same table) and never touches the engine itself.
 """
 
 from __future__ import annotations
@@ -61,6 +67,21 @@ class Scheduler(Protocol):
     """What a model needs from its pool: a nudge to decide again."""
 
     def kick(self) -> None: ...
+
+
+class Replicas(Protocol):
+    """The model's link to the other activator replicas (activator.ha.wiring). None when
+    this activator runs alone: then every decision is its own."""
+
+    def leading(self) -> bool:
+        """Whether this replica decides for the models now (the elected leader)."""
+
+    def changed(self, model: Model) -> None:
+        """The model's state or demand changed (synchronous, cheap): publish it."""
+
+    async def drained_elsewhere(self, model: Model) -> None:
+        """Until no other replica has a request in flight for `model`, and every one
+        heard from holds new requests for it (it applied the drain). Safe to cancel."""
 
 
 class HoldCounter:
@@ -136,6 +157,7 @@ class Model:
         self._tasks = tasks
         self._clock = clock
         self.scheduler: Scheduler | None = None
+        self.replicas: Replicas | None = None
         self.state = "stopped"
         self.unknown = False
         self.url: str | None = None
@@ -186,6 +208,9 @@ class Model:
             "wake": self._effect_wake,
             "stop": self._effect_stop,
             "stop_after_failure": self._effect_stop_after_failure,
+            "probe": self._effect_probe,
+            "hold": self._effect_hold,
+            "let_go": self._effect_let_go,
         }
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
@@ -284,12 +309,14 @@ class Model:
         self._drained.clear()
         self.last_activity = self._clock()
         self._metrics.request_started(self.name)
+        self._changed()
         return lease
 
     def _release(self, lease: Lease) -> None:
         self._leases.discard(lease)
         self.last_activity = self._clock()
         self._metrics.request_ended(self.name)
+        self._changed()
         if not self._leases:
             self._drained.set()
             self._kick()
@@ -335,7 +362,7 @@ class Model:
 
     def begin_start(self, *, reason: str) -> bool:
         """Make the model ready: a cold start, or a wake when it sleeps."""
-        if self._closing or self.retiring is not None:
+        if self._closing or self.retiring is not None or not self._decides():
             return False
         waking = self.state == "sleeping"
         if not self._fire("start"):
@@ -351,7 +378,7 @@ class Model:
     ) -> bool:
         """Stop admitting, drain in-flight requests (bounded), then stop the engine or put
         it to sleep. A sleeping model is stopped at once (nothing is in flight)."""
-        if sleep and self.settings.sleep is None:
+        if (sleep and self.settings.sleep is None) or not self._decides():
             return False
         drain = self.settings.drain_timeout if drain_timeout is None else drain_timeout
         if not self._fire("sleep" if sleep else "stop", reason=reason, drain_timeout=drain):
@@ -362,10 +389,59 @@ class Model:
 
     def begin_adopt(self, url: str) -> bool:
         """Take over an engine that runs without us having started it."""
-        if self._closing or self.retiring is not None or not self._fire("adopt", url=url):
+        if (
+            self._closing
+            or self.retiring is not None
+            or not self._decides()
+            or not self._fire("adopt", url=url)
+        ):
             return False
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
         return True
+
+    # ----- several replicas (activator.ha) --------------------------------------------
+
+    def _decides(self) -> bool:
+        return self.replicas is None or self.replicas.leading()
+
+    def _changed(self) -> None:
+        if self.replicas is not None:
+            self.replicas.changed(self)
+
+    @property
+    def transition_running(self) -> bool:
+        """Whether the model's transition task (a start, probe, drain, stop...) runs."""
+        return self._transition is not None and not self._transition.done()
+
+    def follow(self, event: Event, *, reason: str = "") -> bool:
+        """A follower's move from the leader's intent (`probe`, `leader_*`) or a demotion
+        (`demoted`); rows of the table, whose effects never write to the API."""
+        if self._closing:
+            return False
+        return self._fire(event, reason=reason)
+
+    def reconcile(self, url: str | None) -> bool:
+        """The engine as the API shows it (a new leader, before it decides; a replica at
+        start-up): `url` when it runs (adopted: probed, asleep or not), None when not
+        (made sure stopped)."""
+        if self._closing:
+            return False
+        if url is None:
+            return self._fire("found_stopped")
+        if not self._fire("found_running", url=url):
+            return False
+        if self._decides():  # a follower starting up adopts nothing: it probes
+            self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
+        return True
+
+    def fail_held(self, message: str) -> int:
+        """The leader failed to start the model: requests held here fail with `message`
+        instead of waiting for a start nobody makes. Returns how many."""
+        if self.state == "ready":
+            return 0
+        count = len(self._waiters)
+        self._fail_waiters(StartFailed(message, retry_after=self._retry_after()))
+        return count
 
     # ----- the state machine: one table, one dispatcher ------------------------------
 
@@ -431,6 +507,7 @@ class Model:
     def _effect_release(self, **_: Any) -> None:
         self.ready_since = self.last_activity = self._clock()
         self.last_error = None
+        self._wake_requested_at = None  # a follower's admin wake is served now
         waiters, self._waiters = self._waiters, {}
         for future, arrived in waiters.values():
             self._holds.count -= 1
@@ -477,6 +554,26 @@ class Model:
     def _effect_stop(self, **_: Any) -> None:
         self._spawn(self._run_stop(failed=False), what="stop")
 
+    def _effect_probe(self, **_: Any) -> None:
+        self._begin_wake(self._run_probe(), what="probe", source="zero")
+
+    def _effect_hold(self, **_: Any) -> None:
+        """Drop this replica's own task on the model (a probe; a leader's start, drain,
+        sleep, wake or stop when it stops leading): requests in flight go on, new ones
+        are held until the leader's intent moves the model."""
+        transition = self._transition
+        if transition is not None and not transition.done():
+            if transition is not asyncio.current_task():
+                transition.cancel()
+
+    def _effect_let_go(self, *, reason: str = "", **_: Any) -> None:
+        """The leader stopped the engine or put it to sleep: what is still in flight here
+        is cut, and the engine forgotten (a follower never calls Backend.stop)."""
+        why = f"model {self.name!r} was stopped by the leader" + (f" ({reason})" if reason else "")
+        for lease in list(self._leases):
+            lease.cut(why)
+        self._spawn(self._stop_backend(), what="let-go")
+
     def _effect_stop_after_failure(self, *, reason: str, **_: Any) -> None:
         self.last_error = reason
         self._metrics.upstream_errors.labels(model=self.name, kind="engine_died").inc()
@@ -512,6 +609,11 @@ class Model:
             reason = exc.message if isinstance(exc, ActivatorError) else str(exc) or repr(exc)
         if outcome != "ready":
             self._observe_wake(outcome)
+            if not self._decides():  # a follower's probe: the leader decides what is next
+                logger.warning("model=%s probe failed (%s): %s", self.name, outcome, reason)
+                self.last_error = reason
+                self._fire("probe_failed")
+                return
             self._fire("start_failed", reason=reason, outcome=outcome)
             return
         if lost is not None:
@@ -529,6 +631,21 @@ class Model:
         self.backend_phase("ready")
         self._observe_wake(outcome)
         self._fire("ready")
+
+    async def _run_probe(self) -> None:
+        """A follower: find the engine the leader made ready (Backend.discover, which
+        reads and writes nothing), then probe it here like an adopted one."""
+        try:
+            url = await self.backend.discover()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the API, unreachable or failing: not found, for now
+            logger.warning("model=%s cannot find its engine: %s", self.name, exc)
+            url = None
+        if url is None:
+            self._fire("found_stopped")
+            return
+        await self._run_start(adopt_url=url)
 
     async def _until_ready(self, url: str) -> None:
         """Until the backend sees the engine it runs up (`Backend.serving`) and `url`
@@ -592,6 +709,8 @@ class Model:
         try:
             async with asyncio.timeout(limit):
                 await self._drained.wait()
+                if self.replicas is not None:
+                    await self.replicas.drained_elsewhere(self)
         except TimeoutError:
             drained = "cut"
             for lease in list(self._leases):
@@ -675,7 +794,8 @@ class Model:
         self.url = None
         self.ready_since = None
         try:
-            await self.backend.stop()
+            if self._decides():  # a follower only lets go: the engine is the leader's
+                await self.backend.stop()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -706,6 +826,8 @@ class Model:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _observe_wake(self, outcome: str) -> None:
+        if not self._decides():
+            return  # a follower's probe is no wake: wakes are counted once, by the leader
         took = self._clock() - self._wake_started
         if outcome == "ready":
             self.last_wake_seconds = took
@@ -760,6 +882,7 @@ class Model:
         for reason in reasons:
             value = len(self._waiters) if reason == current else 0
             self._metrics.held.labels(model=self.name, reason=reason).set(value)
+        self._changed()
 
     def _kick(self) -> None:
         if self.scheduler is not None:
@@ -772,7 +895,8 @@ class Model:
             return
         took = self._clock() - self._wake_started
         self.phases[phase] = took
-        self._metrics.wake_phase_duration.labels(model=self.name, phase=phase).observe(took)
+        if self._decides():  # a follower's probe is no wake: counted once, by the leader
+            self._metrics.wake_phase_duration.labels(model=self.name, phase=phase).observe(took)
         self._nudge.set()
 
     def backend_progress(self) -> None:
@@ -797,7 +921,7 @@ class Model:
         """The engine was taken away (the ready pod gone): new requests are held until
         it is ready again. Not a move outside ready: a wake, a stop or a failure under
         way deals with it."""
-        if self.state == "ready":
+        if self.state == "ready" and self._decides():
             self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
         self._fire("lost", reason=reason)
 

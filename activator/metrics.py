@@ -202,6 +202,20 @@ class Metrics:
             registry=r,
         )
         self._config_hash: str | None = None
+        # Several replicas (activator.ha): series only where leader election is enabled.
+        self.leader = Gauge(
+            "activator_leader",
+            "1 while this replica is the elected leader (it alone decides starts, stops, "
+            "swaps and sleeps), 0 while it follows.",
+            ["replica"],
+            registry=r,
+        )
+        self.leader_changes = Counter(
+            "activator_leader_changes",
+            "Times this replica saw the leader Lease pass to another holder.",
+            ["replica"],
+            registry=r,
+        )
         self.build_info = Info("activator_build", "activator build information.", registry=r)
         self.build_info.info({"version": __version__})
 

@@ -6,6 +6,10 @@ models' views, ask the pure policy (`activator.policy.decide`), carry out the de
 then sleep until kicked (a request was held, a start or stop finished, a stream ended)
 or until the policy's next deadline (idle timeout, end of a min_residency). Decisions
 within a pool are therefore made by one task, in order.
+
+With several activator replicas (activator.ha) only the leader's loops decide, from views
+holding every replica's demand; a follower's loop feeds its models the leader's intent
+instead (`Coordinator.follow`). Either way, one task per pool moves its models.
 """
 
 from __future__ import annotations
@@ -15,20 +19,27 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from activator.lifecycle import Model
 from activator.metrics import Metrics
-from activator.policy import (
-    Decision,
-    ModelView,
-    decide,
-    gpus_in_use,
-    host_in_use,
-    plan_sleeps,
-)
+from activator.policy import Decision, ModelView, decide, gpus_in_use, host_in_use, plan_sleeps
 
 logger = logging.getLogger(__name__)
+
+
+class Coordinator(Protocol):
+    """This activator as one of several replicas (activator.ha.wiring)."""
+
+    def deciding(self) -> bool:
+        """Whether this replica decides now (it leads, and has reconciled its models)."""
+
+    def merged(self, views: Sequence[ModelView]) -> list[ModelView]:
+        """`views` with every replica's demand in them."""
+
+    def follow(self, models: Sequence[Model]) -> float | None:
+        """While not deciding: move the models after the leader's intent. Returns when
+        to look again (clock time) if nothing kicks the pool before, or None."""
 
 
 class PoolScheduler:
@@ -52,6 +63,7 @@ class PoolScheduler:
         self._kicked = asyncio.Event()
         self._closed = False
         self.last_decision = Decision()
+        self.coordinator: Coordinator | None = None  # several replicas: set at start
         for m in self.models:
             m.scheduler = self
         if capacity is not None:
@@ -113,8 +125,12 @@ class PoolScheduler:
         self.kick()
 
     def step(self) -> float | None:
+        if self.coordinator is not None and not self.coordinator.deciding():
+            return self.coordinator.follow(self.models)
         now = self._clock()
         views = [m.view() for m in self.models]
+        if self.coordinator is not None:
+            views = self.coordinator.merged(views)
         decision = decide(self.capacity, views, now=now, host_memory=self.host_memory)
         self.last_decision = decision
         for stop in decision.stop:

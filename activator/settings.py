@@ -89,6 +89,45 @@ class ServerSettings(Section):
     watch_interval: Duration = 2.0
 
 
+class LeaderElectionSettings(Section):
+    """Several activator replicas (docs/kubernetes.md, "Several replicas (HA)"): one is
+    elected leader with a coordination.k8s.io/v1 Lease and decides for every model; the
+    others serve and hold requests and follow it. Off: one replica decides alone."""
+
+    enabled: Flag = False
+    # The namespace of the Leases: activator's own. None = $POD_NAMESPACE (downward API),
+    # else the service account's namespace.
+    namespace: Text | None = None
+    lease_name: Text = "activator-leader"
+    # This replica's name, unique among them; None = $POD_NAME, else $HOSTNAME.
+    identity: Text | None = None
+    # client-go's defaults: another replica takes over about lease_duration + retry_period
+    # after the leader dies; the leader stops deciding renew_deadline after its last renewal.
+    lease_duration: Duration = 15.0
+    renew_deadline: Duration = 10.0
+    retry_period: Duration = 2.0
+    # The least time between two Lease writes caused by a change (a replica's demand,
+    # the leader's intent): bounds the write rate under load; heartbeats keep their period.
+    write_interval: Duration = 0.15
+
+    @model_validator(mode="after")
+    def _consistent_timings(self) -> LeaderElectionSettings:
+        from activator.ha.settings import HaSettings
+
+        try:  # the rules client-go applies (activator.ha.settings.validate)
+            HaSettings(
+                namespace=self.namespace or "default",
+                lease_name=self.lease_name,
+                lease_duration=self.lease_duration,
+                renew_deadline=self.renew_deadline,
+                retry_period=self.retry_period,
+                write_interval=self.write_interval,
+            )
+        except ValueError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+
 class KubernetesSettings(Section):
     """How activator reaches the Kubernetes API (server-level)."""
 
@@ -111,6 +150,18 @@ class KubernetesSettings(Section):
     # What SIGTERM does to Kubernetes models: "keep" leaves them as they are so the next
     # activator (a rolling restart) adopts them warm; "stop" scales them to 0 as before.
     on_shutdown: ShutdownAction = "keep"
+    leader_election: LeaderElectionSettings = Field(default_factory=LeaderElectionSettings)
+
+    @model_validator(mode="after")
+    def _replicas_keep_models(self) -> KubernetesSettings:
+        if self.leader_election.enabled and self.on_shutdown == "stop":
+            raise problem_at(
+                "on_shutdown",
+                "must be keep with leader_election enabled: one replica stopping would stop "
+                "the models the others serve",
+                self.on_shutdown,
+            )
+        return self
 
 
 class ProcessTarget(Section):

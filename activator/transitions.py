@@ -21,6 +21,14 @@ States (the GPU column is what `activator.policy` counts):
 Events come from three places: the pool scheduler's decisions (start, stop, sleep), the
 model's own transition task reporting how it ended (ready, start_failed, drained_*,
 asleep, sleep_failed, wake_failed, stopped*), and the backend (died, lost).
+
+Several replicas (activator.ha) add a fourth: the replica's role. Only the leader's pool
+decides; a follower's pool turns the leader's published intent into the follower events
+below (activator.ha.follow picks them), and a follower's effects never touch the engine
+(probe, hold, let_go: it never calls Backend.start or Backend.stop, and its backend is
+fenced besides: it writes nothing without leadership). A replica that becomes leader
+reconciles every model from the API first (found_running, found_stopped); one that
+stops leading drops its own work on the engine at once (demoted) and keeps serving.
 """
 
 from __future__ import annotations
@@ -58,6 +66,16 @@ Event = Literal[
     "stopped_after_failure",  # the stop task of a failure: the engine is gone
     "died",  # the backend: the engine exited or crashed on its own
     "lost",  # the backend: the engine was taken away (replicas reset, pod evicted)
+    # Several replicas (activator.ha):
+    "probe",  # follower: the leader's engine is ready; probe it here and serve it
+    "probe_failed",  # follower: its probe (or re-probe) failed: hold, the leader decides
+    "leader_draining",  # follower: the leader drains it; hold new requests here
+    "leader_starting",  # follower: the leader (re)starts or wakes it; hold
+    "leader_asleep",  # follower: the leader puts it to sleep; cut and hold
+    "leader_stopped",  # follower: the leader stops it (or failed to start it); cut and hold
+    "found_running",  # reconcile (a new leader, or a replica starting): the engine runs
+    "found_stopped",  # reconcile: the engine does not run
+    "demoted",  # this replica stopped leading: its own work on the engine is dropped
 ]
 Effect = Literal[
     "start",  # run the start task (backend.start, readiness probe, warm-up)
@@ -71,8 +89,15 @@ Effect = Literal[
     "stop",  # run the stop task (backend.stop)
     "stop_after_failure",  # cut what is in flight, run the stop task, end in failed
     "restart",  # the engine went away under us: back to starting, held requests wait
+    "probe",  # follower: find the engine through the API, then as adopt (probe, /is_sleeping)
+    "hold",  # drop this replica's task on the model; in-flight requests go on
+    "let_go",  # follower: cut what is in flight here and forget the engine (no API write)
     "none",
 ]
+
+
+STATES: tuple[State, ...] = State.__args__  # type: ignore[attr-defined]
+EVENTS: tuple[Event, ...] = Event.__args__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -118,12 +143,51 @@ def _table() -> Mapping[tuple[State, Event], Move]:
         ("ready", "lost"): Move("starting", "restart"),
         ("sleeping", "lost"): Move("stopping", "stop_after_failure"),
     }
+    rows.update(_replica_rows())
     return MappingProxyType(rows)
 
 
+def _replica_rows() -> dict[tuple[State, Event], Move]:
+    """The moves of several replicas (activator.ha), as rows like the others."""
+    rows: dict[tuple[State, Event], Move] = {}
+    # A follower serves only an engine the leader made ready, once it probed it itself.
+    # From draining too: requests in flight here go on through the probe.
+    for state in STATES:
+        if state != "ready":
+            rows[(state, "probe")] = Move("starting", "probe")
+    # A probe that fails (the engine went away while it ran: the leader swapped it out)
+    # fails nothing here: requests stay held, and the leader's intent says what is next.
+    rows[("starting", "probe_failed")] = Move("stopped", "none")
+    # The leader drains: new requests are held here at once; what is in flight here goes
+    # on (the leader's drain counts it) until the leader lets the engine go.
+    rows[("ready", "leader_draining")] = Move("draining", "none")
+    rows[("starting", "leader_draining")] = Move("draining", "hold")
+    # The leader brings it up again (a lost engine, a restart): hold until it is ready.
+    for state in ("ready", "stopped", "failed", "sleeping"):
+        rows[(state, "leader_starting")] = Move("starting", "hold")
+    # The leader lets the engine go: what is still in flight here is cut.
+    for state in STATES:
+        if state != "sleeping":
+            rows[(state, "leader_asleep")] = Move("sleeping", "let_go")
+        if state not in ("stopped", "failed"):
+            rows[(state, "leader_stopped")] = Move("stopped", "let_go")
+    # Reconcile from the API (a new leader before it decides; a replica at start-up): a
+    # running engine is adopted (probed, asleep or not), a half-done start or wake is
+    # thereby finished; an engine that does not run is made sure stopped (its pods gone).
+    # A ready model stays ready: this replica has probed it.
+    for state in STATES:
+        if state != "ready":
+            rows[(state, "found_running")] = Move("starting", "adopt")
+        if state != "stopped":
+            rows[(state, "found_stopped")] = Move("stopping", "stop")
+    # Leadership lost: the task that would have written to the API is dropped at once;
+    # the model keeps its state and follows the next leader's intent.
+    for state in ("starting", "waking", "draining", "falling_asleep", "stopping"):
+        rows[(state, "demoted")] = Move(state, "hold")
+    return rows
+
+
 TABLE = _table()
-STATES: tuple[State, ...] = State.__args__  # type: ignore[attr-defined]
-EVENTS: tuple[Event, ...] = Event.__args__  # type: ignore[attr-defined]
 
 
 def move(state: State, event: Event) -> Move | None:

@@ -1,6 +1,7 @@
 """deploy/: every kustomization builds, validates against the Kubernetes schemas offline,
 and keeps the invariants the activator relies on (models at replicas 0 with Recreate,
-least-privilege RBAC, a hardened activator pod, a config that loads).
+least-privilege RBAC, a hardened activator pod, a config that loads, two replicas that
+elect a leader and survive a rolling update or a drain).
 
 Needs `kubectl` (or `kustomize`) and the PyPI package kubernetes-validate; `.ci/tools.sh`
 installs both. Without them these tests skip, and fail when CI=true.
@@ -47,6 +48,12 @@ EXPECTED_GRANTS = {
         for v in ("get", "patch", "update")
     ),
     *(("", r, v) for r in ("pods", "events") for v in ("get", "list", "watch")),
+}
+# In activator's own namespace, Leases only: leader election (get, create, update; watch
+# by followers) and each replica's demand Lease (patched, created, deleted at shutdown).
+LEASE_GRANTS = {
+    ("coordination.k8s.io", "leases", v)
+    for v in ("get", "list", "watch", "create", "update", "patch", "delete")
 }
 
 
@@ -241,29 +248,54 @@ def test_model_service_routes_port_8000_to_the_engine(
     assert _port_number(_container(deployment, "vllm"), port["targetPort"]) == 8000
 
 
-def test_role_grants_exactly_the_needed_verbs(built: dict[str, list[dict[str, Any]]]) -> None:
-    docs = built["base"]
-    roles = _all(docs, "Role")
-    assert len(roles) == 1
-    assert not _all(docs, "ClusterRole")
-    assert not _all(docs, "ClusterRoleBinding")
-    granted = {
+def _grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
         (group, resource, verb)
-        for rule in roles[0]["rules"]
+        for rule in role["rules"]
         for group in rule["apiGroups"]
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert granted == EXPECTED_GRANTS
-    assert not any("resourceNames" in rule for rule in roles[0]["rules"])
+
+
+def test_role_grants_exactly_the_needed_verbs(built: dict[str, list[dict[str, Any]]]) -> None:
+    docs = built["base"]
+    assert {r["metadata"]["name"] for r in _all(docs, "Role")} == {"activator", "activator-leases"}
+    assert not _all(docs, "ClusterRole")
+    assert not _all(docs, "ClusterRoleBinding")
+    role = _one(docs, "Role", "activator")
+    assert _grants(role) == EXPECTED_GRANTS
+    assert not any("resourceNames" in rule for rule in role["rules"])
+
+
+def test_lease_role_grants_leases_only_in_activators_namespace(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = built["base"]
+    role = _one(docs, "Role", "activator-leases")
+    binding = _one(docs, "RoleBinding", "activator-leases")
+    account = _one(docs, "ServiceAccount")
+    assert _grants(role) == LEASE_GRANTS
+    # The replicas' Lease names are not known up front (one per pod): no resourceNames.
+    assert not any("resourceNames" in rule for rule in role["rules"])
+    assert role["metadata"]["namespace"] == account["metadata"]["namespace"]
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": account["metadata"]["name"],
+            "namespace": account["metadata"]["namespace"],
+        }
+    ]
 
 
 def test_role_is_bound_to_activator_in_the_models_namespace(
     built: dict[str, list[dict[str, Any]]],
 ) -> None:
     docs = built["base"]
-    role = _one(docs, "Role")
-    binding = _one(docs, "RoleBinding")
+    role = _one(docs, "Role", "activator")
+    binding = _one(docs, "RoleBinding", "activator")
     account = _one(docs, "ServiceAccount")
     deployment = _one(docs, "Deployment", "activator")
     model_namespaces = {
@@ -325,6 +357,46 @@ def test_activator_probes_resources_and_command(built: dict[str, list[dict[str, 
     assert service["spec"]["selector"].items() <= labels.items()
 
 
+def test_activator_runs_two_replicas_that_survive_a_rollout_and_a_drain(
+    built: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = built["base"]
+    deployment = _one(docs, "Deployment", "activator")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert (
+        "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+    )
+    budget = _one(docs, "PodDisruptionBudget", "activator")
+    assert budget["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # The downward API tells each replica who and where it is.
+    env = {e["name"]: e for e in _container(deployment, "activator")["env"]}
+    fields = {
+        name: env[name]["valueFrom"]["fieldRef"]["fieldPath"]
+        for name in ("POD_NAME", "POD_UID", "POD_NAMESPACE")
+    }
+    assert fields == {
+        "POD_NAME": "metadata.name",
+        "POD_UID": "metadata.uid",
+        "POD_NAMESPACE": "metadata.namespace",
+    }
+    # Long enough for the preStop pause and the shutdown grace.
+    container = _container(deployment, "activator")
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod["terminationGracePeriodSeconds"] >= 5 + 30
+
+
 def test_configmap_config_loads_and_points_at_the_example_model(
     built: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
@@ -346,6 +418,11 @@ def test_configmap_config_loads_and_points_at_the_example_model(
 
     assert settings.server.host == "0.0.0.0"
     assert settings.server.port == 8080
+    # Two replicas elect a leader; the namespace comes from POD_NAMESPACE, where the
+    # lease Role is.
+    election = settings.kubernetes.leader_election
+    assert election.enabled and election.namespace is None and election.identity is None
+    assert settings.kubernetes.on_shutdown == "keep"
     model_docs = built["examples/vllm-model"]
     targets = [m.kubernetes for m in settings.models.values() if m.kubernetes is not None]
     assert targets, "the example config has no Kubernetes-backed model"

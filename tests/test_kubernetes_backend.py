@@ -659,3 +659,57 @@ def test_pod_failure_reading(pod: dict[str, Any], failure: str | None) -> None:
         assert view.failure is None
     else:
         assert view.failure is not None and failure in view.failure
+
+
+# -- several replicas: fenced, conditional scale writes ----------------------------------
+
+
+def scale_patches(kube: FakeKube) -> list[Any]:
+    return [r.body for r in kube.requests if r.verb == "patch" and r.resource.endswith("/scale")]
+
+
+async def test_a_fenced_scale_write_carries_the_version_it_read_and_rereads_on_conflict(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    backend, _ = await make()
+    backend.attach_fence(lambda: 5.0)  # leading, for 5 s more
+    kube.fail_next(status=409, verb="patch", resource="deployments/scale")
+    await backend.start()
+    assert kube.replicas("coder-chat") == 1
+    first, second = scale_patches(kube)
+    # Each write names the resourceVersion of the scale it read: the 409 was answered
+    # by reading again, never by repeating a write over someone else's.
+    for body in (first, second):
+        assert body["spec"] == {"replicas": 1}
+        assert body["metadata"]["resourceVersion"]
+    reads = [r for r in kube.requests if r.verb == "get" and r.resource.endswith("/scale")]
+    assert len(reads) == 2
+
+
+async def test_a_fenced_write_that_would_change_nothing_is_not_made(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    backend, _ = await make()
+    backend.attach_fence(lambda: 5.0)
+    kube.scale("coder-chat", 1)  # someone (the previous leader) already scaled it
+    await backend.start()
+    assert scale_patches(kube) == []
+
+
+async def test_without_leadership_the_backend_writes_nothing(
+    kube: FakeKube, make: MakeBackend
+) -> None:
+    from activator.backends.kubernetes import NotLeader
+
+    backend, recorder = await make()
+    backend.attach_fence(lambda: 0.0)  # a follower, or a leader past its deadline
+    with pytest.raises(NotLeader):
+        await backend.start()
+    kube.scale("coder-chat", 1)  # the leader scales: not a manual scale-up to adopt here
+    await kube.wait_until(lambda: bool(kube.get("coder-chat")["status"].get("readyReplicas")))
+    assert await backend.discover() is not None  # a follower finds it, read-only
+    kube.scale("coder-chat", 0)  # the leader stops it: not a revert to fight
+    await recorder.wait_for(lambda: bool(recorder.of("lost")))  # but it stops serving here
+    await backend.stop()  # stops following; no write, no wait
+    assert scale_patches(kube) == []
+    assert recorder.of("appeared") == recorder.of("reverted") == []

@@ -15,6 +15,16 @@ no locks. "Our own writes" are told apart from other actors' by resourceVersion:
 PATCH returns the revision it created, and a change to spec.replicas seen at a higher
 revision was made by someone else. (resourceVersions are documented as opaque; they are
 etcd revisions in every apiserver, and a wrong comparison only costs a log line.)
+
+Several replicas (activator.ha): the backend gets a fence (`attach_fence`: how long this
+replica's leadership is still guaranteed). Then it writes only while the fence holds,
+checked right before each write, and every scale write is conditional: the PATCH carries
+the resourceVersion of the scale it read, a 409 means another writer came first, and the
+scale is read and decided again (never a lost update); a write that would change nothing
+is not made. Without leadership it writes nothing at all: `stop()` (which a follower's
+model does not call anyway) only stops following the engine, a revert or a manual
+scale-up is left to the leader, and a running workload is one whose spec.replicas is at
+least 1 (`discover`).
 """
 
 from __future__ import annotations
@@ -25,9 +35,10 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from activator.backends.base import BackendError, BackendListener
-from activator.backends.kube.calls import ApiFunction, LastingApiError, Obj, Op
+from activator.backends.kube.calls import ApiFunction, ConflictError, LastingApiError, Obj, Op
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.informer import Informer
 from activator.backends.kube.status import (
@@ -39,16 +50,23 @@ from activator.backends.kube.status import (
 from activator.backends.kube.wake import WakeTracker
 from activator.settings import KubernetesTarget, ModelSettings
 
-__all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend"]
+__all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+# Conditional scale writes that meet a conflict are read and decided again this often
+# before the write fails: each conflict is another writer's success, so a few suffice.
+CONFLICT_ATTEMPTS = 5
 ARGO_FIX = (
     "if Argo CD (or Flux) manages this workload, stop it from reverting the scale: add "
     "ignoreDifferences for group apps, kind {kind}, jsonPointers [/spec/replicas] and "
     "syncOptions [RespectIgnoreDifferences=true] to the Application"
 )
+
+
+class NotLeader(BackendError):
+    """A write by a replica that does not lead (or no longer does): not made."""
 
 
 class KubernetesBackend:
@@ -80,6 +98,17 @@ class KubernetesBackend:
         self._unsubscribe: list[Callable[[], None]] = []
         self._pods_changed = asyncio.Event()
         self._restore_task: asyncio.Task[None] | None = None
+        self._fence: Callable[[], float] | None = None
+
+    def attach_fence(self, fence: Callable[[], float]) -> None:
+        """Several replicas: `fence()` is how long this replica's leadership is still
+        guaranteed (LeaderElector.valid_for; 0 when it does not lead). The backend writes
+        only while it is above 0, and conditionally (module docstring)."""
+        self._fence = fence
+
+    def _acting(self) -> bool:
+        """Whether this replica may write: the only one, or the leader right now."""
+        return self._fence is None or self._fence() > 0
 
     # -- the Backend interface ---------------------------------------------------------
 
@@ -89,7 +118,9 @@ class KubernetesBackend:
         self._observe_workload(workload)
         spec, status = workload.get("spec") or {}, workload.get("status") or {}
         replicas, ready = int(spec.get("replicas") or 0), int(status.get("readyReplicas") or 0)
-        if replicas >= 1 and (ready >= 1 or self._pods()):
+        # With several replicas, spec.replicas >= 1 alone is running: a leader may have
+        # died between its scale-up and the pod's creation, and the next one finishes it.
+        if replicas >= 1 and (ready >= 1 or self._pods() or self._fence is not None):
             log.info(
                 "kubernetes: %s %s already running (replicas=%d ready=%d): adopting",
                 self._model,
@@ -114,8 +145,7 @@ class KubernetesBackend:
                 self._where,
                 replicas,
             )
-        else:
-            await self._scale_to(1)
+        elif await self._scale_to(1, read=scale):
             self._listener.backend_phase("scale_requested")
             self._line(f"scaled {self._where} to 1")
         self._refresh_pods()
@@ -124,9 +154,11 @@ class KubernetesBackend:
     async def stop(self) -> None:
         self._end_wake()
         await self._cancel_restore()
+        if not self._acting():
+            return  # another replica leads: it scales; this one only stops following it
         await self._ensure_watching()
-        await self._scale_to(0)
-        self._line(f"scaled {self._where} to 0")
+        if await self._scale_to(0):
+            self._line(f"scaled {self._where} to 0")
         try:
             async with asyncio.timeout(self._tuning.stop_timeout):
                 await self._wait_pods_gone()
@@ -170,7 +202,7 @@ class KubernetesBackend:
         return getattr(self._cluster.apps, f"{verb}_namespaced_{kind}_scale")  # type: ignore[no-any-return]
 
     async def _call(
-        self, verb: str, resource: str, fn: ApiFunction, *args: object, **kwargs: object
+        self, verb: str, resource: str, fn: ApiFunction, *args: object, **kwargs: Any
     ) -> Obj:
         op = Op(
             verb=verb, resource=resource, namespace=self._target.namespace, name=self._target.name
@@ -179,8 +211,11 @@ class KubernetesBackend:
             op, fn, self._target.name, self._target.namespace, *args, **kwargs
         )
 
-    async def _scale_to(self, replicas: int) -> None:
-        """PATCH the scale subresource (a JSON merge patch of spec.replicas only)."""
+    async def _scale_to(self, replicas: int, *, read: Obj | None = None) -> bool:
+        """PATCH the scale subresource (a JSON merge patch of spec.replicas only). With a
+        fence, conditionally (`read`: the scale already read). Whether it wrote."""
+        if self._fence is not None:
+            return await self._scale_fenced(replicas, read=read)
         scale = await self._call(
             "patch",
             f"{self._resource}/scale",
@@ -196,6 +231,55 @@ class KubernetesBackend:
             self._where,
             replicas,
             rv,
+        )
+        return True
+
+    async def _scale_fenced(self, replicas: int, *, read: Obj | None) -> bool:
+        """Several replicas: read the scale, and if it is not `replicas` yet, PATCH it
+        with the resourceVersion read, right after checking that this replica still
+        leads. A 409: read and decide again. Raises NotLeader without leadership."""
+        for _ in range(CONFLICT_ATTEMPTS):
+            scale = read or await self._call(
+                "get", f"{self._resource}/scale", self._scale_fn("read")
+            )
+            read = None
+            if int((scale.get("spec") or {}).get("replicas") or 0) == replicas:
+                return False
+            if not self._acting():
+                raise NotLeader(
+                    f"{self._where}: not scaled to {replicas}: this replica does not lead"
+                )
+            version = (scale.get("metadata") or {}).get("resourceVersion")
+            try:
+                written = await self._call(
+                    "patch",
+                    f"{self._resource}/scale",
+                    self._scale_fn("patch"),
+                    {"metadata": {"resourceVersion": version}, "spec": {"replicas": replicas}},
+                    _content_type=MERGE_PATCH,
+                    retry_conflict=False,
+                )
+            except ConflictError:
+                log.info(
+                    "kubernetes: %s %s changed since it was read; reading it again",
+                    self._model,
+                    self._where,
+                )
+                continue
+            rv = _rv(written)
+            self._own_rv = max(self._own_rv, rv)
+            log.info(
+                "kubernetes: %s %s scaled to %d (resourceVersion %d, was %s)",
+                self._model,
+                self._where,
+                replicas,
+                rv,
+                version,
+            )
+            return True
+        raise BackendError(
+            f"{self._where}: not scaled to {replicas}: it kept changing under us "
+            f"({CONFLICT_ATTEMPTS} conflicts in a row)"
         )
 
     # -- watches -------------------------------------------------------------------------
@@ -280,6 +364,8 @@ class KubernetesBackend:
         previous, replicas = self._observe_workload(obj)
         if previous is None or previous == replicas or _rv(obj) <= self._own_rv:
             return  # first sight, a status-only update, or our own write
+        if not self._acting():
+            return  # the leader's write, or one it deals with: not ours to fight or adopt
         self._line(f"{self._where}: replicas {previous} -> {replicas} (by another client)")
         if self._wanted and replicas == 0:
             self._reverted()
@@ -329,7 +415,7 @@ class KubernetesBackend:
         retry = self._tuning.retry
         delay = min(retry.max_wait, retry.initial * 2 ** (attempt - 1))
         await asyncio.sleep(random.uniform(0, delay))
-        if not self._wanted:
+        if not self._wanted or not self._acting():
             return
         try:
             await self._scale_to(1)

@@ -11,5 +11,8 @@ Replicas agree through the Kubernetes API only, the way controllers do:
 - `intent.IntentPublisher` / `intent.IntentWatcher`: the leader publishes the model
   states it decided on its Lease; followers mirror them.
 
-`settings.HaSettings` is the one input they share.
+`settings.HaSettings` is the one input they share. `wiring.Replica` puts them to work
+in an app (kubernetes.leader_election): the leader's pools decide from every replica's
+demand, the followers' pools follow the leader's intent (`follow`, pure rules), and a new
+leader reconciles the models from the API before it decides.
 """

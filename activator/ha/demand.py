@@ -3,7 +3,10 @@ functions, no I/O (tested with tables).
 
 A replica reports ages, not timestamps ("the oldest held request has waited 3.2 s"), so
 no two clocks are ever compared: the leader turns an age into a time on its own clock
-by subtracting it from when it received the report.
+by subtracting it from when it received the report. A follower also reports, per model,
+the epoch of the leader's intent it has applied (`seen`): a leader draining a model
+waits until every follower it hears from has applied the drain, so none of them takes
+a new request for an engine about to go.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Demand:
     queued: int = 0
     oldest_wait: float | None = None  # clock time the oldest held request arrived
     last_activity: float | None = None  # clock time of the last request start or end
+    seen: int | None = None  # the leader's intent epoch applied for this model
 
     @property
     def empty(self) -> bool:
@@ -38,6 +42,7 @@ class Demand:
             and not self.queued
             and self.oldest_wait is None
             and (self.last_activity is None)
+            and self.seen is None
         )
 
 
@@ -49,6 +54,7 @@ class Reported:
     queued: int = 0
     oldest_wait_age: float | None = None
     last_activity_age: float | None = None
+    seen: int | None = None
 
 
 def _age(now: float, when: float | None) -> float | None:
@@ -68,6 +74,8 @@ def encode(demand: Mapping[str, Demand], *, now: float) -> str:
             entry["oldest_wait_age_s"] = age
         if (age := _age(now, d.last_activity)) is not None:
             entry["last_activity_age_s"] = age
+        if d.seen is not None:
+            entry["seen"] = d.seen
         out[model] = entry
     text = json.dumps(out, separators=(",", ":"))
     if len(text) > MAX_ENCODED:
@@ -108,6 +116,7 @@ def decode(text: str) -> dict[str, Reported]:
                 queued=_count(entry.get("queued", 0)),
                 oldest_wait_age=_seconds(entry.get("oldest_wait_age_s")),
                 last_activity_age=_seconds(entry.get("last_activity_age_s")),
+                seen=_count(entry["seen"]) if "seen" in entry else None,
             )
         except ValueError:
             continue

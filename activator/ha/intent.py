@@ -3,7 +3,8 @@
 
 They live on the leader Lease itself, as the annotation `activator.dev/models`:
 
-    {"chat":{"state":"ready","epoch":7},"coder":{"state":"sleeping","epoch":3}}
+    {"chat":{"state":"ready","epoch":7,"by":"activator-7d9f-x2"},
+     "coder":{"state":"failed","epoch":3,"by":"...","failures":1,"error":"ImagePullBackOff..."}}
 
 so they are written only by the elector's fenced writes: only while leading, with the
 resourceVersion it holds (a deposed leader's write fails with 409 and it steps down),
@@ -11,7 +12,10 @@ at most every write_interval, and carried over to the next leader, which continu
 epochs from what it read when it took the Lease (its takeover write carries that same
 resourceVersion, so nothing newer can exist). A model's epoch grows by one at every
 state change, so a follower that sees ready(7) after ready(5) knows the model went
-through a restart it missed.
+through a restart it missed. `by` names the replica that decided the state (the leader
+then), and `failures` counts the model's failed starts, with the last `error`: a
+follower fails the requests it holds when the count grows, even if the `failed` state
+itself was overwritten by the next start before it saw it.
 
 Followers watch the leader Lease (IntentWatcher) and get `{model: ModelIntent}` with a
 change notification.
@@ -25,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster
@@ -39,19 +43,32 @@ log = logging.getLogger(__name__)
 
 ANNOTATION = "activator.dev/models"
 _STATE = re.compile(r"[a-z][a-z_]{0,31}\Z")
+# A failed start's reason, as published: one line, bounded (annotations are small).
+MAX_ERROR = 300
 
 
 @dataclass(frozen=True)
 class ModelIntent:
     state: str
     epoch: int
+    by: str | None = field(default=None, compare=False)  # the replica that decided it
+    failures: int = 0
+    error: str | None = field(default=None, compare=False)
+
+
+def _entry(intent: ModelIntent) -> dict[str, object]:
+    entry: dict[str, object] = {"state": intent.state, "epoch": intent.epoch}
+    if intent.by:
+        entry["by"] = intent.by
+    if intent.failures:
+        entry["failures"] = intent.failures
+    if intent.error:
+        entry["error"] = intent.error
+    return entry
 
 
 def encode(models: Mapping[str, ModelIntent]) -> str:
-    return json.dumps(
-        {m: {"state": i.state, "epoch": i.epoch} for m, i in sorted(models.items())},
-        separators=(",", ":"),
-    )
+    return json.dumps({m: _entry(i) for m, i in sorted(models.items())}, separators=(",", ":"))
 
 
 def decode(text: str) -> dict[str, ModelIntent]:
@@ -68,7 +85,16 @@ def decode(text: str) -> dict[str, ModelIntent]:
             continue
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             continue
-        out[str(model)] = ModelIntent(state, epoch)
+        by, failures, error = entry.get("by"), entry.get("failures", 0), entry.get("error")
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 0:
+            failures = 0
+        out[str(model)] = ModelIntent(
+            state,
+            epoch,
+            by=by if isinstance(by, str) else None,
+            failures=failures,
+            error=error[:MAX_ERROR] if isinstance(error, str) else None,
+        )
     return out
 
 
@@ -86,9 +112,10 @@ class IntentPublisher:
     def models(self) -> Mapping[str, ModelIntent]:
         return dict(self._models)
 
-    def publish(self, model: str, state: str) -> ModelIntent | None:
+    def publish(self, model: str, state: str, *, error: str | None = None) -> ModelIntent | None:
         """Record the state decided for `model` (a new epoch if it changed) and schedule
-        the write. None, and nothing written, when not leading."""
+        the write. Entering `failed` counts one more failure, with `error` as its reason.
+        None, and nothing written, when not leading."""
         if _STATE.match(state) is None:
             raise ValueError(f"not a model state: {state!r}")
         if not self._elector.is_leader:
@@ -96,7 +123,18 @@ class IntentPublisher:
         current = self._models.get(model)
         if current is not None and current.state == state:
             return current
-        intent = ModelIntent(state, (current.epoch if current else 0) + 1)
+        failures = current.failures if current else 0
+        reason = current.error if current else None
+        if state == "failed":
+            failures += 1
+            reason = " ".join((error or "start failed").split())[:MAX_ERROR]
+        intent = ModelIntent(
+            state,
+            (current.epoch if current else 0) + 1,
+            by=self._elector.identity,
+            failures=failures,
+            error=reason,
+        )
         self._models[model] = intent
         self._elector.set_annotation(ANNOTATION, encode(self._models))
         return intent

@@ -345,7 +345,10 @@ class ClusterDemand:
             self.changes.notify()
 
 
-def _counts(models: Mapping[str, Reported]) -> dict[str, tuple[int, int, bool]]:
-    """What a change notification is about: counts and whether someone waits. Ages
-    move on every heartbeat and do not wake the leader."""
-    return {m: (r.in_flight, r.queued, r.oldest_wait_age is not None) for m, r in models.items()}
+def _counts(models: Mapping[str, Reported]) -> dict[str, tuple[int, int, bool, int | None]]:
+    """What a change notification is about: counts, whether someone waits, and the
+    intent applied (a drain waits for it). Ages move on every heartbeat and do not wake
+    the leader."""
+    return {
+        m: (r.in_flight, r.queued, r.oldest_wait_age is not None, r.seen) for m, r in models.items()
+    }

@@ -91,6 +91,11 @@ def _status_message(body: object) -> str | None:
     return None
 
 
+class ConflictError(BackendError):
+    """409 on a write that carried a resourceVersion precondition: someone else wrote
+    first. Read again and decide again; repeating the write would lose their update."""
+
+
 class LastingApiError(BackendError):
     """An API error that waiting will not fix: RBAC (403), credentials (401), a missing
     object or resource type (404)."""
@@ -110,6 +115,8 @@ def to_backend_error(op: Op, exc: BaseException) -> BackendError:
         return LastingApiError(f"Kubernetes: {op}: not found: {describe(exc)}")
     if isinstance(exc, ApiException) and exc.status == 401:
         return LastingApiError(f"Kubernetes: {op}: unauthorized (credentials rejected)")
+    if isinstance(exc, ApiException) and exc.status == 409:
+        return ConflictError(f"Kubernetes API: {op} failed: {describe(exc)}")
     return BackendError(f"Kubernetes API: {op} failed: {describe(exc)}")
 
 
@@ -133,10 +140,12 @@ async def call(
     *args: Any,
     per_attempt: float,
     retry: RetryPolicy,
+    retry_conflict: bool = True,
     **kwargs: Any,
 ) -> Obj:
     """Run one API call with per-attempt timeout and bounded retries; BackendError when
-    it cannot succeed. Cancel-safe (nothing is left open)."""
+    it cannot succeed. Cancel-safe (nothing is left open). `retry_conflict=False`: a
+    409 is final (ConflictError), for writes with a resourceVersion precondition."""
 
     def before_sleep(state: RetryCallState) -> None:
         outcome = state.outcome
@@ -151,7 +160,11 @@ async def call(
     retrying = AsyncRetrying(
         stop=stop_after_attempt(retry.attempts) | stop_after_delay(retry.total),
         wait=wait_random_exponential(multiplier=retry.initial, max=retry.max_wait),
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(
+            is_transient
+            if retry_conflict
+            else lambda e: is_transient(e) and getattr(e, "status", None) != 409
+        ),
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -132,7 +132,9 @@ class KubeCluster:
             informer.start()
         return informer
 
-    async def call(self, op: Op, fn: ApiFunction, *args: Any, **kwargs: Any) -> Obj:
+    async def call(
+        self, op: Op, fn: ApiFunction, *args: Any, retry_conflict: bool = True, **kwargs: Any
+    ) -> Obj:
         """One bounded, retried API call (see activator.backends.kube.calls.call)."""
         return await call(
             op,
@@ -140,6 +142,7 @@ class KubeCluster:
             *args,
             per_attempt=self.settings.request_timeout,
             retry=self.tuning.retry,
+            retry_conflict=retry_conflict,
             **kwargs,
         )
 

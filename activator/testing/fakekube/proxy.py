@@ -65,6 +65,9 @@ class ServiceProxy:
         self._connections: set[asyncio.Task[None]] = set()
         # Connections sent to each endpoint (ip, port): lets tests see the balancing.
         self.dialed: Counter[tuple[str, int]] = Counter()
+        # Connections open to each endpoint now: a test can stop a backend once none is
+        # (what a preStop pause gives a pod leaving a Service).
+        self.open: Counter[tuple[str, int]] = Counter()
 
     def targets(self) -> list[tuple[str, int]]:
         service = self._store.get("services", self.namespace, self.name)
@@ -134,6 +137,15 @@ class ServiceProxy:
             return
         host, port = random.choice(targets)
         self.dialed[(host, port)] += 1
+        self.open[(host, port)] += 1
+        try:
+            await self._relay(reader, writer, host, port)
+        finally:
+            self.open[(host, port)] -= 1
+
+    async def _relay(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError:
