@@ -78,7 +78,18 @@ async def serving(
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
     path = workdir / "activator.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = workdir / "activator.log"
+    async with serving_file(
+        path, url=f"http://127.0.0.1:{port}", log=workdir / "activator.log", engines=engines
+    ) as served:
+        yield served
+
+
+@contextlib.asynccontextmanager
+async def serving_file(
+    path: Path, *, url: str, log: Path, engines: Sequence[str]
+) -> AsyncIterator[Served]:
+    """`activator serve --config path` (a config that listens at `url`) until ready, as
+    `serving` does; for tests that own the file (reloads rewrite it)."""
     with log.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -91,7 +102,7 @@ async def serving(
             stdout=sink,
             stderr=sink,
         )
-    served = Served(process=process, url=f"http://127.0.0.1:{port}", log=log)
+    served = Served(process=process, url=url, log=log)
     try:
         async with aiohttp.ClientSession() as session:
 

@@ -4,15 +4,13 @@ swap, an editor's rename over it, a write in place)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import os
 import shutil
 import signal
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,56 +19,15 @@ import pytest
 import yaml
 
 from tests.harness import engine_pids, model_config, wait_for
-from tests.serve_process import PROCESS_WAIT_S, Served, free_port
+from tests.serve_process import Served, free_port, serving_file
 
 
-@contextlib.asynccontextmanager
-async def serve(
+def serve(
     config_path: Path, config: dict[str, Any], *, log: Path, engines: list[str]
-) -> AsyncIterator[Served]:
-    """`activator serve --config config_path` (which holds `config`) until ready; SIGTERM
-    on the way out (engines it left behind, found by their served names, are killed
-    should a test fail)."""
+) -> contextlib.AbstractAsyncContextManager[Served]:
+    """`activator serve --config config_path` (which holds `config`) until ready."""
     url = f"http://127.0.0.1:{config['server']['port']}"
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "activator",
-            "serve",
-            "--config",
-            str(config_path),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
-        )
-    served = Served(process=process, url=url, log=log)
-    try:
-        async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                if process.returncode is not None:
-                    raise AssertionError(f"activator exited early:\n{served.output()}")
-                try:
-                    async with session.get(url + "/readyz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_for(ready, timeout=PROCESS_WAIT_S, what="activator serve /readyz")
-        yield served
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await served.exit_code()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        for name in engines:
-            for pid in engine_pids(name):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+    return serving_file(config_path, url=url, log=log, engines=engines)
 
 
 async def get(served: Served, path: str) -> Any:
