@@ -236,17 +236,7 @@ async def _reconcile(registry: ModelRegistry, ready: ReadyFlag) -> None:
 
     Pool capacity is then enforced by the pool schedulers like any other decision."""
 
-    async def one(model: Model) -> None:
-        try:
-            url = await model.backend.discover()
-        except Exception as exc:  # an unreachable API must not stop the others
-            logger.warning("model=%s discovery failed: %s", model.name, exc)
-            return
-        if url is not None:
-            logger.info("model=%s found running at start-up: adopting it", model.name)
-            model.begin_adopt(url)
-
-    await asyncio.gather(*(one(m) for m in registry))
+    await asyncio.gather(*(m.adopt_if_running(found="at start-up") for m in registry))
     ready.value = True
 
 

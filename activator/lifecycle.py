@@ -347,6 +347,19 @@ class Model(ModelTasks, ModelReload):
         self._metrics.scale_events.labels(model=self.name, direction="up", reason="adopt").inc()
         return True
 
+    async def adopt_if_running(self, *, found: str) -> None:
+        """Adopt the engine if the backend finds one running (a Kubernetes workload
+        someone scaled up); `found` says when, for the log line. An unreachable API is
+        logged, never raised: it must not break the start-up or reload around it."""
+        try:
+            url = await self.backend.discover()
+        except Exception as exc:
+            logger.warning("model=%s discovery failed: %s", self.name, exc)
+            return
+        if url is not None:
+            logger.info("model=%s found running %s: adopting it", self.name, found)
+            self.begin_adopt(url)
+
     # ----- several replicas (activator.ha) --------------------------------------------
 
     def _decides(self) -> bool:

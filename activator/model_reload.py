@@ -63,7 +63,7 @@ class ModelReload:
             self, *, reason: str, drain_timeout: float | None = None, sleep: bool = False
         ) -> bool: ...
 
-        def begin_adopt(self, url: str) -> bool: ...
+        async def adopt_if_running(self, *, found: str) -> None: ...
 
         def _kick(self) -> None: ...
 
@@ -161,11 +161,4 @@ class ModelReload:
         """Release the old backend's watches; adopt the new target if it already runs
         (as at start-up: a Kubernetes workload someone scaled up)."""
         await old.aclose()
-        try:
-            url = await self.backend.discover()
-        except Exception as exc:  # an unreachable API must not break the model
-            logger.warning("model=%s discovery failed: %s", self.name, exc)
-            return
-        if url is not None:
-            logger.info("model=%s new target found running: adopting it", self.name)
-            self.begin_adopt(url)
+        await self.adopt_if_running(found="at its new target")

@@ -291,7 +291,8 @@ class Reloader:
         model.attach_backend(self._make_backend(settings, model))
         self._registry.add(model)
         self._place(model)
-        self._tasks.spawn(_discover(model), name=f"discover:{model.name}")
+        adopt = model.adopt_if_running(found="after a reload")
+        self._tasks.spawn(adopt, name=f"discover:{model.name}")
 
     def _retire(self, model: Model) -> None:
         model.retire(REMOVED)
@@ -319,16 +320,3 @@ class Reloader:
     @staticmethod
     def _shown(digest: str) -> str:
         return digest if digest.startswith("unreadable") else digest[:SHOWN_DIGITS]
-
-
-async def _discover(model: Model) -> None:
-    """A new model's engine may already run (a Kubernetes workload scaled by hand): adopt
-    it, as at start-up."""
-    try:
-        url = await model.backend.discover()
-    except Exception as exc:  # an unreachable API must not break the reload
-        logger.warning("model=%s discovery failed: %s", model.name, exc)
-        return
-    if url is not None:
-        logger.info("model=%s found running: adopting it", model.name)
-        model.begin_adopt(url)
