@@ -61,6 +61,11 @@ class ServiceProxy:
         self.name = name
         self.port = port
         self._listener: socket.socket | None = None
+        # The port, bound but not listening while the Service has no endpoint: no
+        # ephemeral port (an outgoing connection, another server's bind(0)) can take it
+        # before the Service first listens, or between two spells of listening.
+        self._reserved: socket.socket | None = _reserve(port)
+        self._closed = False
         self._serving: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
         # Connections sent to each endpoint (ip, port): lets tests see the balancing.
@@ -89,7 +94,7 @@ class ServiceProxy:
         wanted = bool(self.targets())
         if wanted and self._listener is None:
             try:
-                self._listener = _listen(self.port)
+                self._listener = self._listen()
             except OSError:
                 log.exception("fake kube: Service %s cannot listen on %d", self.name, self.port)
                 return
@@ -99,17 +104,36 @@ class ServiceProxy:
         elif not wanted and self._listener is not None:
             self._stop()
 
+    def _listen(self) -> socket.socket:
+        reserved, self._reserved = self._reserved, None
+        if reserved is None:
+            return _listen(self.port)
+        try:
+            reserved.listen(128)
+            reserved.setblocking(False)
+        except OSError:
+            reserved.close()
+            raise
+        return reserved
+
     def _stop(self) -> None:
         listener, serving = self._listener, self._serving
         self._listener = self._serving = None
+
+        def closed() -> None:
+            # Closing a closed socket is a no-op; the port is held again at once.
+            if listener is not None:
+                listener.close()
+            if not self._closed and self._reserved is None and self._listener is None:
+                self._reserved = _reserve(self.port)
+
         if serving is not None:
             serving.cancel()
             # The server closes the socket if it got to own it; if the task never ran,
-            # this does (closing a closed socket is a no-op).
-            if listener is not None:
-                serving.add_done_callback(lambda _: listener.close())
-        elif listener is not None:
-            listener.close()
+            # this does.
+            serving.add_done_callback(lambda _: closed())
+        else:
+            closed()
 
     async def _serve(self, listener: socket.socket) -> None:
         """Accept on the listener until cancelled; open connections outlive it, as
@@ -163,6 +187,10 @@ class ServiceProxy:
                 side.close()
 
     async def aclose(self) -> None:
+        self._closed = True
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
         serving = self._serving
         self._stop()
         for task in [*self._connections, *([serving] if serving else [])]:
@@ -170,6 +198,19 @@ class ServiceProxy:
         await asyncio.gather(
             *self._connections, *([serving] if serving else []), return_exceptions=True
         )
+
+
+def _reserve(port: int) -> socket.socket | None:
+    """127.0.0.1:port bound, not listening (connections to it are refused)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        log.warning("fake kube: cannot hold port %d for its Service", port)
+        return None
+    return sock
 
 
 def _listen(port: int) -> socket.socket:
