@@ -16,7 +16,8 @@ from activator.credentials import Credentials
 from activator.errors import NotFound, Unauthorized
 from activator.http_client import HttpClient
 from activator.http_errors import error_response, errors_middleware
-from activator.lifecycle import HoldCounter, Model
+from activator.lease import HoldCounter
+from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.pool import PoolScheduler
 from activator.proxy import ENDPOINTS, Proxy

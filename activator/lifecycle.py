@@ -23,33 +23,37 @@ leader's model takes decisions (begin_start / begin_stop / begin_adopt refuse el
 and its drain also waits for what other replicas have in flight; a follower's model is
 moved by the events its pool feeds it from the leader's intent (`follow`, `reconcile`:
 rows of the same table) and never touches the engine itself.
+
+The class is split by subject over three files: this one (state, held requests and
+leases, the table's dispatcher and effects, the backend's reports, shutdown),
+activator.model_tasks (the transition tasks: what is done to the engine) and
+activator.model_reload (what a config reload changes). Requests' leases and the held
+queue's bookkeeping are activator.lease.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from activator import engine_sleep
 from activator.backends.base import Backend
 from activator.errors import (
     ActivatorError,
     HoldTimeout,
-    ModelRemoved,
     ModelUnavailable,
     QueueFull,
     ShuttingDown,
     StartFailed,
 )
 from activator.http_client import HttpClient
+from activator.lease import HoldCounter, Lease, Waiters
 from activator.metrics import Metrics
+from activator.model_reload import ModelReload, PendingEngine
+from activator.model_tasks import ModelTasks
 from activator.policy import ModelView
-from activator.readiness import wait_ready
 from activator.settings import ModelSettings
 from activator.tasks import TaskGroup
 from activator.transitions import Effect, Event, move
@@ -84,58 +88,7 @@ class Replicas(Protocol):
         heard from holds new requests for it (it applied the drain). Safe to cancel."""
 
 
-class HoldCounter:
-    """Held requests over all models, for `server.max_queued_total`. Owned by the app."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-
-
-@dataclass(eq=False)
-class Lease:
-    """A request's claim on a ready upstream. Release exactly once (the proxy does)."""
-
-    model: Model
-    url: str
-    cold: bool
-    held_seconds: float
-    cut_reason: str | None = None
-    # What the client should get for a cut request (a status line not sent yet: this
-    # error's response; a stream under way: this error as its last event). None: an
-    # upstream error carrying `cut_reason`.
-    cut_error: ActivatorError | None = None
-    _on_cut: list[Callable[[], None]] = field(default_factory=list)
-    _released: bool = False
-
-    def on_cut(self, callback: Callable[[], None]) -> None:
-        """Register how to abort this request if the model must stop before it ends."""
-        self._on_cut.append(callback)
-
-    def cut(self, reason: str, *, error: ActivatorError | None = None) -> None:
-        self.cut_reason = reason
-        self.cut_error = error
-        for callback in self._on_cut:
-            callback()
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.model._release(self)
-
-
-@dataclass(frozen=True)
-class PendingEngine:
-    """A reload's settings for the model's next engine (`Model.update_settings`)."""
-
-    settings: ModelSettings
-    keys: tuple[str, ...]  # what changed, for /admin/models and the log
-    backend: Callable[[ModelSettings, Model], Backend]  # makes the new engine's backend
-    # Told once the settings are in force (the reloader then moves the model to its pool).
-    applied: Callable[[Model], None]
-
-
-class Model:
+class Model(ModelTasks, ModelReload):
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
     def __init__(
@@ -153,7 +106,7 @@ class Model:
         self._http = http
         self._backend: Backend | None = None
         self._metrics = metrics
-        self._holds = holds
+        self._waiters = Waiters(holds)
         self._tasks = tasks
         self._clock = clock
         self.scheduler: Scheduler | None = None
@@ -174,8 +127,6 @@ class Model:
         self.host_held = 0
         self.blocked = False  # starting, but the engine cannot be placed yet
         self._leases: set[Lease] = set()
-        self._waiters: dict[int, tuple[asyncio.Future[Lease], float]] = {}
-        self._waiter_seq = 0
         self._wake_requested_at: float | None = None
         self._transition: asyncio.Task[None] | None = None
         self._failure: asyncio.Future[str] | None = None
@@ -260,17 +211,13 @@ class Model:
             raise self._removed()
         if self.state == "ready":
             return self._new_lease(cold=False, held=0.0)
-        if len(self._waiters) >= self.settings.max_queued or self._holds.count >= self._holds.limit:
+        if self._waiters.full(self.settings.max_queued):
             raise QueueFull(
                 f"too many requests are waiting for model {self.name!r} to start",
                 retry_after=self._retry_after(),
             )
-        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        self._waiter_seq += 1
-        key = self._waiter_seq
         arrived = self._clock()
-        self._waiters[key] = (future, arrived)
-        self._holds.count += 1
+        key, future = self._waiters.add(arrived)
         self._update_held()
         self._kick()
         outcome = "released"
@@ -295,8 +242,7 @@ class Model:
             outcome = "failed"
             raise
         finally:
-            if self._waiters.pop(key, None) is not None:
-                self._holds.count -= 1
+            if self._waiters.leave(key):
                 self._update_held()
             self._metrics.hold_duration.labels(model=self.name, outcome=outcome).observe(
                 self._clock() - arrived
@@ -312,7 +258,8 @@ class Model:
         self._changed()
         return lease
 
-    def _release(self, lease: Lease) -> None:
+    def lease_ended(self, lease: Lease) -> None:
+        """Lease.release: the request is over."""
         self._leases.discard(lease)
         self.last_activity = self._clock()
         self._metrics.request_ended(self.name)
@@ -330,7 +277,8 @@ class Model:
     def view(self) -> ModelView:
         s = self.settings
         # Waiters are kept in arrival order: the first is the oldest (O(1) with 10k held).
-        waits = [next(iter(self._waiters.values()))[1]] if self._waiters else []
+        oldest = self._waiters.oldest()
+        waits = [] if oldest is None else [oldest]
         if self._wake_requested_at is not None:
             waits.append(self._wake_requested_at)
         return ModelView(
@@ -439,9 +387,7 @@ class Model:
         instead of waiting for a start nobody makes. Returns how many."""
         if self.state == "ready":
             return 0
-        count = len(self._waiters)
-        self._fail_waiters(StartFailed(message, retry_after=self._retry_after()))
-        return count
+        return self._fail_waiters(StartFailed(message, retry_after=self._retry_after()))
 
     # ----- the state machine: one table, one dispatcher ------------------------------
 
@@ -508,11 +454,9 @@ class Model:
         self.ready_since = self.last_activity = self._clock()
         self.last_error = None
         self._wake_requested_at = None  # a follower's admin wake is served now
-        waiters, self._waiters = self._waiters, {}
-        for future, arrived in waiters.values():
-            self._holds.count -= 1
-            if not future.done():
-                future.set_result(self._new_lease(cold=True, held=self._clock() - arrived))
+        self._waiters.grant_all(
+            lambda arrived: self._new_lease(cold=True, held=self._clock() - arrived)
+        )
         self._update_held()
 
     def _effect_fail_start(self, *, reason: str, outcome: str, **_: Any) -> None:
@@ -581,288 +525,10 @@ class Model:
             lease.cut(f"engine of model {self.name!r} died: {reason}")
         self._spawn(self._run_stop(failed=True), what="stop")
 
-    # ----- transition tasks: each ends by firing the event that says how it ended -----
-
-    async def _run_start(self, *, adopt_url: str | None = None, lost: str | None = None) -> None:
-        """A wake from zero: start the engine (or take over `adopt_url`), then wait until
-        ready. `lost`: the reason the engine of a ready model was lost (a re-wake)."""
-        outcome, reason = "ready", ""
-        asleep = False
-        try:
-            async with asyncio.timeout(self.settings.startup_timeout):
-                url = adopt_url or await self._race(self.backend.start())
-                self.backend_phase("launched")
-                await self._race(self._until_ready(url))
-                if self.settings.sleep is not None:
-                    if adopt_url is None:
-                        await self._warm_up(url)
-                    else:  # an engine left asleep (by an activator before this one)
-                        asleep = await self._adopted_asleep(url)
-        except TimeoutError:
-            outcome = "timeout"
-            reason = f"not ready within startup_timeout ({self.settings.startup_timeout:.0f}s)"
-        except asyncio.CancelledError:
-            self._observe_wake("cancelled")
-            raise
-        except Exception as exc:  # a backend may raise anything; it fails this start only
-            outcome = "failed"
-            reason = exc.message if isinstance(exc, ActivatorError) else str(exc) or repr(exc)
-        if outcome != "ready":
-            self._observe_wake(outcome)
-            if not self._decides():  # a follower's probe: the leader decides what is next
-                logger.warning("model=%s probe failed (%s): %s", self.name, outcome, reason)
-                self.last_error = reason
-                self._fire("probe_failed")
-                return
-            self._fire("start_failed", reason=reason, outcome=outcome)
-            return
-        if lost is not None:
-            # Requests still on the lost engine would stay on it; pooled connections to it
-            # (behind a Service: to a pod that is gone) must not take new requests.
-            for lease in list(self._leases):
-                lease.cut(f"model {self.name!r} lost its engine ({lost}) and has a new one")
-            await self._http.reset(self.name)
-        self.url = url
-        if asleep:
-            assert self.settings.sleep is not None
-            self.host_held = self.settings.sleep.host_bytes
-            self._fire("found_asleep")
-            return
-        self.backend_phase("ready")
-        self._observe_wake(outcome)
-        self._fire("ready")
-
-    async def _run_probe(self) -> None:
-        """A follower: find the engine the leader made ready (Backend.discover, which
-        reads and writes nothing), then probe it here like an adopted one."""
-        try:
-            url = await self.backend.discover()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the API, unreachable or failing: not found, for now
-            logger.warning("model=%s cannot find its engine: %s", self.name, exc)
-            url = None
-        if url is None:
-            self._fire("found_stopped")
-            return
-        await self._run_start(adopt_url=url)
-
-    async def _until_ready(self, url: str) -> None:
-        """Until the backend sees the engine it runs up (`Backend.serving`) and `url`
-        answers as a ready engine. `serving` is checked again after the probe: a server we
-        did not start may answer on the URL (another process on a fixed port, a
-        terminating pod behind a lagging Service), and our engine may have exited
-        meanwhile; the backend reports that exit as a failure, which ends the race."""
-        while True:
-            await self._until_serving()
-            await wait_ready(
-                self._http.session(self.name),
-                url=url,
-                health_path=self.settings.health_path,
-                served_model_name=self.settings.served_model_name,
-                api_key=self.settings.upstream_api_key,
-                nudge=self._nudge,
-            )
-            if self.backend.serving():
-                return
-            logger.warning(
-                "model=%s %s answered, but the engine we run is not up: not routing to it",
-                self.name,
-                url,
-            )
-
-    async def _until_serving(self) -> None:
-        # Woken by the backend's progress nudges; a backend failure ends it (via _race).
-        while True:
-            self._nudge.clear()
-            if self.backend.serving():
-                return
-            await self._nudge.wait()
-
-    async def _adopted_asleep(self, url: str) -> bool:
-        """Whether an engine found running is asleep (/health answers 200 either way)."""
-        try:
-            return await engine_sleep.is_sleeping(
-                self._http.session(self.name), url, headers=self._engine_headers()
-            )
-        except engine_sleep.SleepError as exc:
-            logger.warning("model=%s cannot tell whether it sleeps (%s): awake", self.name, exc)
-            return False
-
-    async def _warm_up(self, url: str) -> None:
-        """One max_tokens=1 request before clients are released, so later wakes do not
-        pay the first call's JIT. A warm-up that fails is logged, not fatal: the engine
-        passed readiness and clients may still be served."""
-        try:
-            await engine_sleep.warm_up(
-                self._http.session(self.name),
-                url,
-                served_model_name=self.settings.served_model_name,
-                headers=self._engine_headers(),
-            )
-        except engine_sleep.SleepError as exc:
-            logger.warning("model=%s warm-up request failed: %s", self.name, exc)
-
-    async def _run_drain(self, *, reason: str, limit: float, then: Event) -> None:
-        started = self._clock()
-        drained = "drained"
-        try:
-            async with asyncio.timeout(limit):
-                await self._drained.wait()
-                if self.replicas is not None:
-                    await self.replicas.drained_elsewhere(self)
-        except TimeoutError:
-            drained = "cut"
-            for lease in list(self._leases):
-                lease.cut(f"model {self.name!r} is being stopped ({reason}); drain_timeout passed")
-        self._metrics.drain_duration.labels(model=self.name, outcome=drained).observe(
-            self._clock() - started
-        )
-        self._fire(then)
-
-    async def _run_sleep(self) -> None:
-        """POST /sleep and confirm it; any failure falls back to a stop (the table)."""
-        sleep = self.settings.sleep
-        assert sleep is not None and self.url is not None
-        started = self._clock()
-        self._failure = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(sleep.timeout):
-                await self._race(
-                    engine_sleep.sleep(
-                        self._http.session(self.name),
-                        self.url,
-                        level=sleep.level,
-                        headers=self._engine_headers(),
-                    )
-                )
-        except asyncio.CancelledError:
-            raise
-        except (TimeoutError, engine_sleep.SleepError, StartFailed) as exc:
-            reason = _describe(exc, what="sleep", timeout=sleep.timeout)
-            self._observe_sleep("sleep", "failed", started)
-            logger.warning(
-                "model=%s could not be put to sleep (%s): stopping it", self.name, reason
-            )
-            self.last_error = f"sleep failed: {reason}"
-            self._fire("sleep_failed")
-            return
-        self._observe_sleep("sleep", "ok", started)
-        self.ready_since = None
-        self._fire("asleep")
-
-    async def _run_wake(self) -> None:
-        """POST /wake_up (level 2: the full reload sequence) and confirm it; a failure
-        stops the engine, and the held requests wait for the cold start that follows."""
-        sleep = self.settings.sleep
-        assert sleep is not None and self.url is not None
-        try:
-            async with asyncio.timeout(sleep.timeout):
-                await self._race(
-                    engine_sleep.wake(
-                        self._http.session(self.name),
-                        self.url,
-                        level=sleep.level,
-                        headers=self._engine_headers(),
-                    )
-                )
-        except asyncio.CancelledError:
-            self._observe_wake("cancelled")
-            raise
-        except (TimeoutError, engine_sleep.SleepError, StartFailed) as exc:
-            reason = _describe(exc, what="wake", timeout=sleep.timeout)
-            self._observe_wake("failed")
-            logger.warning(
-                "model=%s wake failed (%s): stopping it for a cold start", self.name, reason
-            )
-            self.last_error = f"wake failed: {reason}"
-            self._fire("wake_failed")
-            return
-        self.backend_phase("ready")
-        self._observe_wake("ready")
-        self._fire("ready")
-
-    async def _run_stop(self, *, failed: bool) -> None:
-        await self._stop_backend()
-        if failed:
-            self._metrics.scale_events.labels(
-                model=self.name, direction="down", reason="failure"
-            ).inc()
-        self._fire("stopped_after_failure" if failed else "stopped")
-
-    async def _stop_backend(self) -> None:
-        self.url = None
-        self.ready_since = None
-        try:
-            if self._decides():  # a follower only lets go: the engine is the leader's
-                await self.backend.stop()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The state stays honest: we log, and the next start will try again.
-            logger.exception("model=%s backend stop failed", self.name)
-        finally:
-            self.host_held = 0
-            # Pooled connections to the old engine are dead: never reuse them.
-            await self._http.reset(self.name)
-
-    async def _race(self, coro: Any) -> Any:
-        """Run `coro` unless the backend reports a failure first."""
-        assert self._failure is not None
-        task = asyncio.ensure_future(coro)
-        try:
-            await asyncio.wait({task, self._failure}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if task.done() and not task.cancelled():
-            return task.result()
-        raise StartFailed(self._failure.result())
-
-    def _engine_headers(self) -> dict[str, str]:
-        key = self.settings.upstream_api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def _observe_wake(self, outcome: str) -> None:
-        if not self._decides():
-            return  # a follower's probe is no wake: wakes are counted once, by the leader
-        took = self._clock() - self._wake_started
-        if outcome == "ready":
-            self.last_wake_seconds = took
-            self.last_wake_from = self._wake_from
-        self._metrics.observe_wake(
-            model=self.name,
-            backend=self.settings.backend_kind,
-            outcome=outcome,
-            source=self._wake_from,
-            seconds=took,
-        )
-        logger.info(
-            "model=%s wake outcome=%s after %.3fs (from %s)",
-            self.name,
-            outcome,
-            took,
-            self._wake_from,
-        )
-
-    def _observe_sleep(self, op: str, outcome: str, started: float) -> None:
-        took = self._clock() - started
-        if op == "sleep" and outcome == "ok":
-            self.last_sleep_seconds = took
-        self._metrics.observe_sleep(model=self.name, outcome=outcome, seconds=took)
-        logger.info("model=%s sleep outcome=%s after %.3fs", self.name, outcome, took)
-
-    def _fail_waiters(self, error: ModelUnavailable) -> None:
-        waiters, self._waiters = self._waiters, {}
-        for future, _ in waiters.values():
-            self._holds.count -= 1
-            if not future.done():
-                future.set_exception(
-                    type(error)(error.message, retry_after=error.retry_after, extra=error.extra)
-                )
+    def _fail_waiters(self, error: ModelUnavailable) -> int:
+        failed = self._waiters.fail_all(error)
         self._update_held()
+        return failed
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -953,107 +619,6 @@ class Model:
             self._metrics.set_state(self.name, "unknown" if unknown else self.state)
             self._nudge.set()  # Backend.serving() may have changed with it
             self._kick()
-
-    # ----- reloads (activator.reload owns them; the model applies them) ----------------
-
-    @property
-    def restart_pending(self) -> tuple[str, ...]:
-        """Keys of a reload that wait for the engine that runs to go (empty: none)."""
-        return self._pending.keys if self._pending is not None else ()
-
-    @property
-    def configured(self) -> ModelSettings:
-        """The settings the config gives now: the pending ones, or those in force."""
-        return self._pending.settings if self._pending is not None else self.settings
-
-    def update_settings(
-        self, settings: ModelSettings, *, pending: PendingEngine | None = None
-    ) -> None:
-        """A reload changed the model: `settings` are in force from now on (timeouts,
-        aliases, queue limits: the next request, hold, start or idle check sees them);
-        their engine keys are those the running engine was started with. `pending` takes
-        over once no engine runs: at once if none runs now, else when it has stopped (an
-        idle stop, a swap, an admin stop, a failure). A later call replaces `pending`;
-        None drops it (the config went back). Synchronous: nothing is awaited."""
-        self.settings = settings
-        self._pending = pending
-        self._metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
-        self._update_held()
-        self._after_move()
-        self._kick()
-
-    def retire(self, reason: str) -> None:
-        """A reload removed the model. It takes no new work; held requests are served if
-        its engine is already coming up (they were accepted under the old config), else
-        they get a 503 with `reason` (never a 404); requests in flight may finish (bounded
-        by drain_timeout), then the engine is stopped. `retired()` says when it is over."""
-        self.retiring = reason
-        self._gone.clear()
-        self._wake_requested_at = None
-        if self.state not in ("starting", "waking"):
-            self._fail_waiters(self._removed())
-        self._after_move()
-        self._kick()
-
-    def revive(self) -> None:
-        """A later reload has the model again before it was gone: it takes work as before
-        (a stop under way completes; held requests start it again)."""
-        self.retiring = None
-        self._gone.clear()
-        self._kick()
-
-    async def retired(self) -> None:
-        """Until a retiring model runs no engine and has nothing in flight."""
-        await self._gone.wait()
-        await self._drained.wait()
-
-    def _removed(self) -> ModelRemoved:
-        return ModelRemoved(
-            f"model {self.name!r} was removed from activator's config while this request "
-            f"waited for it ({self.retiring})"
-        )
-
-    def _after_move(self) -> None:
-        """A reload's part in each move: pending engine settings take over once no engine
-        runs; a retiring model is stopped once its engine is up (held requests released
-        first), and is gone once stopped."""
-        if self.state in ("stopped", "failed"):
-            if self._pending is not None and not self._closing and self.retiring is None:
-                self._apply_pending()
-            if self.retiring is not None:
-                self._fail_waiters(self._removed())  # a failed wake left some waiting
-                self._gone.set()
-        elif self.retiring is not None and self.state in ("ready", "sleeping"):
-            self.begin_stop(reason="removed")
-
-    def _apply_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        assert pending is not None
-        self.settings = pending.settings
-        self._metrics.add_model(self.name, backend=self.settings.backend_kind)
-        self._metrics.queue_capacity.labels(model=self.name).set(self.settings.max_queued)
-        old = self._backend
-        if old is not None:
-            self._backend = pending.backend(self.settings, self)
-            self._tasks.spawn(self._replace_backend(old), name=f"new-backend:{self.name}")
-        logger.info(
-            "model=%s new engine settings in force (%s)", self.name, ", ".join(pending.keys)
-        )
-        pending.applied(self)
-        self._update_held()
-
-    async def _replace_backend(self, old: Backend) -> None:
-        """Release the old backend's watches; adopt the new target if it already runs
-        (as at start-up: a Kubernetes workload someone scaled up)."""
-        await old.aclose()
-        try:
-            url = await self.backend.discover()
-        except Exception as exc:  # an unreachable API must not break the model
-            logger.warning("model=%s discovery failed: %s", self.name, exc)
-            return
-        if url is not None:
-            logger.info("model=%s new target found running: adopting it", self.name)
-            self.begin_adopt(url)
 
     # ----- shutdown ------------------------------------------------------------------
 
@@ -1162,11 +727,3 @@ class Model:
             "restart_pending_keys": list(self.restart_pending),
             "removing": self.retiring is not None,
         }
-
-
-def _describe(exc: BaseException, *, what: str, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"no answer within sleep.timeout ({timeout:g}s)"
-    if isinstance(exc, ActivatorError):
-        return exc.message
-    return str(exc) or repr(exc)

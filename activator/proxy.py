@@ -30,7 +30,8 @@ from activator.errors import (
 from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
 from activator.http_client import HttpClient
 from activator.http_errors import engine_error_body, error_response, sse_error_event
-from activator.lifecycle import Lease, Model
+from activator.lease import Lease
+from activator.lifecycle import Model
 from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import PayloadParser
 from activator.registry import ModelRegistry

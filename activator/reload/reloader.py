@@ -27,8 +27,9 @@ from typing import Any
 
 from activator.backends.base import Backend
 from activator.config import ConfigError
-from activator.lifecycle import Model, PendingEngine
+from activator.lifecycle import Model
 from activator.metrics import Metrics
+from activator.model_reload import PendingEngine
 from activator.pool import PoolScheduler
 from activator.registry import ModelRegistry
 from activator.reload.plan import Plan, describe, plan, summary
