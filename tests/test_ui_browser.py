@@ -228,12 +228,17 @@ async def test_status_page_follows_a_wake_a_failure_a_waiting_pool_and_a_stop(
                 return ""
             return text
 
-        wait_until(
-            driver,
-            lambda: "GPUs in use: 1 of 1" in pool_text() and "code 1 held" in pool_text(),
-            "chat holding the pool's GPU and code waiting",
-        )
-        assert "chat" in pool_text() and shown_state(driver, "code") == "stopped"
+        def chat_holds_code_waits() -> bool:
+            # One read per poll: a redraw between two reads would compare different cards.
+            text = pool_text()
+            return (
+                "GPUs in use: 1 of 1" in text
+                and "code 1 held" in text
+                and "chat" in text
+                and shown_state(driver, "code") == "stopped"
+            )
+
+        wait_until(driver, chat_holds_code_waits, "chat holding the pool's GPU and code waiting")
         assert not script_errors(driver)
         screenshot(driver, tmp_path / "ui-desktop.png")
 
