@@ -191,6 +191,12 @@ class ScaleOut:
         they differ from what it has. Returns when to decide again (clock time), or None."""
         now = self._clock()
         spec = self._target.replicas if self._target is not None else None
+        if not self._window and spec is not None and spec > 1:
+            # The first decision here (a model adopted at start-up, or a replica that has
+            # just taken the lead): the replicas the workload has were wanted until now,
+            # by whoever decided before, so they stay for scale_down_delay like any peak.
+            # Without this a failover shed them at once, on one replica's demand alone.
+            self._window = (Sample(now, min(spec, self._settings.replicas.max)),)
         view = ScaleView(
             in_flight=in_flight,
             held=held,

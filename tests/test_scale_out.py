@@ -58,13 +58,15 @@ def scaled(
     burst: float = 1,
     delay: str = "10m",
     gpu: bool = False,
+    running: int = 0,
     **keys: Any,
 ) -> dict[str, Any]:
-    """A Deployment of stand-in engines (a token every 0.1 s when streaming) and its
-    model's config block, scaled out up to `most` replicas."""
+    """A Deployment of stand-in engines (a token every 0.1 s when streaming), at `running`
+    replicas, and its model's config block, scaled out up to `most` replicas."""
     workload = kube.add_workload(
         name,
         served_model_name=f"{name}-served",
+        replicas=running,
         gpu=gpu,
         plan=PodPlan(
             engine_args=("--disable-access-log", "--stream-delay", "0.1"), termination_grace=5
@@ -230,6 +232,27 @@ async def test_200_streams_scale_the_model_1_to_4_in_one_write_and_back_after_th
     history = replicas.of("coder")
     down = history[history.index(4) :]
     assert down == sorted(down, reverse=True) and down[-1] == 1
+
+
+async def test_a_model_adopted_at_3_replicas_keeps_them_for_the_scale_down_delay(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    """An activator (re)starting beside a scaled-out model adopts it as it is; nothing
+    asks for its replicas yet, but whoever decided before wanted them until now: they go
+    once demand stayed lower for scale_down_delay, not at the first decision."""
+    model = scaled(kube, "coder", most=4, target=1, delay="10m", running=3)
+    running = await start(activator, kube, {"coder": model})
+
+    async def decided() -> dict[str, Any] | None:
+        decision: dict[str, Any] | None = (await running.admin("coder"))["replicas"][
+            "last_decision"
+        ]
+        return decision
+
+    decision = await wait_for(decided, what="a first decision")
+    assert decision == {"desired": 3, "reason": "delay", "demand": 0}
+    assert kube.replicas("coder") == 3
+    assert running.sample("activator_scale_decisions_total", model="coder") == 0
 
 
 # ----- pods failing: only their own requests are lost; unready pods get none --------------
