@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from activator.testing.fake_kube import FakeKube, PodPlan
@@ -123,13 +122,18 @@ async def routable(cluster: Cluster, identity: str) -> int:
     return int((await scaled_view(cluster, identity))["routable"])
 
 
-def scale_writers(cluster: Cluster) -> set[str | None]:
+def scale_writers(cluster: Cluster) -> set[str]:
     """Every client that wrote a Deployment's scale subresource."""
     return {
         r.client
         for r in cluster.kube.requests
         if r.verb == "patch" and r.resource == "deployments/scale"
     }
+
+
+def pod_writers(cluster: Cluster) -> set[str]:
+    """Every client that patched a pod (the deletion costs before a scale-down)."""
+    return {r.client for r in cluster.kube.requests if r.verb == "patch" and r.resource == "pods"}
 
 
 def history(cluster: Cluster) -> list[int]:
@@ -197,6 +201,7 @@ async def test_the_leader_scales_out_from_every_replicas_demand_and_back_after_t
         down = history(cluster)[len(steps) - 1 :]
         assert down == sorted(down, reverse=True) and down[-1] == 1, history(cluster)
         assert scale_writers(cluster) == {leader}
+        assert pod_writers(cluster) == {leader}  # the deletion costs too
         for identity in (leader, follower):  # scaled in, not stopped: that is idle's rule
             assert (await cluster.admin(identity, f"/admin/models/{MODEL}"))["state"] == "ready"
 
