@@ -42,6 +42,8 @@ def admin_routes(
 
     def described(model: Model) -> dict[str, Any]:
         body = model.describe()
+        if model.scale is not None:  # scaled out: its pods, their load, the replicas
+            body["replicas"] = model.scale.describe()
         if replicas is not None:
             body["cluster"] = replicas.describe_model(model)
         return body

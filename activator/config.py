@@ -62,6 +62,9 @@ FROM_STRUCTURE: Mapping[type[BaseModel], frozenset[str]] = {
 }
 WORKLOADS: Mapping[str, WorkloadKind] = {"deployment": "Deployment", "statefulset": "StatefulSet"}
 TARGETS = ("process", "kubernetes")
+# Sections of `defaults:` that a model's own section completes key by key (a gpu_hour for
+# every model, token prices per model; a target_concurrency for all, a max per model).
+MERGED_SECTIONS = ("cost", "replicas")
 # ...and file keys that are not fields (parse_config reshapes them).
 FILE_ONLY: Mapping[type[BaseModel], tuple[str, ...]] = {
     Settings: ("defaults",),
@@ -323,8 +326,11 @@ def _model(
             problems.add(loc, f"needs exactly one of {' or '.join(TARGETS)}")
         if isinstance(target := body.get("kubernetes"), dict):
             body["kubernetes"] = _workload(target, (*loc, "kubernetes"), problems)
-        if isinstance(cost := body.get("cost"), dict) and isinstance(defaults.get("cost"), dict):
-            body["cost"] = {**defaults["cost"], **cost}  # gpu_hour shared, token prices own
+        for section in MERGED_SECTIONS:  # a model's keys win key by key
+            if isinstance(own := body.get(section), dict) and isinstance(
+                defaults.get(section), dict
+            ):
+                body[section] = {**defaults[section], **own}
         body = {"served_model_name": name, **defaults, **body, "name": name}
     return problems.validate(ModelSettings, body, loc, partial=True)
 
@@ -379,6 +385,13 @@ def _check_pools(
             if model.gpus > pool.gpus:
                 message = f"{model.gpus} exceeds pool {pool.name} capacity of {pool.gpus}"
                 problems.add(("models", name, "gpus"), message)
+            elif model.replicas.max * model.gpus > pool.gpus:
+                message = (
+                    f"{model.replicas.max} replicas x {model.gpus} GPUs exceed pool "
+                    f"{pool.name} capacity of {pool.gpus}: at most "
+                    f"{pool.gpus // model.gpus} could ever run"
+                )
+                problems.add(("models", name, "replicas", "max"), message)
             _check_sleep(name, model, pool, problems)
 
 

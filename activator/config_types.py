@@ -169,6 +169,15 @@ def _keepalive(value: object) -> object:
     return _positive(parse_duration)(value)
 
 
+def _number(value: object) -> float:
+    value = _from_env(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise WrongType("a number", value)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return float(value)
+
+
 def _price(value: object) -> float:
     value = _from_env(value)
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -235,6 +244,7 @@ Duration = Annotated[float, BeforeValidator(_positive(parse_duration))]
 DurationOrZero = Annotated[float, BeforeValidator(parse_duration)]
 Keepalive = Annotated[float | None, BeforeValidator(_keepalive)]  # a duration, or null/off
 Size = Annotated[int, BeforeValidator(_positive(parse_size))]
+Positive = Annotated[float, BeforeValidator(_positive(_number))]  # a number > 0
 Price = Annotated[float, BeforeValidator(_price)]  # an amount of money, >= 0
 InCluster = Annotated[bool | None, BeforeValidator(_in_cluster)]  # auto (None), true, false
 Flag = Annotated[bool, BeforeValidator(_flag)]  # true or false (YAML's, or a variable's text)

@@ -61,7 +61,9 @@ class HttpClient:
         connection as the request went out on it, so the engine never took the request.
         Never retried: a failure on a new connection (the engine itself failed, and may
         have seen the request), a refused connect, a timeout, anything after the response
-        began, and a retry.
+        began, and a retry. A retry whose connection is refused raises the first
+        failure: the engine is gone, and the first attempt may have reached it (so a
+        caller never takes it for a request that went nowhere).
         """
         attempt = SimpleNamespace(reused=False)
         try:
@@ -78,8 +80,12 @@ class HttpClient:
                 request_id,
                 exc,
             )
+            first = exc
         fresh = self._get(self._fresh, model, pooled=False)
-        return await fresh.post(url, data=_body(data), headers=headers, timeout=timeouts)
+        try:
+            return await fresh.post(url, data=_body(data), headers=headers, timeout=timeouts)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as retry:
+            raise first from retry
 
     async def reset(self, model: str) -> None:
         """Drop the model's pooled connections (its engine is gone)."""

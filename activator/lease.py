@@ -18,6 +18,7 @@ from activator.errors import ActivatorError
 
 if TYPE_CHECKING:
     from activator.lifecycle import Model
+    from activator.routing import PodLease
 
 
 class HoldCounter:
@@ -41,8 +42,16 @@ class Lease:
     # error's response; a stream under way: this error as its last event). None: an
     # upstream error carrying `cut_reason`.
     cut_error: ActivatorError | None = None
+    # A scaled-out model's request: its claim on one pod (activator.routing), whose url
+    # is this lease's; released with it, and a pod that disappears cuts it.
+    pod_lease: PodLease | None = None
     _on_cut: list[Callable[[], None]] = field(default_factory=list)
     _released: bool = False
+
+    @property
+    def pod(self) -> str | None:
+        """The pod the request goes to (a scaled-out model), else None."""
+        return self.pod_lease.pod if self.pod_lease is not None else None
 
     def on_cut(self, callback: Callable[[], None]) -> None:
         """Register how to abort this request if the model must stop before it ends."""
@@ -58,6 +67,15 @@ class Lease:
         if not self._released:
             self._released = True
             self.model.lease_ended(self)
+            if self.pod_lease is not None:
+                self.pod_lease.release()  # room on the pod: held requests may take it
+
+    def connect_failed(self) -> None:
+        """The connection to its pod failed before a byte was sent: the pod takes no new
+        request until it passes its probe again. Releases the lease."""
+        if self.pod_lease is not None:
+            self.pod_lease.connect_failed()
+        self.release()
 
 
 class Waiters:
@@ -94,6 +112,24 @@ class Waiters:
             return False
         self._holds.count -= 1
         return True
+
+    def grant_while(self, lease_for: Callable[[float], Lease | None]) -> int:
+        """Held requests get leases in arrival order for as long as `lease_for(arrived)`
+        has one (a scaled-out model: while a pod has room). Returns how many."""
+        granted = 0
+        for key, (future, arrived) in list(self._waiting.items()):
+            if future.done():
+                continue  # cancelled: it leaves by itself
+            lease = lease_for(arrived)
+            if lease is None:
+                break
+            if self._waiting.pop(key, None) is None:
+                lease.release()  # it left meanwhile
+                continue
+            self._holds.count -= 1
+            future.set_result(lease)
+            granted += 1
+        return granted
 
     def grant_all(self, lease_for: Callable[[float], Lease]) -> None:
         """Every held request gets a lease (`lease_for(arrived)`), in arrival order."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Protocol
 
 from activator.backends.base import Backend
@@ -54,6 +54,8 @@ from activator.metrics import Metrics
 from activator.model_reload import ModelReload, PendingEngine
 from activator.model_tasks import ModelTasks
 from activator.policy import ModelView
+from activator.routing import PodLease
+from activator.scaleout import ScaleOut, ScaleTarget
 from activator.settings import ModelSettings
 from activator.tasks import TaskGroup
 from activator.transitions import Effect, Event, move
@@ -111,6 +113,10 @@ class Model(ModelTasks, ModelReload):
         self._clock = clock
         self.scheduler: Scheduler | None = None
         self.replicas: Replicas | None = None
+        # replicas.max > 1 on a backend that can: its pods, routing and replica count
+        # (activator.scaleout), set up with the backend.
+        self.scale: ScaleOut | None = None
+        self._granting = False
         self.state = "stopped"
         self.unknown = False
         self.url: str | None = None
@@ -178,6 +184,28 @@ class Model(ModelTasks, ModelReload):
     def attach_backend(self, backend: Backend) -> None:
         """Called once at app start, when backends (and their API clients) can exist."""
         self._backend = backend
+        self._attach_scale(backend)
+
+    def _attach_scale(self, backend: Backend) -> None:
+        """Scale out when the settings ask for it and the backend can (Kubernetes); a
+        new backend (a reload's) keeps the model's ScaleOut, or closes it."""
+        if self.settings.replicas.max == 1 or not isinstance(backend, ScaleTarget):
+            if self.scale is not None:
+                old, self.scale = self.scale, None
+                self._tasks.spawn(old.aclose(), name=f"scale-close:{self.name}")
+        else:
+            if self.scale is None:
+                self.scale = ScaleOut(
+                    self.settings,
+                    http=self._http,
+                    metrics=self._metrics,
+                    tasks=self._tasks,
+                    on_change=self._pods_changed,
+                    kick=self._kick,
+                    clock=self._clock,
+                )
+            self.scale.configure(self.settings)
+            self.scale.attach(backend)
 
     # ----- what the proxy sees -------------------------------------------------------
 
@@ -198,8 +226,9 @@ class Model(ModelTasks, ModelReload):
         sleep = 2 * s.sleep.timeout if s.sleep is not None else 0.0
         return s.startup_timeout + pooled + grace + sleep + HOLD_MARGIN
 
-    async def acquire(self) -> Lease:
-        """Return a lease on a ready upstream, holding the caller while the model wakes.
+    async def acquire(self, *, exclude: Collection[str] = ()) -> Lease:
+        """Return a lease on a ready upstream, holding the caller while the model wakes
+        (or, scaled out, while every pod is full: `exclude` names pods not to use now).
 
         Raises QueueFull, StartFailed, HoldTimeout or ShuttingDown. Safe to cancel (a
         client that disconnects): the waiter leaves the queue at once and the start,
@@ -210,7 +239,15 @@ class Model(ModelTasks, ModelReload):
         if self.retiring is not None and self.state not in ("ready", "starting", "waking"):
             raise self._removed()
         if self.state == "ready":
-            return self._new_lease(cold=False, held=0.0)
+            if self.scale is None:
+                return self._new_lease(cold=False, held=0.0)
+            pod = self.scale.try_acquire(exclude=frozenset(exclude))
+            if pod is not None:
+                return self._new_lease(cold=False, held=0.0, pod=pod)
+            if self._closing:
+                raise ShuttingDown("activator is shutting down", retry_after=5)
+            # Every pod is at its limit (or none takes requests): held below, as for a
+            # start, until a pod has room.
         if self._waiters.full(self.settings.max_queued):
             raise QueueFull(
                 f"too many requests are waiting for model {self.name!r} to start",
@@ -248,9 +285,12 @@ class Model(ModelTasks, ModelReload):
                 self._clock() - arrived
             )
 
-    def _new_lease(self, *, cold: bool, held: float) -> Lease:
-        assert self.url is not None
-        lease = Lease(model=self, url=self.url, cold=cold, held_seconds=held)
+    def _new_lease(self, *, cold: bool, held: float, pod: PodLease | None = None) -> Lease:
+        url = pod.url if pod is not None else self.url
+        assert url is not None
+        lease = Lease(model=self, url=url, cold=cold, held_seconds=held, pod_lease=pod)
+        if pod is not None:
+            pod.on_cut(lambda: lease.cut(pod.cut_reason or f"pod {pod.pod} is gone"))
         self._leases.add(lease)
         self._drained.clear()
         self.last_activity = self._clock()
@@ -268,6 +308,38 @@ class Model(ModelTasks, ModelReload):
             self._drained.set()
             self._kick()
 
+    def _pods_changed(self) -> None:
+        """The router's on_change (a scaled-out model): room may have appeared on a pod,
+        so held requests take it in arrival order; the pool looks again when the demand
+        moved by a whole replica."""
+        assert self.scale is not None
+        if self.state == "ready" and len(self._waiters) and not self._granting:
+            self._grant_from_pods()
+        if self.scale.demand_moved(len(self._waiters)):
+            self._kick()
+
+    def _grant_from_pods(self) -> None:
+        """Held requests get pods with room, oldest first; those held since before the
+        model was ready were held for its wake (cold)."""
+        assert self.scale is not None
+        scale, ready_since = self.scale, self.ready_since or 0.0
+
+        def lease_for(arrived: float) -> Lease | None:
+            pod = scale.try_acquire()
+            if pod is None:
+                return None
+            return self._new_lease(
+                cold=arrived < ready_since, held=self._clock() - arrived, pod=pod
+            )
+
+        self._granting = True  # a grant tells the router, which tells us again
+        try:
+            granted = self._waiters.grant_while(lease_for)
+        finally:
+            self._granting = False
+        if granted:
+            self._update_held()
+
     def _retry_after(self) -> float:
         # A start is the likely wait; clients should come back when it may be over.
         return max(1.0, min(self.settings.startup_timeout, 30.0))
@@ -284,7 +356,8 @@ class Model(ModelTasks, ModelReload):
         return ModelView(
             name=self.name,
             state=self.state,
-            gpus=s.gpus,
+            # Every replica it asked for takes its GPUs (a stopped model: one's worth).
+            gpus=s.gpus * (self.scale.replicas if self.scale is not None else 1),
             in_flight=len(self._leases),
             queued=len(self._waiters) + (self._wake_requested_at is not None),
             oldest_wait=min(waits) if waits else None,
@@ -467,9 +540,12 @@ class Model(ModelTasks, ModelReload):
         self.ready_since = self.last_activity = self._clock()
         self.last_error = None
         self._wake_requested_at = None  # a follower's admin wake is served now
-        self._waiters.grant_all(
-            lambda arrived: self._new_lease(cold=True, held=self._clock() - arrived)
-        )
+        if self.scale is not None:
+            self._grant_from_pods()  # as many as its pods have room for; the rest wait
+        else:
+            self._waiters.grant_all(
+                lambda arrived: self._new_lease(cold=True, held=self._clock() - arrived)
+            )
         self._update_held()
 
     def _effect_fail_start(self, *, reason: str, outcome: str, **_: Any) -> None:
@@ -551,9 +627,13 @@ class Model(ModelTasks, ModelReload):
         self._update_held()
 
     def _update_held(self) -> None:
-        reasons = ("starting", "waiting_for_gpu", "draining")
+        reasons: tuple[str, ...] = ("starting", "waiting_for_gpu", "draining")
+        if self.scale is not None:
+            reasons += ("saturated",)
         if self.state in ("draining", "falling_asleep", "stopping"):
             current = "draining"
+        elif self.state == "ready":
+            current = "saturated"  # scaled out: every pod is at its limit
         elif self.state in ("starting", "waking") or self.settings.pool is None:
             current = "starting"
         else:
@@ -689,6 +769,8 @@ class Model(ModelTasks, ModelReload):
         await self.cut_in_flight("activator is shutting down")
         await self._release_engine()
         await self.backend.aclose()
+        if self.scale is not None:
+            await self.scale.aclose()
 
     async def _release_engine(self) -> None:
         if self._released:

@@ -37,7 +37,8 @@ REQUEST_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
     300, 600, 1200, 1800,
 )  # fmt: skip
-HELD_REASONS = ("starting", "waiting_for_gpu", "draining")
+HELD_REASONS = ("starting", "waiting_for_gpu", "draining", "saturated")
+REPLICA_KINDS = ("desired", "actual")
 RELOAD_OUTCOMES = ("ok", "invalid", "refused")
 # The lifecycle's states (one table: activator.transitions), plus "unknown": shown while
 # the backend cannot observe the engine.
@@ -79,7 +80,9 @@ class Metrics:
         self.held = Gauge(
             "activator_held_requests",
             "Requests held right now, by why they wait: starting (the model is waking), "
-            "waiting_for_gpu (its pool is full), draining (the model is being swapped out).",
+            "waiting_for_gpu (its pool is full), draining (the model is being swapped out), "
+            "saturated (every pod of a scaled-out model carries target_concurrency x "
+            "burst_factor requests).",
             ["model", "reason"],
             registry=r,
         )
@@ -131,6 +134,33 @@ class Metrics:
             "activator_scale_events",
             "Starts (up) and stops (down) by reason: request, idle, swap, admin, revert, "
             "adopt, shutdown, failure.",
+            ["model", "direction", "reason"],
+            registry=r,
+        )
+        # Scale-out (replicas.max > 1): series only for such models.
+        self.model_replicas = Gauge(
+            "activator_model_replicas",
+            "Replicas of a scaled-out model: desired (what activator asks of the workload; "
+            "0 when stopped) and actual (pods taking requests: Ready, not terminating, past "
+            "activator's own probe).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.pod_in_flight = Gauge(
+            "activator_pod_in_flight_requests",
+            "Requests in flight on each pod of a scaled-out model. Pod names come from the "
+            "API: at most 2 x replicas.max pods per model are named (by name order), the "
+            'rest are summed as pod="other"; a pod\'s series goes with the pod.',
+            ["model", "pod"],
+            registry=r,
+        )
+        self.scale_decisions = Counter(
+            "activator_scale_decisions",
+            "Replica count changes a scaled-out model's pool decided, by direction (up, "
+            "down) and reason: demand (sized to in flight + held), max (demand beyond "
+            "max), pool (growth bounded by the pool's free GPUs), delay (a scale-down "
+            "after scale_down_delay), reclaim (GPUs given back to a waiting model). The log "
+            "line of each gives the demand.",
             ["model", "direction", "reason"],
             registry=r,
         )
@@ -344,6 +374,7 @@ class Metrics:
         gone = [(self.model_state, (model, state)), (self.queue_capacity, (model,))]
         gone += [(self.in_flight, (model,))]
         gone += [(self.held, (model, reason)) for reason in HELD_REASONS]
+        gone += [(self.model_replicas, (model, kind)) for kind in REPLICA_KINDS]
         for gauge, labels in gone:
             with contextlib.suppress(KeyError):
                 gauge.remove(*labels)

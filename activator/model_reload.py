@@ -23,6 +23,7 @@ from activator.tasks import TaskGroup
 if TYPE_CHECKING:
     from activator.backends.base import Backend
     from activator.lifecycle import Model
+    from activator.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.lifecycle")
 
@@ -53,6 +54,7 @@ class ModelReload:
     _closing: bool
     _backend: Backend | None
     _wake_requested_at: float | None
+    scale: ScaleOut | None
 
     if TYPE_CHECKING:  # Model's own, used here
 
@@ -70,6 +72,8 @@ class ModelReload:
         def _update_held(self) -> None: ...
 
         def _fail_waiters(self, error: ModelUnavailable) -> int: ...
+
+        def _attach_scale(self, backend: Backend) -> None: ...
 
     @property
     def restart_pending(self) -> tuple[str, ...]:
@@ -92,6 +96,8 @@ class ModelReload:
         None drops it (the config went back). Synchronous: nothing is awaited."""
         self.settings = settings
         self._pending = pending
+        if self.scale is not None:
+            self.scale.configure(settings)  # target_concurrency, burst_factor, probe...
         self._metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         self._update_held()
         self._after_move()
@@ -150,6 +156,7 @@ class ModelReload:
         old = self._backend
         if old is not None:
             self._backend = pending.backend(self.settings, cast("Model", self))
+            self._attach_scale(self._backend)
             self._tasks.spawn(self._replace_backend(old), name=f"new-backend:{self.name}")
         logger.info(
             "model=%s new engine settings in force (%s)", self.name, ", ".join(pending.keys)

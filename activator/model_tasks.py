@@ -29,6 +29,7 @@ from activator.transitions import Event
 if TYPE_CHECKING:
     from activator.backends.base import Backend
     from activator.lifecycle import Model, Replicas
+    from activator.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.lifecycle")
 
@@ -46,6 +47,7 @@ class ModelTasks:
     last_wake_from: str | None
     last_sleep_seconds: float | None
     replicas: Replicas | None
+    scale: ScaleOut | None
     _http: HttpClient
     _clock: Callable[[], float]
     _metrics: Metrics
@@ -100,9 +102,10 @@ class ModelTasks:
                 return
             self._fire("start_failed", reason=reason, outcome=outcome)
             return
-        if lost is not None:
+        if lost is not None and self.scale is None:
             # Requests still on the lost engine would stay on it; pooled connections to it
-            # (behind a Service: to a pod that is gone) must not take new requests.
+            # (behind a Service: to a pod that is gone) must not take new requests. (A
+            # scaled-out model's requests are on pods: a pod that goes cuts its own.)
             for lease in list(self._leases):
                 lease.cut(f"model {self.name!r} lost its engine ({lost}) and has a new one")
             await self._http.reset(self.name)
@@ -136,9 +139,14 @@ class ModelTasks:
         answers as a ready engine. `serving` is checked again after the probe: a server we
         did not start may answer on the URL (another process on a fixed port, a
         terminating pod behind a lagging Service), and our engine may have exited
-        meanwhile; the backend reports that exit as a failure, which ends the race."""
+        meanwhile; the backend reports that exit as a failure, which ends the race. A
+        scaled-out model is ready once one of its pods passed activator's own probe
+        (Ready, not terminating: the router probes each pod itself)."""
         while True:
             await self._until_serving()
+            if self.scale is not None:
+                await self.scale.until_routable()
+                return
             await wait_ready(
                 self._http.session(self.name),
                 url=url,

@@ -7,9 +7,16 @@ then sleep until kicked (a request was held, a start or stop finished, a stream 
 or until the policy's next deadline (idle timeout, end of a min_residency). Decisions
 within a pool are therefore made by one task, in order.
 
+Scaled-out models (replicas.max > 1, activator.scaleout) are sized in the same step, before
+the policy's starts and swaps: each ready one gets the replicas its demand asks for, within
+the GPUs its pool can give without evicting anything (activator.scaling.pool_room), and a
+pool whose waiting model lacks GPUs takes them back from extra replicas first. A model's
+view counts every replica it asked for.
+
 With several activator replicas (activator.ha) only the leader's loops decide, from views
 holding every replica's demand; a follower's loop feeds its models the leader's intent
-instead (`Coordinator.follow`). Either way, one task per pool moves its models.
+instead (`Coordinator.follow`), and never scales. Either way, one task per pool moves its
+models.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any, Protocol
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.policy import Decision, ModelView, decide, gpus_in_use, host_in_use, plan_sleeps
+from activator.scaling import pool_room
 
 logger = logging.getLogger(__name__)
 
@@ -126,16 +134,22 @@ class PoolScheduler:
 
     def step(self) -> float | None:
         if self.coordinator is not None and not self.coordinator.deciding():
+            for m in self.models:
+                if m.scale is not None:
+                    m.scale.rest()  # the leader sizes it; spec.replicas is what counts here
             return self.coordinator.follow(self.models)
         now = self._clock()
-        views = [m.view() for m in self.models]
-        if self.coordinator is not None:
-            views = self.coordinator.merged(views)
+        views = self._views()
+        resized, scaled_wake = self._size_replicas(views)
+        if resized:
+            views = self._views()  # the policy sees the footprints as they are now
         decision = decide(self.capacity, views, now=now, host_memory=self.host_memory)
         self.last_decision = decision
         for stop in decision.stop:
             model = self._by_name[stop.model]
             began = model.begin_stop(reason=stop.reason, sleep=stop.sleep)
+            if began and model.scale is not None:
+                model.scale.rest()  # no write of this step's size may follow the stop
             if began and stop.for_model is not None:
                 mode = "sleep" if stop.sleep else "stop"
                 logger.info(
@@ -150,7 +164,53 @@ class PoolScheduler:
             after = [m.view() for m in self.models]
             self._metrics.pool_gpus_in_use.labels(pool=self.name).set(gpus_in_use(after))
             self._metrics.pool_host_memory_in_use.labels(pool=self.name).set(host_in_use(after))
-        return decision.wake_at
+        wakes = [t for t in (decision.wake_at, scaled_wake) if t is not None]
+        return min(wakes) if wakes else None
+
+    def _views(self) -> list[ModelView]:
+        views = [m.view() for m in self.models]
+        if self.coordinator is not None:
+            views = self.coordinator.merged(views)
+        return views
+
+    def _size_replicas(self, views: Sequence[ModelView]) -> tuple[bool, float | None]:
+        """Each ready scaled-out model to the replicas its demand asks for (the views hold
+        every activator replica's demand), growing only into GPUs nobody holds or waits
+        for; the GPUs a waiting model lacks come back from the model with the most extra
+        replicas. Returns whether a footprint changed, and when to look again."""
+        scaled = [(m, v) for m, v in zip(self.models, views, strict=True) if m.scale is not None]
+        if not scaled:
+            return False, None
+        room = pool_room(self.capacity, views)
+        extra = [
+            (m.scale.replicas, m.name, m)
+            for m, _ in scaled
+            if m.scale is not None and m.state == "ready" and m.scale.replicas > 1
+        ]
+        giver = max(extra)[2] if room.reclaim > 0 and extra else None
+        free = room.free
+        resized = False
+        wakes: list[float] = []
+        for model, view in scaled:
+            scale = model.scale
+            assert scale is not None
+            if model.state != "ready":
+                scale.rest()
+                continue
+            before = scale.replicas
+            wake = scale.decide(
+                in_flight=view.in_flight,
+                held=view.queued,
+                gpus_free=free,
+                gpus_reclaim=room.reclaim if model is giver else 0,
+                unknown=view.unknown,
+            )
+            if wake is not None:
+                wakes.append(wake)
+            resized |= scale.replicas != before
+            if free is not None:  # what this model took is not free for the next one
+                free = max(0, free - (scale.replicas - before) * model.settings.gpus)
+        return resized, min(wakes) if wakes else None
 
     def sleep_by_hand(self, model: Model) -> str | None:
         """Admin sleep: put `model` to sleep now if its weights fit in the pool's free

@@ -36,6 +36,7 @@ from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
 from activator.request_body import read_body
+from activator.routing import sent_nothing
 from activator.settings import ServerSettings
 from activator.usage import StreamTail, Usage, find_usage
 
@@ -50,6 +51,9 @@ ENDPOINTS = {
     "/v1/embeddings": "embeddings",
     "/v1/responses": "responses",
 }
+# Pods of a scaled-out model one request may be sent to, when each refuses the connection
+# before any byte goes out (a pod that died since its last probe): then it is an error.
+POD_ATTEMPTS = 3
 
 
 @dataclass
@@ -62,11 +66,19 @@ class Exchange:
     model: str = UNKNOWN_MODEL
     cold: bool = False
     held: float = 0.0
+    pod: str | None = None  # the pod that answered (a scaled-out model)
     ttfb: float | None = None
     status: int = 0
     # The client's response once its status line went out (a stream): from then on an
     # error can only travel inside it.
     sent: web.StreamResponse | None = None
+
+
+@dataclass
+class Attempt:
+    """The lease a request is being sent on: another pod's after a refused connection."""
+
+    lease: Lease
 
 
 class ClientGone(Exception):
@@ -169,13 +181,15 @@ class Proxy:
         lease = await self._acquire(ex, model)
         return await self._forward(request, ex, lease, body)
 
-    async def _acquire(self, ex: Exchange, model: Model) -> Lease:
+    async def _acquire(
+        self, ex: Exchange, model: Model, *, exclude: frozenset[str] = frozenset()
+    ) -> Lease:
         """`model.acquire()`, noting a hold that ends without a lease (the start failed or
         timed out, shutdown, the client left): that request was held for a wake too, and
         its headers, metrics and log line say so and for how long."""
         started = time.monotonic()
         try:
-            return await model.acquire()
+            return await model.acquire(exclude=exclude)
         except (ModelUnavailable, asyncio.CancelledError):
             ex.cold, ex.held = True, time.monotonic() - started
             raise
@@ -222,15 +236,10 @@ class Proxy:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=10, sock_read=model.settings.upstream_read_timeout
         )
+        attempt = Attempt(lease)
         try:
-            upstream = await self._http.post(
-                model.name,
-                lease.url + request.path,
-                data=body,
-                headers=self._upstream_headers(request, ex, model),
-                timeouts=timeout,
-                request_id=ex.request_id,
-            )
+            upstream = await self._post(request, ex, attempt, body, timeout)
+            lease = attempt.lease
             async with upstream:
                 lease.on_cut(upstream.close)
                 if upstream.content_type == "text/event-stream":
@@ -238,15 +247,15 @@ class Proxy:
                 data = await upstream.read()
                 ex.ttfb = time.monotonic() - ex.started
         except aiohttp.ClientPayloadError as exc:
-            raise self._upstream_error(model, "disconnect", lease, exc) from exc
+            raise self._upstream_error(model, "disconnect", attempt.lease, exc) from exc
         except TimeoutError as exc:
             # Before ClientConnectionError: aiohttp's read timeouts are both.
             self._metrics.upstream_errors.labels(model=model.name, kind="timeout").inc()
             raise UpstreamTimeout(f"model {model.name!r} did not answer in time") from exc
         except aiohttp.ClientConnectionError as exc:
-            raise self._upstream_error(model, "connect", lease, exc) from exc
+            raise self._upstream_error(model, "connect", attempt.lease, exc) from exc
         finally:
-            lease.release()
+            attempt.lease.release()
         self._count_tokens(model, upstream, lambda: find_usage(data))
         if ex.sent is not None:  # headers went out while held
             return await _end(ex.sent, _as_sse(upstream.status, data))
@@ -256,6 +265,49 @@ class Proxy:
         if wrapped is not None:
             headers["Content-Type"] = "application/json"
         return web.Response(status=upstream.status, body=wrapped or data, headers=headers)
+
+    async def _post(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        attempt: Attempt,
+        body: bytes,
+        timeouts: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """POST to the attempt's upstream until its status line is in. A scaled-out
+        model's pod that refuses the connection (or does not accept it in time: nothing
+        was sent) leaves rotation until its probe passes again, and the request goes to
+        another pod (waiting for room like any request), up to POD_ATTEMPTS pods. Apart
+        from HttpClient.post's one retry of a pooled connection the engine closed."""
+        tried: set[str] = set()
+        while True:
+            lease = attempt.lease
+            try:
+                upstream = await self._http.post(
+                    lease.model.name,
+                    lease.url + request.path,
+                    data=body,
+                    headers=self._upstream_headers(request, ex, lease.model),
+                    timeouts=timeouts,
+                    request_id=ex.request_id,
+                )
+            except aiohttp.ClientError as exc:
+                if lease.pod is None or not sent_nothing(exc) or len(tried) + 1 >= POD_ATTEMPTS:
+                    raise
+                tried.add(lease.pod)
+                logger.warning(
+                    "model=%s request_id=%s pod %s did not take the connection (%r): sending "
+                    "to another pod",
+                    lease.model.name,
+                    ex.request_id,
+                    lease.pod,
+                    exc,
+                )
+                lease.connect_failed()
+                attempt.lease = await self._acquire(ex, lease.model, exclude=frozenset(tried))
+                continue
+            ex.pod = lease.pod
+            return upstream
 
     async def _relay_stream(
         self, request: web.Request, ex: Exchange, lease: Lease, upstream: aiohttp.ClientResponse
@@ -357,6 +409,7 @@ class Proxy:
             "ttfb_ms": None if ex.ttfb is None else round(ex.ttfb * 1000, 1),
             "duration_ms": round(duration * 1000, 1),
             "request_id": ex.request_id,
+            "pod": ex.pod,
         }
         if self._access_log == "json":
             access_logger.info("%s", json.dumps(record))

@@ -13,9 +13,11 @@ validator of its class (see ProcessTarget).
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -33,6 +35,7 @@ from activator.config_types import (
     InCluster,
     Keepalive,
     Port,
+    Positive,
     Price,
     Size,
     Text,
@@ -191,6 +194,25 @@ class KubernetesTarget(Section):
     name: Text
     url: Url
     kind: WorkloadKind = "Deployment"
+    # With replicas.max > 1 activator routes to the pods itself: the Service (in
+    # `namespace`) whose EndpointSlices list them. None = the first label of url's host
+    # (coder.serving.svc -> coder); required when that host is an IP address.
+    service: Text | None = None
+    # The Service port (by name) its pods are reached on; None = its only port, else the
+    # one named http.
+    service_port: Text | None = None
+
+    @property
+    def service_name(self) -> str | None:
+        """The Service whose EndpointSlices list the pods, or None if none is known."""
+        if self.service is not None:
+            return self.service
+        host = urlsplit(self.url).hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return host.split(".", 1)[0] if host and host != "localhost" else None
+        return None
 
 
 class PoolSettings(Section):
@@ -243,6 +265,32 @@ class CostSettings(Section):
         return any(price is not None for price in prices)
 
 
+class ReplicasSettings(Section):
+    """Scale-out of a Kubernetes model (docs/kubernetes.md, "Scaling out"): 1..max
+    replicas by load, and requests routed to its pods directly (least loaded first)."""
+
+    # Most replicas. 1: one engine, scaled 0 <-> 1 and reached through its Service.
+    max: Count = 1
+    # Requests one replica should carry: desired replicas = ceil((in flight + held) /
+    # target_concurrency). 16: a moderate batch for a 7B model on one GPU; measure yours.
+    target_concurrency: Positive = 16.0
+    # Demand must stay lower this long before a replica goes (Knative's stable window:
+    # a dip shorter than this sheds nothing). Scale-up is at once. 0: at once too.
+    scale_down_delay: DurationOrZero = 300.0
+    # A pod carries at most target_concurrency x burst_factor requests; past that they
+    # are held in activator (not queued on a busy engine) until a pod has room, so a new
+    # pod takes the queue as soon as it is up. 2: each pod keeps its next batch queued.
+    burst_factor: Positive = 2.0
+
+    @model_validator(mode="after")
+    def _burst_reaches_the_target(self) -> ReplicasSettings:
+        if self.burst_factor < 1:
+            raise problem_at(
+                "burst_factor", "must be 1 or more (a pod must reach its target)", self.burst_factor
+            )
+        return self
+
+
 class ModelDefaults(Section):
     """The per-model keys that `defaults:` may also set (for every model at once)."""
 
@@ -262,6 +310,9 @@ class ModelDefaults(Section):
     drain_timeout: Duration = 120.0
     max_wait: Duration = 300.0
     upstream_api_key: Annotated[Text | None, SECRET] = None  # None = forward the client's
+    # Scale-out by load (Kubernetes models only when max > 1); under `defaults:` and a
+    # model both, a model's keys win key by key.
+    replicas: ReplicasSettings = Field(default_factory=ReplicasSettings)
     # Prices (activator.cost); under `defaults:` and a model both, a model's keys win
     # key by key. None = no activator_cost_dollars_total for the model.
     cost: CostSettings | None = None
@@ -277,6 +328,32 @@ class ModelSettings(ModelDefaults):
     sleep: SleepSettings | None = None  # None = stopped, never put to sleep
     process: ProcessTarget | None = None
     kubernetes: KubernetesTarget | None = None
+
+    @model_validator(mode="after")
+    def _scale_out_needs_a_kubernetes_service(self) -> ModelSettings:
+        if self.replicas.max == 1:
+            return self
+        if self.kubernetes is None:
+            raise problem_at(
+                "replicas",
+                "max above 1 needs a kubernetes target (a local engine is one process)",
+                None,
+            )
+        if self.sleep is not None:
+            raise problem_at(
+                "replicas",
+                "max above 1 cannot be combined with sleep (a sleep or a wake would reach "
+                "one pod through the Service)",
+                None,
+            )
+        if self.kubernetes.service_name is None:
+            raise problem_at(
+                "kubernetes",
+                "needs service: with replicas.max above 1 (the Service whose EndpointSlices "
+                "list the pods; url's host is an address, not a Service name)",
+                None,
+            )
+        return self
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -23,7 +23,17 @@ from tests.harness import Running, chat, model_config, post, unique, wait_for
 
 ACCESS = "activator.access"
 HELLO: Any = [{"role": "user", "content": "hello"}]
-FIELDS = ["model", "endpoint", "status", "cold", "held_ms", "ttfb_ms", "duration_ms", "request_id"]
+FIELDS = [
+    "model",
+    "endpoint",
+    "status",
+    "cold",
+    "held_ms",
+    "ttfb_ms",
+    "duration_ms",
+    "request_id",
+    "pod",
+]
 CLIENT_KEY = "sk-client-" + uuid.uuid4().hex
 ENGINE_KEY = "sk-engine-" + uuid.uuid4().hex
 

@@ -31,6 +31,7 @@ from activator.settings import (
     ModelSettings,
     PoolSettings,
     ProcessTarget,
+    ReplicasSettings,
     Section,
     ServerSettings,
     Settings,
@@ -190,6 +191,7 @@ SECTIONS = {
     "target": KubernetesTarget,
     "sleep": SleepSettings,
     "cost": CostSettings,
+    "replicas": ReplicasSettings,
 }
 
 
@@ -209,6 +211,7 @@ def sections_of_example() -> dict[str, set[str]]:
         "target": set().union(*(set(m["kubernetes"]) for m in models if "kubernetes" in m)),
         "sleep": set().union(*(set(m["sleep"]) for m in models if "sleep" in m)),
         "cost": set().union(*(set(m["cost"]) for m in models if m.get("cost"))),
+        "replicas": set(data["defaults"]["replicas"]),
     }
 
 
@@ -816,6 +819,81 @@ def test_pool_reference_without_pools_says_none_are_defined() -> None:
     data = patched("models.a.pool", "l4")
     del data["pools"]
     assert problems_of(data) == ["models.a.pool: unknown pool l4 (pools: none defined)"]
+
+
+# --- replicas (scale-out) --------------------------------------------------------------
+
+
+def test_replicas_default_to_one_engine_and_defaults_merge_key_by_key() -> None:
+    data = base()
+    data["defaults"] = {"replicas": {"target_concurrency": 4, "scale_down_delay": "30s"}}
+    data["models"]["b"]["replicas"] = {"max": 3, "target_concurrency": 8}
+    settings = parse_config(data, environ={})
+    a, b = settings.models["a"].replicas, settings.models["b"].replicas
+    assert (a.max, a.target_concurrency, a.scale_down_delay) == (1, 4.0, 30.0)
+    assert (b.max, b.target_concurrency, b.scale_down_delay, b.burst_factor) == (3, 8, 30, 2)
+
+
+@pytest.mark.parametrize(
+    ("url", "service", "expected"),
+    [
+        ("http://b.serving.svc:8000", None, "b"),
+        ("http://b-chat.serving.svc.cluster.local:8000", None, "b-chat"),
+        ("http://b:8000", None, "b"),
+        ("http://10.0.0.7:8000", "b-svc", "b-svc"),
+        ("http://10.0.0.7:8000", None, None),
+        ("http://[fd00::7]:8000", None, None),
+        ("http://localhost:8000", None, None),
+    ],
+)
+def test_the_service_defaults_to_the_first_label_of_the_urls_host(
+    url: str, service: str | None, expected: str | None
+) -> None:
+    target = KubernetesTarget(namespace="serving", name="b", url=url, service=service)
+    assert target.service_name == expected
+
+
+@pytest.mark.parametrize(
+    ("model", "replicas", "expected"),
+    [
+        ("a", {"max": 2}, "models.a.replicas: max above 1 needs a kubernetes target"),
+        ("b", {"burst_factor": 0.5}, "models.b.replicas.burst_factor: must be 1 or more"),
+        ("b", {"target_concurrency": 0}, "models.b.replicas.target_concurrency: must be greater"),
+        ("b", {"max": 0}, "models.b.replicas.max: must be 1 or more"),
+        ("b", {"scale_down_delay": "soon"}, "models.b.replicas.scale_down_delay: expected a"),
+    ],
+)
+def test_replicas_problems_name_their_key(
+    model: str, replicas: dict[str, Any], expected: str
+) -> None:
+    data = patched(f"models.{model}.replicas", replicas)
+    (problem,) = problems_of(data)
+    assert problem.startswith(expected), problem
+
+
+def test_several_replicas_need_a_service_name_and_no_sleep() -> None:
+    data = patched("models.b.replicas", {"max": 2})
+    data["models"]["b"]["kubernetes"]["url"] = "http://10.0.0.7:8000"
+    (problem,) = problems_of(data)
+    assert problem.startswith("models.b.kubernetes: needs service: with replicas.max above 1")
+    data["models"]["b"]["kubernetes"]["service"] = "b"
+    target = parse_config(data, environ={}).models["b"].kubernetes
+    assert target is not None and target.service_name == "b"
+    data["models"]["b"]["sleep"] = {"level": 2}
+    (problem,) = problems_of(data)
+    assert problem.startswith("models.b.replicas: max above 1 cannot be combined with sleep")
+
+
+def test_every_replica_must_fit_in_the_pool() -> None:
+    data = patched("models.b.replicas", {"max": 3})
+    data["pools"]["l4"]["gpus"] = 4
+    data["models"]["b"].update(pool="l4", gpus=2)
+    assert problems_of(data) == [
+        "models.b.replicas.max: 3 replicas x 2 GPUs exceed pool l4 capacity of 4: at most 2 "
+        "could ever run"
+    ]
+    data["models"]["b"]["replicas"]["max"] = 2
+    assert parse_config(data, environ={}).models["b"].replicas.max == 2
 
 
 # --- files -----------------------------------------------------------------------------

@@ -48,6 +48,9 @@ EXPECTED_GRANTS = {
         for v in ("get", "patch", "update")
     ),
     *(("", r, v) for r in ("pods", "events") for v in ("get", "list", "watch")),
+    # Scale-out: the pods behind each model's Service, and their deletion cost annotation.
+    ("", "pods", "patch"),
+    *(("discovery.k8s.io", "endpointslices", v) for v in ("list", "watch")),
 }
 # In activator's own namespace, Leases only: leader election (get, create, update; watch
 # by followers) and each replica's demand Lease (patched, created, deleted at shutdown).

@@ -23,8 +23,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from activator.backends.base import BackendError
-from activator.backends.kube.calls import RetryPolicy
+from activator.backends.kube.calls import LastingApiError, RetryPolicy
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.endpoints import EndpointSliceWatch, pod_endpoints
 from activator.readiness import wait_ready
@@ -506,10 +505,12 @@ async def test_a_role_without_endpointslices_fails_the_sync_naming_rbac() -> Non
         cluster = await KubeCluster.connect(settings, tuning=FAST)
         watch = EndpointSliceWatch.for_cluster(cluster)
         try:
-            # Not at once: the informer keeps the 403 as a plain BackendError (its
-            # LastingApiError type is lost), so the wait runs to its bound.
-            with pytest.raises(BackendError, match="RBAC: cannot list endpointslices"):
-                await watch.synced("serving", timeout=2)
+            # At once, with the API group the Role needs: a 403 is a lasting error, so
+            # the wait does not run to its bound (which would raise a plain
+            # BackendError saying the API did not answer in time).
+            with pytest.raises(LastingApiError, match="RBAC: cannot list endpointslices") as e:
+                await watch.synced("serving", timeout=60)
+            assert "API group 'discovery.k8s.io'" in str(e.value)
         finally:
             await watch.aclose()
             await cluster.aclose()

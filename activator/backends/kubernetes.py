@@ -1,5 +1,6 @@
 """Kubernetes backend: a Deployment or StatefulSet scaled 0 <-> 1 through its scale
-subresource, observed through shared watches.
+subresource, observed through shared watches; with replicas.max > 1 also 1 <-> N
+(`scale_to`, decided by activator.scaleout) and the pods behind its Service (`watch_pods`).
 
 What it does and does not own: it scales (never edits the whole workload), reports wake
 phases and failure reasons from pods and events, notices other actors (a GitOps revert,
@@ -34,7 +35,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from activator.backends.base import BackendError, BackendListener
@@ -48,6 +49,7 @@ from activator.backends.kube.status import (
     view_pod,
 )
 from activator.backends.kube.wake import WakeTracker
+from activator.routing import PodEndpoint
 from activator.settings import KubernetesTarget, ModelSettings
 
 __all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
@@ -55,6 +57,8 @@ __all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+# The ReplicaSet deletes pods of a lower cost first when it scales down (Kubernetes 1.22+).
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 # Conditional scale writes that meet a conflict are read and decided again this often
 # before the write fails: each conflict is another writer's success, so a few suffice.
 CONFLICT_ATTEMPTS = 5
@@ -79,6 +83,9 @@ class KubernetesBackend:
             raise ValueError(f"model {model.name} has no kubernetes target")
         self._model = model.name
         self._target: KubernetesTarget = model.kubernetes
+        # Several pods (replicas.max > 1): one that cannot come up while others serve does
+        # not fail the model (WakeTracker's `tolerated`).
+        self._scaled = model.replicas.max > 1
         self._cluster = cluster
         self._tuning: KubeTuning = cluster.tuning
         self._listener = listener
@@ -189,6 +196,92 @@ class KubernetesBackend:
             unsubscribe()
         self._unsubscribe.clear()
 
+    # -- scale-out (replicas.max > 1; activator.scaleout decides) ----------------------------
+
+    @property
+    def replicas(self) -> int | None:
+        """spec.replicas as last seen or written (None before the workload was read)."""
+        return self._replicas
+
+    async def scale_to(self, replicas: int) -> bool:
+        """Scale the running workload to `replicas` (1 or more): a conditional write (the
+        scale's resourceVersion as read; a conflict is read and decided again), made only
+        while this replica may write, and not made when spec.replicas is already that.
+        Whether it wrote. Raises NotLeader without leadership, BackendError when the API
+        refuses."""
+        if replicas < 1:
+            raise ValueError("scale_to takes 1 or more replicas; stop() scales to 0")
+        if not self._acting():
+            raise NotLeader(f"{self._where}: not scaled to {replicas}: this replica does not lead")
+        await self._ensure_watching()
+        wrote = await self._scale_fenced(replicas, read=None)
+        self._replicas = replicas  # written, or read to be so already
+        if wrote:
+            self._line(f"scaled {self._where} to {replicas}")
+        return wrote
+
+    def watch_pods(
+        self, on_change: Callable[[tuple[PodEndpoint, ...]], None]
+    ) -> Callable[[], None]:
+        """Call `on_change(pods)` with the pods behind the model's Service (its
+        EndpointSlices, watched once per namespace for every model) now if known and
+        whenever they change. Returns the unsubscribe function."""
+        service = self._target.service_name
+        if service is None:
+            raise BackendError(
+                f"{self._where}: no Service to find its pods by (kubernetes.service)"
+            )
+        return self._cluster.endpoints.subscribe(
+            self._target.namespace,
+            service,
+            on_change,
+            port=self._target.service_port,
+            scheme=self._target.url.split("://", 1)[0],
+        )
+
+    async def pods_synced(self) -> None:
+        """Until the pods behind the Service were listed once; RBAC errors (no list or
+        watch on endpointslices in discovery.k8s.io) raise at once."""
+        await self._cluster.endpoints.synced(
+            self._target.namespace, timeout=self._cluster.settings.request_timeout
+        )
+
+    async def prefer_deletion(self, costs: Mapping[str, int]) -> None:
+        """Before a scale-down: annotate the Deployment's pods with their cost (requests
+        in flight) as controller.kubernetes.io/pod-deletion-cost, so its ReplicaSet
+        deletes the least loaded first. Best effort: a failed write is logged and the
+        scale-down goes on. Nothing for a StatefulSet (it deletes its highest ordinal)
+        or without leadership."""
+        if self._resource != "deployments" or not self._acting():
+            return
+        namespace = self._target.namespace
+        for pod in self._pods():
+            meta = pod.get("metadata") or {}
+            name = str(meta.get("name"))
+            if name not in costs or meta.get("deletionTimestamp"):
+                continue  # unknown to the router (not Ready: deleted first anyway), or going
+            value = str(costs[name])
+            if (meta.get("annotations") or {}).get(DELETION_COST) == value:
+                continue
+            try:
+                await self._cluster.call(
+                    Op(verb="patch", resource="pods", namespace=namespace, name=name),
+                    self._cluster.core.patch_namespaced_pod,
+                    name,
+                    namespace,
+                    {"metadata": {"annotations": {DELETION_COST: value}}},
+                    _content_type=MERGE_PATCH,
+                )
+            except BackendError as exc:
+                log.warning(
+                    "kubernetes: %s %s: pod deletion cost not written (the ReplicaSet picks "
+                    "the pods to delete by itself): %s",
+                    self._model,
+                    self._where,
+                    exc,
+                )
+                return
+
     # -- API calls -----------------------------------------------------------------------
 
     def _read_fn(self) -> ApiFunction:
@@ -225,6 +318,7 @@ class KubernetesBackend:
         )
         rv = _rv(scale)
         self._own_rv = max(self._own_rv, rv)
+        self._replicas = replicas
         log.info(
             "kubernetes: %s %s scaled to %d (resourceVersion %d)",
             self._model,
@@ -268,6 +362,7 @@ class KubernetesBackend:
                 continue
             rv = _rv(written)
             self._own_rv = max(self._own_rv, rv)
+            self._replicas = replicas
             log.info(
                 "kubernetes: %s %s scaled to %d (resourceVersion %d, was %s)",
                 self._model,
@@ -535,8 +630,14 @@ class KubernetesBackend:
             scheduling_grace=self._tuning.scheduling_grace,
             pods=self._pods,
             line=self._line,
+            tolerated=self._other_pods_serve,
         )
         return self._wake
+
+    def _other_pods_serve(self, pod: str) -> bool:
+        """Whether a failure of `pod` leaves the model serving: it has several pods, and
+        another one is Ready."""
+        return self._scaled and bool(self._ready_pods - {pod})
 
     def _rewake(self) -> None:
         """A new wake after the engine was lost: phases are observed again; reverts keep

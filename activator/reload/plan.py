@@ -28,8 +28,18 @@ S = TypeVar("S", bound=BaseModel)
 # in its old pool, until then: counting it anywhere else would let the pool start a
 # model onto GPUs that are still in use.
 ENGINE_SECTIONS = frozenset({"process", "kubernetes"})
+# replicas.max too: whether requests go through the Service (1) or to the pods directly
+# (more) is set up with the engine, and a running model's GPUs are counted with it.
 ENGINE_KEYS = frozenset(
-    {"served_model_name", "pool", "gpus", "sleep", "sleep.level", "sleep.host_memory"}
+    {
+        "served_model_name",
+        "pool",
+        "gpus",
+        "sleep",
+        "sleep.level",
+        "sleep.host_memory",
+        "replicas.max",
+    }
 )
 # Server keys that need a new listening socket: refused (restart activator instead).
 LISTENER_KEYS = ("host", "port")

@@ -101,11 +101,23 @@ class LastingApiError(BackendError):
     object or resource type (404)."""
 
 
+# The API group of each resource activator reads or writes, as RBAC rules name it ("" is
+# the core group, which a Role spells apiGroups: [""] and kubectl calls core).
+API_GROUPS = {
+    "deployments": "apps",
+    "statefulsets": "apps",
+    "endpointslices": "discovery.k8s.io",
+    "leases": "coordination.k8s.io",
+}
+
+
 def to_backend_error(op: Op, exc: BaseException) -> BackendError:
-    """The one place API failures become readable errors."""
+    """The one place API failures become readable errors. A BackendError (already
+    worded, by `call`) is returned as it is: a 403 stays a LastingApiError."""
+    if isinstance(exc, BackendError):
+        return exc
     if isinstance(exc, ApiException) and exc.status == 403:
-        resource = op.resource.split("/", 1)
-        group = "apps" if resource[0] in ("deployments", "statefulsets") else "core"
+        group = API_GROUPS.get(op.resource.split("/", 1)[0], "core")
         return LastingApiError(
             f"RBAC: cannot {op.verb} {op.resource} in namespace {op.namespace} "
             f"(grant the verb on {op.resource} in API group {group!r} to activator's "

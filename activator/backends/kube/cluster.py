@@ -1,7 +1,9 @@
 """KubeCluster: one per app. Holds the API client and the shared informers.
 
 Backends never open their own connections or watches: every model in a namespace shares
-one pod watch, one event watch and one workload watch, so ten models cost three watches.
+one pod watch, one event watch and one workload watch, so ten models cost three watches;
+models scaled out (replicas.max > 1) share one EndpointSlice watch per namespace
+(`endpoints`, activator.backends.kube.endpoints).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 
 from activator.backends.base import BackendError
 from activator.backends.kube.calls import ApiFunction, Obj, Op, RetryPolicy, call
+from activator.backends.kube.endpoints import EndpointSliceWatch
 from activator.backends.kube.informer import Informer, WatchPolicy
 from activator.settings import KubernetesSettings
 
@@ -58,7 +61,11 @@ class KubeCluster:
         self.tuning = tuning
         self.apps = client.AppsV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
+        self.discovery = client.DiscoveryV1Api(api_client)
         self._informers: dict[tuple[str, str], Informer] = {}
+        # The pods behind each scaled-out model's Service: one watch per namespace, which
+        # owns its informers (started on the first subscription).
+        self.endpoints = EndpointSliceWatch(lambda ns: self.new_informer("endpointslices", ns))
         self._closed = False
 
     @classmethod
@@ -105,8 +112,26 @@ class KubeCluster:
             "statefulsets": self.apps.list_namespaced_stateful_set,
             "pods": self.core.list_namespaced_pod,
             "events": self.core.list_namespaced_event,
+            "endpointslices": self.discovery.list_namespaced_endpoint_slice,
         }
         return functions[resource]
+
+    def new_informer(self, resource: str, namespace: str) -> Informer:
+        """A list+watch of `resource` in `namespace` with the cluster's tuning, not
+        started and not shared: its owner starts and closes it."""
+        return Informer(
+            resource=resource,
+            namespace=namespace,
+            list_fn=self.list_function(resource),
+            policy=WatchPolicy(
+                timeout=self.settings.watch_timeout,
+                request_timeout=self.settings.request_timeout,
+                backoff_initial=self.tuning.watch_backoff_initial,
+                backoff_max=self.tuning.watch_backoff_max,
+                unreachable_after=self.tuning.unreachable_after,
+            ),
+            retry=self.tuning.retry,
+        )
 
     def informer(self, resource: str, namespace: str) -> Informer:
         """The shared list+watch of `resource` in `namespace`, started on first use."""
@@ -115,19 +140,7 @@ class KubeCluster:
         key = (resource, namespace)
         informer = self._informers.get(key)
         if informer is None:
-            informer = Informer(
-                resource=resource,
-                namespace=namespace,
-                list_fn=self.list_function(resource),
-                policy=WatchPolicy(
-                    timeout=self.settings.watch_timeout,
-                    request_timeout=self.settings.request_timeout,
-                    backoff_initial=self.tuning.watch_backoff_initial,
-                    backoff_max=self.tuning.watch_backoff_max,
-                    unreachable_after=self.tuning.unreachable_after,
-                ),
-                retry=self.tuning.retry,
-            )
+            informer = self.new_informer(resource, namespace)
             self._informers[key] = informer
             informer.start()
         return informer
@@ -149,6 +162,7 @@ class KubeCluster:
     async def aclose(self) -> None:
         """Stop every watch, then close the client. Safe to call twice."""
         self._closed = True
+        await self.endpoints.aclose()
         informers, self._informers = list(self._informers.values()), {}
         for informer in informers:
             await informer.aclose()

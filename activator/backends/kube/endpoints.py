@@ -8,8 +8,8 @@ follow the API's rules: a missing `ready` or `serving` means true, a missing
 `terminating` false. A Service with no endpoints has a placeholder slice whose
 `endpoints` and `ports` are null (Kubernetes before 1.36): an empty list here.
 
-`EndpointSliceWatch` is one per app, next to the KubeCluster: it owns one informer per
-namespace (activator.backends.kube.informer: list + watch, resumed, relisted on 410) and
+`EndpointSliceWatch` is one per app, the KubeCluster's `endpoints`: it owns one informer
+per namespace (activator.backends.kube.informer: list + watch, resumed, relisted on 410) and
 tells each subscriber its Service's pods whenever they change, on the event loop. While
 the API is unreachable the last known pods stay (the router's own probes and connect
 errors cover a pod that went meanwhile).
@@ -22,14 +22,15 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-
-from kubernetes_asyncio import client
+from typing import TYPE_CHECKING
 
 from activator.backends.base import BackendError
 from activator.backends.kube.calls import LastingApiError, Obj
-from activator.backends.kube.cluster import KubeCluster
-from activator.backends.kube.informer import Informer, WatchPolicy
+from activator.backends.kube.informer import Informer
 from activator.routing import PodEndpoint
+
+if TYPE_CHECKING:  # the cluster holds the app's watch: it imports this module
+    from activator.backends.kube.cluster import KubeCluster
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +102,6 @@ def pod_endpoints(
     return tuple(sorted(merged.values(), key=lambda e: (e.name, e.url)))
 
 
-def slice_informer(cluster: KubeCluster, namespace: str) -> Informer:
-    """An informer of EndpointSlices in `namespace`, tuned like the cluster's own."""
-    discovery = client.DiscoveryV1Api(cluster.api_client)
-    return Informer(
-        resource=RESOURCE,
-        namespace=namespace,
-        list_fn=discovery.list_namespaced_endpoint_slice,
-        policy=WatchPolicy(
-            timeout=cluster.settings.watch_timeout,
-            request_timeout=cluster.settings.request_timeout,
-            backoff_initial=cluster.tuning.watch_backoff_initial,
-            backoff_max=cluster.tuning.watch_backoff_max,
-            unreachable_after=cluster.tuning.unreachable_after,
-        ),
-        retry=cluster.tuning.retry,
-    )
-
-
 @dataclass(eq=False)
 class _Subscription:
     service: str
@@ -153,7 +136,8 @@ class EndpointSliceWatch:
 
     @classmethod
     def for_cluster(cls, cluster: KubeCluster) -> EndpointSliceWatch:
-        return cls(lambda namespace: slice_informer(cluster, namespace))
+        """A watch of its own on `cluster` (the app's is `cluster.endpoints`)."""
+        return cls(lambda namespace: cluster.new_informer(RESOURCE, namespace))
 
     def subscribe(
         self,

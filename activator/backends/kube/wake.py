@@ -38,12 +38,17 @@ class WakeTracker:
         scheduling_grace: float,
         pods: Callable[[], list[Obj]],
         line: Callable[[str], None],
+        tolerated: Callable[[str], bool] = lambda pod: False,
     ) -> None:
+        """`tolerated(pod)`: a failure of this pod does not fail the model (several
+        pods, and others serve): it is logged once, and the pod is left to its
+        controller."""
         self._model = model
         self._listener = listener
         self._grace = scheduling_grace
         self._pods = pods  # the workload's pods, as the pod informer holds them
         self._line = line
+        self._tolerated = tolerated
         self._phases: set[str] = set()
         self._reported: set[str] = set()
         self._signals: dict[str, SchedulingSignals] = {}
@@ -73,6 +78,19 @@ class WakeTracker:
         self._line(f"failed: {reason}")
         self._listener.backend_failed(reason)
 
+    def pod_failed(self, pod: str, key: str, reason: str) -> None:
+        """A pod cannot serve: the model's failure, unless other pods serve it."""
+        if not self._tolerated(pod):
+            self.fail(key, reason)
+            return
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        log.warning(
+            "kubernetes: %s: %s (the model keeps serving on its other pods)", self._model, reason
+        )
+        self._line(f"pod failed (others serve): {reason}")
+
     def refresh(self) -> None:
         for pod in self._pods():
             self.assess_pod(pod)
@@ -101,7 +119,7 @@ class WakeTracker:
             self._block(False)
         if view.failure and view.failure_key:
             # No progress nudge with a failure: there is nothing to probe.
-            self.fail(view.failure_key, view.failure)
+            self.pod_failed(view.name, view.failure_key, view.failure)
             return
         if view.unschedulable:
             signals = self._signals.setdefault(view.name, SchedulingSignals())
@@ -141,7 +159,7 @@ class WakeTracker:
         waited = loop.time() - since
         failure = scheduling_failure(self._signals[pod], waited=waited, grace=self._grace)
         if failure is not None:
-            self.fail(f"{pod}:scheduling", f"pod {pod}: {failure}")
+            self.pod_failed(pod, f"{pod}:scheduling", f"pod {pod}: {failure}")
         elif self._signals[pod].triggered_scale_up is None and self._timer is None:
             # Wake up when the grace ends, to judge a pod nobody says anything more about.
             self._timer = loop.call_later(self._grace - waited + 0.01, self._grace_over)

@@ -397,6 +397,43 @@ async def patch_scale(request: web.Request) -> web.StreamResponse:
     return web.json_response(scale_view(updated))
 
 
+async def patch_pod(request: web.Request) -> web.StreamResponse:
+    """PATCH of a pod's metadata.labels and metadata.annotations (what activator writes:
+    controller.kubernetes.io/pod-deletion-cost before a scale-down): merge and strategic
+    merge patches, as the apiserver applies them to these maps. Other fields are
+    rejected (the fake simulates no pod spec updates)."""
+    state = request.app[STATE]
+    info = request.match_info
+    ns, name = info["namespace"], info["name"]
+    if state.store.get("pods", ns, name) is None:
+        return not_found("pods", name)
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+    allowed = ("application/merge-patch+json", "application/strategic-merge-patch+json")
+    if content_type not in allowed:
+        return unsupported_media_type(allowed)
+    try:
+        body = json.loads(await request.read())
+    except ValueError as exc:
+        return status_response(400, "BadRequest", f"json parse error: {exc}")
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) - {"metadata"} or not isinstance(meta, dict):
+        return status_response(422, "Invalid", "the fake patches metadata only")
+    if set(meta) - {"labels", "annotations"} or not all(
+        isinstance(meta.get(k, {}), dict) for k in ("labels", "annotations")
+    ):
+        return status_response(422, "Invalid", "the fake patches labels and annotations only")
+    for key, values in meta.items():
+        if not all(isinstance(v, str) or v is None for v in values.values()):
+            return status_response(422, "Invalid", f"metadata.{key}: values must be strings")
+
+    def mutate(obj: Obj) -> None:
+        for key, values in meta.items():
+            merged = merge_patch(obj["metadata"].get(key) or {}, values)
+            obj["metadata"][key] = merged
+
+    return web.json_response(state.store.update("pods", ns, name, mutate))
+
+
 def set_replicas(store: Store, resource: str, ns: str, name: str, replicas: int) -> Obj:
     current = store.get(resource, ns, name)
     assert current is not None
@@ -430,6 +467,7 @@ def build_app(state: ApiState) -> web.Application:
     )
     app.router.add_get(f"/api/v1/namespaces/{{namespace}}/{core}", collection)
     app.router.add_get(f"/api/v1/namespaces/{{namespace}}/{core}/{{name}}", item)
+    app.router.add_patch("/api/v1/namespaces/{namespace}/{resource:pods}/{name}", patch_pod)
     app.router.add_get("/api/v1/{resource:nodes}", collection)
     app.router.add_get("/api/v1/{resource:nodes}/{name}", item)
     for plural in ("endpointslices", "leases"):
