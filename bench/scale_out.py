@@ -1,4 +1,5 @@
-"""Scale-out: throughput and p99 with 1, 2 and 4 replicas, and a load step's time to new pods.
+"""Scale-out through activator: throughput and p99 with 1, 2 and 4 replicas, and a load
+step's time to new pods.
 
   python bench/scale_out.py            # 3 rounds x 8 s per replica count, then the step
   python bench/scale_out.py --smoke    # seconds; CI
@@ -8,324 +9,429 @@ Options: --service S (seconds per request)  --clients C  --duration D  --rounds 
 In one process: the fake Kubernetes API server (activator/testing/fake_kube.py), whose
 simulated kubelet runs each pod's stand-in engine as a real process on its own loopback
 pod IP, with a fixed service time and one request at a time (`--response-delay S
---max-concurrency 1`: the engine is the bottleneck, as a GPU is); activator's
-EndpointSlice watch (activator/backends/kube/endpoints.py) and PodRouter
-(activator/routing.py), which probes each pod itself and routes least-in-flight with
-at most target_concurrency x burst_factor = 1 x 2 requests per pod; and C closed-loop
-aiohttp clients. Requests go client -> PodRouter -> pod directly: the router is not
-wired into activator's proxy yet, so this measures routing and scaling, not the proxy
-(bench/overhead.py has the proxy's own cost).
+--max-concurrency 1`: the engine is the bottleneck, as a GPU is); activator itself, the
+in-process app (activator.app.build_app) served by aiohttp on a loopback port as
+tests/harness.py and bench/kube_wake.py run it, reaching the fake API through a
+generated kubeconfig; and C closed-loop aiohttp clients posting chat completions to
+activator. The model is scaled out (replicas.max 4, target_concurrency 1, burst_factor
+2: each pod carries at most 2 requests, the rest are held in activator; scale_down_delay
+10m), so activator routes each request to a pod from the Service's EndpointSlices and
+scales the Deployment itself. Requests go client -> activator's proxy -> pod.
 
-Throughput: for N = 1, 2, 4 replicas (interleaved over rounds), completed requests/s and
-latency (from asking the router for a pod to the last byte) over D seconds of C clients;
-the target is N x one replica's throughput within 10 %.
+Throughput: for N = 1, 2, 4 (interleaved over rounds) a fresh fake cluster whose node
+has N GPUs (the workload asks for one per pod), so activator's one config asks for 4
+replicas under the clients' demand of 16 and N of them schedule, the others stay
+Pending: the same config and the same routing path for every N. Once N pods are
+routable (activator's /admin/models) and a warm-up second has passed, D seconds are
+measured: completed requests/s and the client's latency (send -> last byte); the target
+is N x one replica's throughput within 10 %.
 
-Load step: one replica, no load; then C clients at once. A scaling loop stands in for
-the lead's wiring: on every change of the router's demand (in flight + waiting) it asks
-activator/scaling.py for the desired replicas (max 4, target_concurrency 1) and patches
-the Deployment's scale subresource through the API. Reported: step -> scale decision,
--> each new pod Ready (the kubelet's record), -> the first request each new pod
-answered; and whether any request went to a pod before that pod was Ready (target:
-none).
+Load step: a cluster without a GPU bound, the model woken by one request to 1 replica
+and left idle; then C clients at once. Reported: step -> activator's scale decision (its
+`scale up` log line, and activator_scale_decisions_total), -> the API server's record of
+the Deployment's spec.replicas write, -> each new pod Ready (the fake kubelet's record),
+-> the first request routed to and answered by each new pod (activator's JSON access log,
+its `pod` key). A request's routing time is its access-log line's arrival time minus its
+duration plus its held time: activator's start of the request plus its wait for a pod,
+a lower bound of when it went to the pod (the body read comes before it). Any request
+whose routing time is before its pod's Ready time is counted as routed before Ready, in
+the throughput runs and in the step (target: none).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import benchlib as bl
+from aiohttp import web
 
-from activator.backends.kube.calls import Op, RetryPolicy
-from activator.backends.kube.cluster import KubeCluster, KubeTuning
-from activator.backends.kube.endpoints import EndpointSliceWatch
-from activator.readiness import wait_ready
-from activator.routing import PodRouter, Probe, RouterSettings, sent_nothing
-from activator.scaling import ReplicaPolicy, Sample, ScaleView, decide
-from activator.settings import KubernetesSettings
+from activator.app import METRICS, build_app
+from activator.config import parse_config
 from activator.testing.fake_kube import FakeKube, PodPlan
+from activator.testing.fakekube.store import Change
 
-NAMESPACE, WORKLOAD, SERVED = "serving", "coder", "coder-served"
+NAMESPACE, MODEL, SERVED = "serving", "coder", "coder-served"
 COUNTS = (1, 2, 4)
-TARGET_CONCURRENCY, BURST = 1.0, 2.0
-BODY = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-MERGE_PATCH = "application/merge-patch+json"
+MAX_REPLICAS = max(COUNTS)
+TARGET_CONCURRENCY, BURST = 1, 2
+SCALE_DOWN_DELAY = "10m"  # longer than any run: replicas stay once up
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+DECISION = re.compile(r"scale (up|down) (\d+) -> (\d+) \((\w+)\): demand (\d+)")
+
+
+# ----- what activator logs, stamped with this process's monotonic clock ------------------
 
 
 @dataclass
-class Request:
-    pod: str
-    asked: float  # asked the router for a pod
-    sent: float  # the POST went out
-    done: float
-    ok: bool
+class Served:
+    """One access-log line of activator."""
+
+    pod: str | None
+    status: int
+    done: float  # when the line was logged (the answer ended)
+    routed: float  # activator's start of the request + its wait for a pod (lower bound)
+
+
+class Logs(logging.Handler):
+    """activator's access log (JSON), its scale decisions and its re-routes, as they are
+    logged. Handlers run synchronously in the logging call, so the stamp is the event's."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.served: list[Served] = []
+        self.decisions: list[dict[str, Any]] = []
+        self.rerouted = 0  # a pod refused the connection; activator sent it to another
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        message = record.getMessage()
+        if record.name == "activator.access":
+            line = json.loads(message)
+            if line["model"] != MODEL:
+                return
+            started = now - line["duration_ms"] / 1000
+            self.served.append(
+                Served(line["pod"], line["status"], now, started + line["held_ms"] / 1000)
+            )
+        elif (found := DECISION.search(message)) is not None:
+            direction, current, desired, reason, demand = found.groups()
+            self.decisions.append(
+                {
+                    "t": now,
+                    "direction": direction,
+                    "from": int(current),
+                    "to": int(desired),
+                    "why": reason,
+                    "demand": int(demand),
+                }
+            )
+        elif "did not take the connection" in message:
+            self.rerouted += 1
+
+    @contextlib.contextmanager
+    def attached(self) -> Any:
+        loggers = [logging.getLogger(n) for n in ("activator.access", "activator.scaleout")]
+        loggers.append(logging.getLogger("activator.proxy"))
+        saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.INFO)
+            lg.propagate = False  # not printed: only recorded
+            lg.addHandler(self)
+        try:
+            yield self
+        finally:
+            for lg, level, propagate in saved:
+                lg.removeHandler(self)
+                lg.setLevel(level)
+                lg.propagate = propagate
+
+
+@dataclass
+class Writes:
+    """The API server's record of the Deployment's spec.replicas, each change stamped."""
+
+    seen: list[tuple[float, int]] = field(default_factory=list)
+
+    def observe(self, change: Change) -> None:
+        if change.resource != "deployments" or change.type == "DELETED":
+            return
+        if change.obj["metadata"]["name"] != MODEL:
+            return
+        replicas = int(change.obj.get("spec", {}).get("replicas") or 0)
+        if not self.seen or self.seen[-1][1] != replicas:
+            self.seen.append((time.monotonic(), replicas))
+
+
+# ----- the rig: a fake cluster and activator on loopback --------------------------------
 
 
 @dataclass
 class Rig:
     kube: FakeKube
-    cluster: KubeCluster
-    watch: EndpointSliceWatch
-    router: PodRouter
+    url: str
+    app: web.Application
     session: aiohttp.ClientSession
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    requests: list[Request] = field(default_factory=list)
-    refused: int = 0
+    logs: Logs
+    latencies: list[tuple[float, float, bool]] = field(default_factory=list)  # sent, done, ok
+    sending: list[float] = field(default_factory=list)  # per client: its request's send time
 
-    async def until(self, predicate: Callable[[], bool], *, within: float = 120.0) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
+    async def routable(self) -> int:
+        async with self.session.get(f"{self.url}/admin/models/{MODEL}") as resp:
+            described = await resp.json()
+        return sum(1 for p in described["replicas"]["pods"] if p["routable"])
 
-    async def scale(self, replicas: int) -> None:
-        """PATCH the scale subresource, as the Kubernetes backend does."""
-        await self.cluster.call(
-            Op(verb="patch", resource="deployments/scale", namespace=NAMESPACE, name=WORKLOAD),
-            self.cluster.apps.patch_namespaced_deployment_scale,
-            WORKLOAD,
-            NAMESPACE,
-            {"spec": {"replicas": replicas}},
-            _content_type=MERGE_PATCH,
-        )
-
-    async def settle(self, replicas: int) -> None:
-        """Scaled to `replicas`, every pod routable and no other pod left."""
-        await self.scale(replicas)
-        await self.until(
-            lambda: (
-                self.router.routable == replicas
-                and len(self.router.describe()) == replicas
-                and len(self.kube.pods(WORKLOAD)) == replicas
-            )
-        )
-
-    async def forward(self) -> None:
-        """One request, as the proxy will send it: retried on another pod when the
-        connection is refused before any byte went out."""
-        asked = time.monotonic()
-        tried: set[str] = set()
-        for _ in range(3):
-            lease = await self.router.acquire(exclude=tried)
-            sent = time.monotonic()
-            try:
-                async with self.session.post(lease.url + "/v1/chat/completions", json=BODY) as r:
-                    await r.read()
-                    ok = r.status == 200
-                self.requests.append(Request(lease.pod, asked, sent, time.monotonic(), ok))
+    async def until(self, condition: Callable[[], Any], *, what: str, within: float) -> None:
+        """Poll another component's state (activator's admin API, the cluster) with a
+        deadline: neither reports to the bench by an event."""
+        deadline = time.monotonic() + within
+        while True:
+            result = condition()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
                 return
-            except aiohttp.ClientError as exc:
-                if not sent_nothing(exc):
-                    self.requests.append(Request(lease.pod, asked, sent, time.monotonic(), False))
-                    return
-                self.refused += 1
-                lease.connect_failed()
-                tried.add(lease.pod)
-            finally:
-                lease.release()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
+            await asyncio.sleep(0.05)
 
+    def ready_pods(self) -> int:
+        return sum(1 for p in self.kube.pods(MODEL) if _is_ready(p))
 
-def probe_with(session: aiohttp.ClientSession) -> Probe:
-    async def probe(url: str, nudge: asyncio.Event) -> None:
-        await wait_ready(
-            session,
-            url=url,
-            health_path="/health",
-            served_model_name=SERVED,
-            api_key=None,
-            nudge=nudge,
+    async def post(self, slot: int | None = None) -> None:
+        sent = time.monotonic()
+        if slot is not None:
+            self.sending[slot] = sent
+        ok = False
+        try:
+            async with self.session.post(self.url + "/v1/chat/completions", json=BODY) as r:
+                await r.read()
+                ok = r.status == 200
+        except aiohttp.ClientError:
+            ok = False
+        self.latencies.append((sent, time.monotonic(), ok))
+
+    async def clients(self, count: int, until: list[float]) -> None:
+        """`count` closed-loop clients, each sending its next request as soon as the last
+        is answered, until the clock passes until[0] (which may be moved while they run)."""
+
+        self.sending = [0.0] * count
+
+        async def loop(slot: int) -> None:
+            while time.monotonic() < until[0]:
+                await self.post(slot)
+
+        await asyncio.gather(*(loop(i) for i in range(count)))
+
+    def decisions_metric(self) -> float:
+        return sum(
+            s.value
+            for family in self.app[METRICS].registry.collect()
+            for s in family.samples
+            if s.name == "activator_scale_decisions_total"
+            and s.labels.get("model") == MODEL
+            and s.labels.get("direction") == "up"
         )
 
-    return probe
+
+def _is_ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-async def clients(rig: Rig, count: int, until: float) -> None:
-    async def loop() -> None:
-        while time.monotonic() < until:
-            await rig.forward()
-
-    await asyncio.gather(*(loop() for _ in range(count)))
-
-
-def summarize(requests: list[Request], start: float, end: float) -> dict[str, Any]:
-    done = [r for r in requests if start <= r.done < end]
-    latencies = [r.done - r.asked for r in done if r.ok]
-    return {
-        "completed": len(done),
-        "errors": sum(1 for r in done if not r.ok),
-        "rps": len(done) / (end - start),
-        "p50_ms": (bl.percentile(latencies, 50) or 0) * 1000,
-        "p99_ms": (bl.percentile(latencies, 99) or 0) * 1000,
-        "pods": sorted({r.pod for r in done}),
-    }
-
-
-async def throughput(rig: Rig, *, clients_n: int, duration: float, rounds: int) -> list[Any]:
-    runs: list[dict[str, Any]] = []
-    for index in range(rounds):
-        order = COUNTS if index % 2 == 0 else tuple(reversed(COUNTS))
-        for replicas in order:
-            await rig.settle(replicas)
-            warm = time.monotonic() + min(1.0, duration / 4)
-            begin = warm
-            end = begin + duration
-            await clients(rig, clients_n, end)
-            run = {"round": index + 1, "replicas": replicas, **summarize(rig.requests, begin, end)}
-            runs.append(run)
-            print(
-                f"round {index + 1}: {replicas} replica(s): {run['rps']:.1f} req/s, "
-                f"p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, "
-                f"{run['errors']} errors",
-                flush=True,
-            )
-    return runs
-
-
-async def load_step(rig: Rig, *, clients_n: int, duration: float) -> dict[str, Any]:
-    """One replica, then `clients_n` clients at once; a scaling loop decides."""
-    await rig.settle(1)
-    (first_pod,) = [p["name"] for p in rig.router.describe()]
-    policy = ReplicaPolicy(max=max(COUNTS), target_concurrency=TARGET_CONCURRENCY)
-    decisions: list[dict[str, Any]] = []
-    # (t, routable pods, in flight, waiting) whenever the routable count changes
-    timeline: list[tuple[float, int, int, int]] = []
-    stop = asyncio.Event()
-
-    async def autoscale() -> None:
-        window: tuple[Sample, ...] = ()
-        current = 1
-        while not stop.is_set():
-            rig.changed.clear()
-            now = time.monotonic()
-            router = rig.router
-            if not timeline or timeline[-1][1] != router.routable:
-                timeline.append((now, router.routable, router.in_flight, router.waiting))
-            d = decide(
-                policy,
-                ScaleView(in_flight=router.in_flight, held=router.waiting, current=current),
-                now=now,
-                window=window,
-            )
-            window = d.window
-            if d.desired != current:
-                decisions.append(
-                    {
-                        "t": now,
-                        "from": current,
-                        "to": d.desired,
-                        "demand": d.demand,
-                        "why": d.reason,
-                    }
-                )
-                current = d.desired
-                await rig.scale(current)
-            waker = asyncio.ensure_future(rig.changed.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waker, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            stopper.cancel()
-
-    scaler = asyncio.create_task(autoscale(), name="bench-autoscale")
-    step = time.monotonic()
-    first_index = len(rig.requests)
-    await clients(rig, clients_n, step + duration)
-    stop.set()
-    await scaler
-    end = time.monotonic()
-
-    ready_at: dict[str, float] = {}
-    for pod, at in rig.kube.kubelet.ready_times:
-        ready_at.setdefault(pod, at)
-    requests = rig.requests[first_index:]
-    early = [r for r in requests if r.pod not in ready_at or r.sent < ready_at[r.pod]]
-    first_answer: dict[str, float] = {}
-    for r in sorted(requests, key=lambda r: r.done):
-        if r.ok:
-            first_answer.setdefault(r.pod, r.done)
-    new_pods = sorted(
-        (p for p in first_answer if p != first_pod), key=lambda p: ready_at.get(p, end)
-    )
-    pods = [
-        {
-            "pod": pod,
-            "ready_s": ready_at[pod] - step if pod in ready_at else None,
-            "first_answer_s": first_answer[pod] - step,
-            "first_sent_s": min(r.sent for r in requests if r.pod == pod) - step,
+@contextlib.asynccontextmanager
+async def rig(args: argparse.Namespace, *, gpus: int | None) -> AsyncIterator[Rig]:
+    """A fake cluster (a node of `gpus` GPUs, None: unbounded) with the model's
+    Deployment at 0 replicas, and activator serving it on a loopback port."""
+    engine = ("--disable-access-log", "--response-delay", str(args.service))
+    engine += ("--max-concurrency", "1")
+    plan = PodPlan(engine_args=engine, engine_startup_delay=args.startup_delay, termination_grace=5)
+    async with FakeKube(gpus=gpus) as kube:
+        workload = kube.add_workload(
+            MODEL, namespace=NAMESPACE, served_model_name=SERVED, gpu=gpus is not None, plan=plan
+        )
+        config = {
+            "server": {"access_log": "json"},
+            "kubernetes": {"kubeconfig": kube.kubeconfig, "request_timeout": "10s"},
+            "models": {
+                MODEL: {
+                    "served_model_name": SERVED,
+                    "startup_timeout": "120s",
+                    "replicas": {
+                        "max": MAX_REPLICAS,
+                        "target_concurrency": TARGET_CONCURRENCY,
+                        "burst_factor": BURST,
+                        "scale_down_delay": SCALE_DOWN_DELAY,
+                    },
+                    "kubernetes": {
+                        "namespace": NAMESPACE,
+                        "deployment": MODEL,
+                        "url": workload.url,
+                        "service": MODEL,
+                    },
+                }
+            },
         }
-        for pod in new_pods
-    ]
-    buckets: dict[int, int] = {}
-    for r in requests:
-        buckets[int((r.done - step) / 0.5)] = buckets.get(int((r.done - step) / 0.5), 0) + 1
-    return {
-        "clients": clients_n,
-        "duration_s": duration,
-        "decisions": [{**d, "t": d["t"] - step} for d in decisions],
-        "new_pods": pods,
-        "routed_before_ready": len(early),
-        "requests": len(requests),
-        "errors": sum(1 for r in requests if not r.ok),
-        "completed_per_half_second": [buckets.get(i, 0) for i in range(int((end - step) / 0.5))],
-        "timeline": [(t - step, routable, f, w) for t, routable, f, w in timeline],
-        "final": summarize(requests, step + duration / 2, step + duration),
-    }
+        app = build_app(parse_config(config, environ={}))
+        runner = web.AppRunner(app, handler_cancellation=True)
+        logs = Logs()
+        with logs.attached():
+            await runner.setup()
+            try:
+                port = bl.free_port()
+                await web.TCPSite(runner, "127.0.0.1", port).start()
+                connector = aiohttp.TCPConnector(limit=0)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    yield Rig(kube, f"http://127.0.0.1:{port}", app, session, logs)
+            finally:
+                await runner.cleanup()
+
+
+def before_ready(served: list[Served], ready_at: dict[str, float]) -> int:
+    """Requests routed to a pod before the kubelet marked that pod Ready (or to a pod
+    it never marked Ready)."""
+    return sum(
+        1
+        for s in served
+        if s.pod is not None and (s.pod not in ready_at or s.routed < ready_at[s.pod])
+    )
+
+
+def first_ready(kube: FakeKube) -> dict[str, float]:
+    ready_at: dict[str, float] = {}
+    for pod, at in kube.kubelet.ready_times:
+        ready_at.setdefault(pod, at)
+    return ready_at
+
+
+# ----- throughput with N replicas -------------------------------------------------------
+
+
+async def one_count(args: argparse.Namespace, replicas: int, index: int) -> dict[str, Any]:
+    """N GPUs on the node, so N of the 4 replicas activator asks for run."""
+    async with rig(args, gpus=replicas) as r:
+        until = [math.inf]
+        load = asyncio.create_task(r.clients(args.clients, until), name="bench-clients")
+
+        async def up() -> bool:
+            if load.done():
+                load.result()  # a client loop died: its error, not a timeout
+                raise RuntimeError("the clients stopped before the replicas were up")
+            return r.ready_pods() == replicas and await r.routable() == replicas
+
+        try:
+            await r.until(up, what=f"{replicas} routable pods", within=120)
+            # The requests held while the pods came up (the first since the model woke) are
+            # not steady state: the window opens once each client has moved past them.
+            routable_at = time.monotonic()
+            await r.until(
+                lambda: min(r.sending) >= routable_at, what="requests held at start", within=120
+            )
+            begin = time.monotonic() + args.warmup
+            end = begin + args.duration
+            until[0] = end
+        finally:
+            if until[0] == math.inf:  # failed before the window: stop the clients
+                until[0] = 0.0
+            await load
+        done = [(s, d, ok) for s, d, ok in r.latencies if begin <= d < end]
+        latencies = [d - s for s, d, ok in done if ok]
+        served = [s for s in r.logs.served if begin <= s.done < end]
+        run = {
+            "round": index + 1,
+            "replicas": replicas,
+            "completed": len(done),
+            "errors": sum(1 for _, _, ok in done if not ok),
+            "rps": len(done) / (end - begin),
+            "p50_ms": (bl.percentile(latencies, 50) or 0) * 1000,
+            "p99_ms": (bl.percentile(latencies, 99) or 0) * 1000,
+            "pods": sorted({s.pod or "-" for s in served}),
+            "per_pod": {p: sum(1 for s in served if s.pod == p) for p in {s.pod for s in served}},
+            "routed_before_ready": before_ready(r.logs.served, first_ready(r.kube)),
+            "rerouted": r.logs.rerouted,
+            "pending_pods": len(r.kube.pods(MODEL)) - r.ready_pods(),
+        }
+    print(
+        f"round {index + 1}: {replicas} replica(s): {run['rps']:.1f} req/s, "
+        f"p50 {run['p50_ms']:.0f} ms, p99 {run['p99_ms']:.0f} ms, {run['errors']} errors, "
+        f"{run['routed_before_ready']} routed before Ready",
+        flush=True,
+    )
+    return run
+
+
+# ----- the load step --------------------------------------------------------------------
+
+
+async def load_step(args: argparse.Namespace) -> dict[str, Any]:
+    """One replica warm and idle, then `args.clients` clients at once."""
+    async with rig(args, gpus=None) as r:
+        writes = Writes()
+        r.kube.store.observe(writes.observe)
+        await r.post()  # wakes the model: 0 -> 1
+        await r.until(
+            lambda: r.kube.replicas(MODEL) == 1 and r.ready_pods() == 1,
+            what="one ready replica",
+            within=120,
+        )
+        (first_pod,) = [p["metadata"]["name"] for p in r.kube.pods(MODEL)]
+        metric_before = r.decisions_metric()
+        served_before = len(r.logs.served)
+        decisions_before = len(r.logs.decisions)
+        r.latencies.clear()
+
+        step = time.monotonic()
+        await r.clients(args.clients, [step + args.step_duration])
+        end = time.monotonic()
+
+        ready_at = first_ready(r.kube)
+        served = r.logs.served[served_before:]
+        decisions = r.logs.decisions[decisions_before:]
+        new_pods = sorted((p for p in ready_at if p != first_pod), key=lambda p: ready_at[p])
+        pods = []
+        for pod in new_pods:
+            mine = [s for s in served if s.pod == pod]
+            answered = [s.done for s in mine if s.status == 200]
+            pods.append(
+                {
+                    "pod": pod,
+                    "ready_s": ready_at[pod] - step,
+                    "first_routed_s": min((s.routed for s in mine), default=math.nan) - step,
+                    "first_answer_s": min(answered, default=math.nan) - step,
+                }
+            )
+        buckets: dict[int, int] = {}
+        for _, done, _ in r.latencies:
+            key = int((done - step) / 0.5)
+            buckets[key] = buckets.get(key, 0) + 1
+        per_pod_ready = {p: ready_at[p] - step for p in ready_at}
+        return {
+            "clients": args.clients,
+            "duration_s": args.step_duration,
+            "first_pod": first_pod,
+            "decisions": [{**d, "t": d["t"] - step} for d in decisions],
+            "decisions_metric": r.decisions_metric() - metric_before,
+            "replicas_writes": [(t - step, n) for t, n in writes.seen if t >= step],
+            "new_pods": pods,
+            "ready_s": per_pod_ready,
+            "routed_before_ready": before_ready(served, ready_at),
+            "rerouted": r.logs.rerouted,
+            "requests": len(r.latencies),
+            "errors": sum(1 for _, _, ok in r.latencies if not ok),
+            "completed_per_half_second": [
+                buckets.get(i, 0) for i in range(int((end - step) / 0.5))
+            ],
+            "final_rps": sum(
+                1 for _, d, _ in r.latencies if step + args.step_duration / 2 <= d < end
+            )
+            / max(1e-9, end - step - args.step_duration / 2),
+        }
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    engine = (
-        "--disable-access-log",
-        "--response-delay",
-        str(args.service),
-        "--max-concurrency",
-        "1",
-        "--startup-delay",
-        str(args.startup_delay),
-    )
-    async with FakeKube() as kube:
-        kube.add_workload(
-            WORKLOAD,
-            namespace=NAMESPACE,
-            served_model_name=SERVED,
-            plan=PodPlan(engine_args=engine, termination_grace=5),
-        )
-        settings = KubernetesSettings(kubeconfig=kube.kubeconfig, request_timeout=10.0)
-        tuning = KubeTuning(
-            retry=RetryPolicy(attempts=4, initial=0.05, max_wait=0.5, total=20.0),
-            watch_backoff_initial=0.05,
-            watch_backoff_max=0.5,
-        )
-        cluster = await KubeCluster.connect(settings, tuning=tuning)
-        watch = EndpointSliceWatch.for_cluster(cluster)
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        changed = asyncio.Event()  # the router's on_change: demand or room changed
-        router = PodRouter(
-            WORKLOAD,
-            settings=RouterSettings(target_concurrency=TARGET_CONCURRENCY, burst_factor=BURST),
-            probe=probe_with(session),
-            on_change=changed.set,
-        )
-        rig = Rig(kube, cluster, watch, router, session, changed)
-        try:
-            watch.subscribe(NAMESPACE, WORKLOAD, router.update)
-            await watch.synced(NAMESPACE, timeout=30)
-            runs = await throughput(
-                rig, clients_n=args.clients, duration=args.duration, rounds=args.rounds
-            )
-            print("load step: 1 replica, then all clients at once", flush=True)
-            step = await load_step(rig, clients_n=args.clients, duration=args.step_duration)
-            return {"runs": runs, "step": step, "refused_connections": rig.refused}
-        finally:
-            await router.aclose()
-            await watch.aclose()
-            await cluster.aclose()
-            await session.close()
+    runs: list[dict[str, Any]] = []
+    for index in range(args.rounds):
+        order = COUNTS if index % 2 == 0 else tuple(reversed(COUNTS))
+        for replicas in order:
+            runs.append(await one_count(args, replicas, index))
+    print("load step: 1 idle replica, then all clients at once", flush=True)
+    step = await load_step(args)
+    return {"runs": runs, "step": step}
+
+
+# ----- the report -----------------------------------------------------------------------
 
 
 def report(data: dict[str, Any], *, service: float) -> tuple[str, dict[str, Any]]:
@@ -337,6 +443,7 @@ def report(data: dict[str, Any], *, service: float) -> tuple[str, dict[str, Any]
             "p50_ms": bl.median([r["p50_ms"] for r in runs]),
             "p99_ms": bl.median([r["p99_ms"] for r in runs]),
             "errors": sum(r["errors"] for r in runs),
+            "routed_before_ready": sum(r["routed_before_ready"] for r in runs),
         }
     one = by_count[1]["rps"] or 0.0
     rows = []
@@ -353,55 +460,59 @@ def report(data: dict[str, Any], *, service: float) -> tuple[str, dict[str, Any]
                 bl.fmt(s["p50_ms"], 0),
                 bl.fmt(s["p99_ms"], 0),
                 str(s["errors"]),
+                str(s["routed_before_ready"]),
             ]
         )
-    lines = [
-        bl.table(
-            ["replicas", "req/s", "engine max", "vs N x one", "p50 ms", "p99 ms", "errors"], rows
-        )
-    ]
+    headers = ["replicas", "req/s", "engine max", "vs N x one", "p50 ms", "p99 ms", "errors"]
+    lines = [bl.table([*headers, "before Ready"], rows)]
     step = data["step"]
     step_rows = [
         [
-            d["why"],
+            f"{d['direction']} ({d['why']})",
             f"{d['from']} -> {d['to']}",
             str(d["demand"]),
             bl.fmt(d["t"] * 1000, 1),
         ]
         for d in step["decisions"]
     ]
-    lines += ["", bl.table(["decision", "replicas", "demand", "after step, ms"], step_rows or [])]
+    step_rows += [
+        ["API: spec.replicas written", f"-> {n}", "", bl.fmt(t * 1000, 1)]
+        for t, n in step["replicas_writes"]
+    ]
+    lines += [
+        "",
+        bl.table(["decision", "replicas", "demand", "after step, ms"], step_rows or [["-"] * 4]),
+    ]
     pod_rows = [
         [
             p["pod"],
-            bl.fmt(p["ready_s"], 2),
-            bl.fmt(p["first_sent_s"], 2),
-            bl.fmt(p["first_answer_s"], 2),
-            bl.fmt(
-                (p["first_sent_s"] - p["ready_s"]) * 1000 if p["ready_s"] is not None else None,
-                1,
-            ),
+            bl.fmt(p["ready_s"], 3),
+            bl.fmt(p["first_routed_s"], 3),
+            bl.fmt(p["first_answer_s"], 3),
+            bl.fmt((p["first_routed_s"] - p["ready_s"]) * 1000, 1),
         ]
         for p in step["new_pods"]
     ]
     lines += [
         "",
         bl.table(
-            ["new pod", "Ready, s", "first request, s", "first answer, s", "Ready -> routed, ms"],
+            ["new pod", "Ready, s", "first routed, s", "first answer, s", "Ready -> routed, ms"],
             pod_rows or [["-"] * 5],
         ),
     ]
+    before = step["routed_before_ready"] + sum(s["routed_before_ready"] for s in by_count.values())
     checks = {
         "n2_within_10pct": by_count[2]["vs_n_x_one"] >= 0.9,
         "n4_within_10pct": by_count[4]["vs_n_x_one"] >= 0.9,
-        "none_routed_before_ready": step["routed_before_ready"] == 0,
-        "one_step_to_max": [d["to"] for d in step["decisions"]][:1] == [max(COUNTS)],
+        "none_routed_before_ready": before == 0,
+        "one_step_to_max": [d["to"] for d in step["decisions"]][:1] == [MAX_REPLICAS],
     }
     lines += [
         "",
         f"| target | N=2 within 10 % of 2 x one: {checks['n2_within_10pct']} | N=4: "
-        f"{checks['n4_within_10pct']} | routed before Ready: {step['routed_before_ready']} "
-        f"| scaled 1 -> {max(COUNTS)} in one step: {checks['one_step_to_max']} |",
+        f"{checks['n4_within_10pct']} | routed before Ready: {before} "
+        f"| scaled 1 -> {MAX_REPLICAS} in one step: {checks['one_step_to_max']} "
+        f"| step errors: {step['errors']} | re-routed: {step['rerouted']} |",
     ]
     return "\n".join(lines), {"by_replicas": by_count, "targets": checks}
 
@@ -422,7 +533,7 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path, *, service: 
     p99.bar(counts, [by[n]["p99_ms"] for n in counts], alpha=0.2, color="tab:red", width=0.4)
     p99.set_ylabel("p99 ms (bars)")
     left.legend(loc="upper left")
-    left.set_title(f"throughput, {service * 1000:.0f} ms per request, one at a time per pod")
+    left.set_title(f"through activator, {service * 1000:.0f} ms per request, 1 at a time per pod")
 
     step = data["step"]
     half = step["completed_per_half_second"]
@@ -432,23 +543,26 @@ def plot(data: dict[str, Any], summary: dict[str, Any], path: Path, *, service: 
         where="post",
         label="completed/s (0.5 s buckets)",
     )
-    t = [x[0] for x in step["timeline"]]
-    right.step(
-        t,
-        [x[1] * (1 / service) for x in step["timeline"]],
-        where="post",
-        alpha=0.6,
-        label="routable pods x one pod's max",
-    )
+    ready = sorted(step["ready_s"].values())
+    if ready:
+        # Pods Ready over time, in requests/s they can serve (the first was Ready before).
+        times = [0.0, *[t for t in ready if t > 0]]
+        levels = [(i + 1) / service for i in range(len(times))]
+        right.step(
+            [*times, len(half) * 0.5],
+            [*levels, levels[-1]],
+            where="post",
+            alpha=0.6,
+            label="Ready pods x one pod's max",
+        )
     for d in step["decisions"]:
         right.axvline(d["t"], color="tab:green", linestyle="--")
     for p in step["new_pods"]:
-        if p["ready_s"] is not None:
-            right.axvline(p["ready_s"], color="tab:gray", linestyle=":")
+        right.axvline(p["ready_s"], color="tab:gray", linestyle=":")
     right.set_xlabel("seconds after the load step (green: decision, grey: pod Ready)")
     right.set_ylabel("requests/s")
     right.legend(loc="lower right")
-    right.set_title(f"load step: {step['clients']} clients onto 1 replica")
+    right.set_title(f"load step: {step['clients']} clients onto 1 idle replica")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -468,6 +582,7 @@ def main() -> int:
     args.clients = args.clients or 16
     args.duration = args.duration or (1.5 if args.smoke else 8.0)
     args.rounds = args.rounds or (1 if args.smoke else 3)
+    args.warmup = 0.5 if args.smoke else 1.0
     args.step_duration = 4.0 if args.smoke else 10.0
     args.startup_delay = 0.2 if args.smoke else 1.0
     started = time.time()
@@ -483,11 +598,15 @@ def main() -> int:
             "service_s": args.service,
             "clients": args.clients,
             "duration_s": args.duration,
+            "warmup_s": args.warmup,
             "rounds": args.rounds,
+            "max_replicas": MAX_REPLICAS,
             "target_concurrency": TARGET_CONCURRENCY,
             "burst_factor": BURST,
+            "scale_down_delay": SCALE_DOWN_DELAY,
             "engine_startup_delay_s": args.startup_delay,
-            "routing": "client -> PodRouter -> pod (not through activator's proxy yet)",
+            "routing": "client -> activator (in-process app, aiohttp on loopback) -> pod",
+            "pinning": "N GPUs on the fake node, 1 per pod: N of the 4 replicas schedule",
         },
         **summary,
         **data,

@@ -153,6 +153,9 @@ def test_scale_out_smoke_reports_throughput_per_replica_count_and_the_load_step(
     assert isinstance(by_replicas, dict)
     assert sorted(by_replicas) == ["1", "2", "4"]
     assert all(s["rps"] > 0 and s["errors"] == 0 for s in by_replicas.values())
+    runs = data["runs"]
+    assert isinstance(runs, list)
+    assert all(r["routed_before_ready"] == 0 for r in runs)  # through activator's proxy
     step = data["step"]
     assert isinstance(step, dict)
     assert step["routed_before_ready"] == 0  # a correctness check, not a timing one
