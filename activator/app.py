@@ -46,7 +46,11 @@ def build_app(
     """The whole server. Engines and clients exist only while the app runs. `config`: the
     file the settings came from, which a reload reads again (none: reloads are refused)."""
     metrics = metrics or Metrics()
-    http = HttpClient()
+    http = HttpClient(
+        retried=lambda model: metrics.upstream_retries.labels(
+            model=model, reason="closed_connection"
+        ).inc()
+    )
     tasks = TaskGroup()
     holds = HoldCounter(settings.server.max_queued_total)
 

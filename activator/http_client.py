@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,7 +31,9 @@ class HttpClient:
     """Created with the app; sessions exist only while the app runs (a ClientSession must
     be made inside the running loop). Owned by the app; models reset their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, retried: Callable[[str], None] | None = None) -> None:
+        """`retried(model)` is called for each request `post` sends again."""
+        self._retried = retried
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._fresh: dict[str, aiohttp.ClientSession] = {}
         self._open = False
@@ -81,6 +84,8 @@ class HttpClient:
                 exc,
             )
             first = exc
+        if self._retried is not None:
+            self._retried(model)
         fresh = self._get(self._fresh, model, pooled=False)
         try:
             return await fresh.post(url, data=_body(data), headers=headers, timeout=timeouts)

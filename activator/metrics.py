@@ -154,6 +154,15 @@ class Metrics:
             ["model", "pod"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "activator_upstream_retries",
+            "Requests sent to an engine again, by reason: closed_connection (a pooled "
+            "connection the engine had closed, retried once on a new one), another_pod (a "
+            "scaled-out model's pod did not take the connection; sent to another pod). No "
+            "other request is ever sent twice.",
+            ["model", "reason"],
+            registry=r,
+        )
         self.scale_decisions = Counter(
             "activator_scale_decisions",
             "Replica count changes a scaled-out model's pool decided, by direction (up, "

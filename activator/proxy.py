@@ -304,6 +304,9 @@ class Proxy:
                     exc,
                 )
                 lease.connect_failed()
+                self._metrics.upstream_retries.labels(
+                    model=lease.model.name, reason="another_pod"
+                ).inc()
                 attempt.lease = await self._acquire(ex, lease.model, exclude=frozenset(tried))
                 continue
             ex.pod = lease.pod

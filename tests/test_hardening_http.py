@@ -296,6 +296,10 @@ async def test_a_reused_connection_the_engine_closed_is_retried_once_on_a_fresh_
     # Each request reached the engine once, or twice when its pooled connection was dropped.
     assert set(deltas) == {1, 2}, deltas
     assert running.sample("activator_upstream_errors_total", model="m", kind="connect") == 0
+    retried = running.sample(
+        "activator_upstream_retries_total", model="m", reason="closed_connection"
+    )
+    assert retried == sum(deltas) - len(deltas)  # one per request the engine saw twice
 
 
 async def test_a_retry_happens_once_and_never_on_a_fresh_connection(
@@ -313,6 +317,7 @@ async def test_a_retry_happens_once_and_never_on_a_fresh_connection(
     assert first == 2
     # Nothing is left in the pool after that: the second one's connection was new.
     assert second == 1
+    assert running.sample("activator_upstream_retries_total", model="m") == 1
 
 
 async def test_a_connection_that_dies_after_response_bytes_is_not_retried(

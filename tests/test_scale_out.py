@@ -311,6 +311,46 @@ async def test_a_pod_that_turns_unready_gets_no_new_requests(
     assert served_by(caplog, "coder")[-1][0] == unready  # the least recently used of two
 
 
+async def test_a_pod_that_refuses_the_connection_sends_the_request_to_another_pod(
+    kube: FakeKube,
+    activator: ActivatorFactory,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A pod's engine is gone but activator has not heard (its API watch stalls, as in a
+    network partition; on a cluster, the moments before the EndpointSlice changes): the
+    request that meets the refused connection goes to the other pod, and the dead pod
+    takes no more."""
+    running = await start(activator, kube, {"coder": scaled(kube, "coder", most=2, target=1)})
+    streams = [open_stream(session, running, "coder", tokens=10) for _ in range(2)]
+    for stream in streams:
+        assert (await stream.finished()).done
+    both = await routable(running, "coder")
+    assert len(both) == 2
+    victim, survivor = sorted(both)
+    kube.partition("activator")  # activator's watches stall: it hears of nothing now
+    url = kube.pod_urls("coder")[victim]
+    kube.kill_engine("coder", pod=victim)
+    await wait_for(lambda: _refuses(session, url), what=f"{victim} refusing connections")
+    for _ in range(3):
+        assert (await open_stream(session, running, "coder", tokens=2).finished()).done
+    assert [pod for pod, _ in served_by(caplog, "coder")[2:]] == [survivor] * 3
+    retried = running.sample(
+        "activator_upstream_retries_total", model="coder", reason="another_pod"
+    )
+    assert retried == 1
+    assert await routable(running, "coder") == {survivor}
+    kube.heal("activator")
+
+
+async def _refuses(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(url + "/health"):
+            return False
+    except aiohttp.ClientConnectorError:
+        return True
+
+
 async def _pod_ready(running: Running, pod: str, ready: bool) -> bool:
     return any(p["name"] == pod and p["ready"] is ready for p in await pods(running, "coder"))
 
