@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from activator.backends.base import BackendError, BackendListener
-from activator.backends.kube.calls import ApiFunction, ConflictError, LastingApiError, Obj, Op
+from activator.backends.kube.calls import ApiFunction, ConflictError, Obj, Op
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.informer import Informer
 from activator.backends.kube.status import (
@@ -395,11 +395,7 @@ class KubernetesBackend:
         try:
             async with asyncio.timeout(self._cluster.settings.request_timeout):
                 for informer in self._informers.values():
-                    while not informer.synced.is_set():
-                        attempted = informer.attempted()
-                        if isinstance(informer.last_error, LastingApiError):
-                            raise informer.last_error
-                        await attempted.wait()
+                    await informer.wait_synced()
         except TimeoutError:
             failing = [i for i in self._informers.values() if not i.synced.is_set()]
             reason = failing[0].last_error if failing else None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from activator.backends.base import BackendError
-from activator.backends.kube.calls import LastingApiError, Obj
+from activator.backends.kube.calls import Obj
 from activator.backends.kube.informer import Informer
 from activator.routing import PodEndpoint
 
@@ -181,11 +181,7 @@ class EndpointSliceWatch:
         informer = self._namespace(namespace).informer
         try:
             async with asyncio.timeout(timeout):
-                while not informer.synced.is_set():
-                    attempted = informer.attempted()
-                    if isinstance(informer.last_error, LastingApiError):
-                        raise informer.last_error
-                    await attempted.wait()
+                await informer.wait_synced()
         except TimeoutError:
             raise BackendError(
                 f"Kubernetes: cannot list endpointslices in namespace {namespace}: "

@@ -28,6 +28,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from activator.backends.base import BackendError
 from activator.backends.kube.calls import (
     ApiFunction,
+    LastingApiError,
     Obj,
     Op,
     RetryPolicy,
@@ -86,6 +87,16 @@ class Informer:
 
     def attempted(self) -> asyncio.Event:
         return self._attempted
+
+    async def wait_synced(self) -> None:
+        """Until the first list has been read. A lasting API error (RBAC, a resource the
+        API does not serve) raises at once; anything else is retried: the caller bounds
+        the wait."""
+        while not self.synced.is_set():
+            attempted = self.attempted()
+            if isinstance(self.last_error, LastingApiError):
+                raise self.last_error
+            await attempted.wait()
 
     def _pulse(self) -> None:
         self._attempted.set()
