@@ -83,6 +83,7 @@ class ProcessBackend:
         self._listener = listener
         self._log: collections.deque[str] = collections.deque(maxlen=self._target.log_lines)
         self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._tasks = TaskGroup()
         self._stopping = False
 
@@ -128,6 +129,7 @@ class ProcessBackend:
         self._listener.backend_phase("spawned")
         proc = self._proc
         reader = self._tasks.spawn(self._read_output(proc), name=f"engine-log:{self._model.name}")
+        self._reader = reader
         self._tasks.spawn(self._watch_exit(proc, reader), name=f"engine-exit:{self._model.name}")
         return self._url
 
@@ -193,6 +195,11 @@ class ProcessBackend:
         # the group could still hold the pipe.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), timeout=RETURNCODE_WAIT)
+        # On Python 3.11 wait() returns at the exit, not at the pipe's end: let the reader
+        # see EOF (bounded, as above) so the pipe's transport closes before the loop may.
+        if self._reader is not None:
+            await asyncio.wait({self._reader}, timeout=RETURNCODE_WAIT)
+            self._reader = None
         await self._tasks.aclose()
         self._proc = None
         logger.info("model=%s engine stopped (exit code %s)", self._model.name, proc.returncode)

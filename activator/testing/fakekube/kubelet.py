@@ -222,12 +222,21 @@ class Kubelet:
             for pod in list(workload.pods.values()):
                 if pod.task is not None:
                     pod.task.cancel()
-        for task in list(self._tasks):
+        readers = {t for t in self._tasks if t.get_name().startswith(OUTPUT_TASK)}
+        for task in self._tasks - readers:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._tasks - readers), return_exceptions=True)
         for workload in self.workloads.values():
             for pod in workload.pods.values():
                 await _stop_process(pod, grace=1.0)
+        # The engines are gone: their output pipes reach EOF, and the readers end there.
+        # Process.wait() returns at the exit, before the pipe is read to its end (Python
+        # 3.11): a reader cancelled now could leave the pipe's transport open.
+        if readers:
+            await asyncio.wait(readers, timeout=1.0)
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -552,7 +561,7 @@ class Kubelet:
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
-        self._spawn(_read_output(process, pod), f"fake-kube-engine-output-{pod.name}")
+        self._spawn(_read_output(process, pod), f"{OUTPUT_TASK}{pod.name}")
         return process
 
     async def _crashed(
@@ -696,6 +705,9 @@ class Kubelet:
                 o["status"] = status
 
             self._store.update(workload.resource, workload.namespace, workload.name, mutate)
+
+
+OUTPUT_TASK = "fake-kube-engine-output-"
 
 
 def _cond(kind: str, value: bool) -> Obj:
