@@ -587,3 +587,64 @@ async def test_status_page_shows_a_scaled_out_models_pods_a_reloads_badges_and_c
         for stream in streams:
             await stream.cancel()
         assert not await asyncio.to_thread(script_errors, driver)
+
+
+def follower_snapshot(ha: dict[str, Any] | None) -> dict[str, Any]:
+    """One model as a follower replica shows it: its own numbers and the cluster's."""
+    model = copy.deepcopy(SLEEPY_SNAPSHOT["models"][1])  # type: ignore[index]
+    model.update(name="m", state="ready", cluster={"in_flight": 5, "queued": 2})
+    return {
+        "models": [model],
+        "pools": [],
+        "wake_durations": {"bounds": [], "models": {}},
+        "ha": ha,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ha", "header"),
+    [
+        (
+            {"identity": "r2", "role": "follower", "leader": "r1"},
+            "replica r2 · follower (leader: r1)",
+        ),
+        ({"identity": "r1", "role": "leader", "leader": "r1"}, "replica r1 · leader"),
+        (
+            {"identity": "r3", "role": "follower", "leader": None},
+            "replica r3 · follower (leader: none yet)",
+        ),
+        ({"identity": "<b>r4</b>", "started": False}, "replica <b>r4</b> · joining"),
+    ],
+)
+async def test_the_header_names_this_replica_and_its_leader_with_several_replicas(
+    chrome: Callable[[], Driver], ha: dict[str, Any], header: str
+) -> None:
+    # The election is tested in tests/test_ha_*.py; here the page and its stream are real
+    # and the snapshot is scripted in the shape activator.ui.summary gives it.
+    data = follower_snapshot(ha)
+    streams = EventStreams(lambda: data)
+    app = web.Application()
+    app.router.add_routes(
+        ui_routes(
+            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
+        )
+    )
+    app.on_shutdown.append(streams.close)
+
+    async with TestServer(app, host="127.0.0.1") as server:
+        url = str(server.make_url("/ui"))
+
+        def browse() -> None:
+            from selenium.webdriver.common.by import By
+
+            driver = chrome()
+            driver.get(url)
+            wait_state(driver, "m", "ready")
+            replica = driver.find_element(By.ID, "replica")
+            assert replica.text == header  # as text: markup in a name stays text
+            assert "all replicas\n5 in flight · 2 held" in card(driver, "m").text
+            data["ha"] = None  # HA off (or the snapshot of a single activator): no line
+            wait_until(driver, lambda: not replica.is_displayed(), "no replica line")
+            assert not script_errors(driver)
+
+        await asyncio.to_thread(browse)
