@@ -127,7 +127,7 @@ def build_app(
             replicas=replica,
         )
     )
-    streams = EventStreams(lambda: snapshot(registry, metrics))
+    streams = EventStreams(lambda: snapshot(registry, metrics, replicas=replica))
     app.router.add_routes(
         ui_routes(
             admin_key=lambda: credentials.admin_key,

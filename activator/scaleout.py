@@ -118,6 +118,9 @@ class ScaleOut:
         self._window: tuple[Sample, ...] = ()
         self._desired: int | None = None  # decided; None: follow spec.replicas
         self.last_decision: ScaleDecision | None = None
+        # The last decision that changed the replicas, for the status page: most steps
+        # decide to stay, so last_decision alone rarely says why the count moved.
+        self.last_change: dict[str, Any] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._failures = 0
         self._retry_at: float | None = None
@@ -246,6 +249,7 @@ class ScaleOut:
                 "reason": decision.reason,
                 "demand": decision.demand,
             },
+            "last_change": self.last_change,
             "pods": self.router.describe(),
         }
 
@@ -253,6 +257,14 @@ class ScaleOut:
 
     def _note(self, decision: ScaleDecision, view: ScaleView) -> None:
         direction = "up" if decision.desired > view.current else "down"
+        self.last_change = {
+            "direction": direction,
+            "from": view.current,
+            "to": decision.desired,
+            "reason": decision.reason,
+            "demand": decision.demand,
+            "at": round(time.time(), 1),  # wall clock: shown as a time of day
+        }
         self._metrics.scale_decisions.labels(
             model=self.name, direction=direction, reason=decision.reason
         ).inc()

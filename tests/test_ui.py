@@ -16,10 +16,13 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from activator.app import REGISTRY
+from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
+from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, session_token
 from activator.ui.events import MAX_STREAMS
-from activator.ui.summary import wake_durations
+from activator.ui.summary import snapshot, wake_durations
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, error_of, model_config, post, unique, wait_for
 from tests.serve_process import serving
@@ -390,3 +393,87 @@ async def test_wake_durations_route_counts_a_real_wake(activator: ActivatorFacto
         "activator_wake_duration_seconds_sum", model="m", backend="process", outcome="ready"
     )
     assert took > 0 and abs(ready["sum"] - took) < 1e-5
+
+
+# ----- the snapshot: what came after the page (scale-out, several replicas) ----------------
+
+
+async def test_the_snapshot_shows_a_scaled_out_models_replicas_as_admin_models_does(
+    kube: FakeKube, activator: ActivatorFactory
+) -> None:
+    from tests.test_scale_out import LONG, open_stream, scaled, start
+
+    running = await start(activator, kube, {"coder": scaled(kube, "coder", most=3, target=1)})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        streams = [open_stream(session, running, "coder", tokens=LONG) for _ in range(2)]
+        for stream in streams:
+            await stream.started()  # one on each of two pods (1 request a pod)
+        async with running.session.get(running.url + "/admin/events") as resp:
+            events = Events(resp)
+            while True:
+                (coder,) = (await events.snapshot())["models"]
+                if coder["replicas"]["routable"] == 2 and coder["in_flight"] == 2:
+                    break
+        admin = await running.admin("coder")
+        for stream in streams:
+            await stream.cancel()
+    assert coder["replicas"] == admin["replicas"]
+    assert coder["replicas"]["desired"] == 2 and coder["replicas"]["max"] == 3
+    assert sorted(p["in_flight"] for p in coder["replicas"]["pods"]) == [1, 1]
+    change = coder["replicas"]["last_change"]
+    assert {k: change[k] for k in ("direction", "from", "to", "reason", "demand")} == {
+        "direction": "up",
+        "from": 1,
+        "to": 2,
+        "reason": "demand",
+        "demand": 2,
+    }
+    assert "cluster" not in coder  # one activator: no cluster view
+
+
+class TwoReplicas:
+    """What activator.ha.wiring.Replica shows (scripted: the election is not under test)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "identity": "r2",
+            "namespace": "serving",
+            "role": "follower",
+            "leader": "r1",
+            "deciding": False,
+            "election": {"holder": "r1"},
+            "replicas": {"reports": [{"identity": "r1", "age_seconds": 0.123}]},
+        }
+
+    def describe_model(self, model: Model) -> dict[str, Any]:
+        return {"in_flight": 3, "queued": 1, "replicas": ["r1", "r2"], "idle_seconds": 0.5}
+
+    def check_decides(self, what: str) -> None:
+        raise AssertionError("the snapshot only reads")
+
+
+async def test_with_several_replicas_the_snapshot_says_the_role_and_leaves_out_clocks(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": model_config(unique("ui-ha"))}})
+    registry = running.app[REGISTRY]
+
+    alone = snapshot(registry, running.metrics)
+    assert alone["ha"] is None and "cluster" not in alone["models"][0]
+    assert "replicas" not in alone["models"][0]  # not scaled out: no replicas entry
+
+    several = snapshot(registry, running.metrics, replicas=TwoReplicas())
+    # The header's line; nothing that moves on its own (ages) would push a snapshot a tick.
+    assert several["ha"] == {
+        "identity": "r2",
+        "role": "follower",
+        "leader": "r1",
+        "deciding": False,
+    }
+    assert several["models"][0]["cluster"] == {
+        "in_flight": 3,
+        "queued": 1,
+        "replicas": ["r1", "r2"],
+    }
+    assert several["models"][0]["restart_pending"] is False
+    assert several["models"][0]["removing"] is False

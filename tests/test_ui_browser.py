@@ -13,20 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import shutil
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
+import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from activator.app import build_app
+from activator.config import load_config
 from activator.metrics import Metrics
+from activator.reload import ConfigFile
+from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, EventStreams, ui_routes
 from tests.conftest import ActivatorFactory
-from tests.harness import chat, model_config, post, unique
+from tests.harness import Running, chat, model_config, post, unique, wait_for
+from tests.test_scale_out import LONG, open_stream, scaled
 from tests.test_ui import ADMIN_KEY, gated_model
 from tests.tools import in_ci, unavailable
 
@@ -412,6 +421,230 @@ async def test_sleeping_models_and_host_memory_are_shown_when_the_admin_data_has
             pool = driver.find_element(By.CSS_SELECTOR, '[data-pool="gpu"]').text
             assert "Host memory for sleeping models: 16.0 GiB of 64.0 GiB" in pool
             assert "big level 1, 16.0 GiB of host memory" in pool
+            assert not script_errors(driver)
+
+        await asyncio.to_thread(browse)
+
+
+# ----- scale-out, a reload, cost: the fields that came after the page -----------------------
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(config))
+
+
+@asynccontextmanager
+async def from_file(path: Path, config: dict[str, Any]) -> AsyncIterator[Running]:
+    """An activator started from a config file, so that POST /admin/reload reads it again."""
+    write_config(path, config)
+    app = build_app(load_config(path), config=ConfigFile(path))
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    running = Running(app=app, server=server, url=url, session=aiohttp.ClientSession())
+    try:
+
+        async def ready() -> bool:
+            async with running.session.get(url + "/readyz") as resp:
+                return resp.status == 200
+
+        await wait_for(ready, what="activator /readyz")
+        yield running
+    finally:
+        await running.close()
+
+
+def card_text(driver: Driver, model: str) -> str:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    try:
+        text: str = card(driver, model).text
+    except (NoSuchElementException, StaleElementReferenceException):
+        return ""  # not drawn yet, or redrawn while we looked
+    return text
+
+
+def pod_rows(driver: Driver, model: str) -> list[str]:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return [li.text for li in card(driver, model).find_elements(By.CSS_SELECTOR, "li.pod")]
+    except (NoSuchElementException, StaleElementReferenceException):
+        return []
+
+
+@pytest.mark.timeout(240)
+async def test_status_page_shows_a_scaled_out_models_pods_a_reloads_badges_and_cost(
+    kube: FakeKube, chrome: Callable[[], Driver], tmp_path: Path
+) -> None:
+    """Three streams scale `coder` out to 3 pods on the fake API server (target 1 request
+    a pod): its card shows the replicas, each pod's load and the last scale-up. A reload
+    changes `chat`'s engine command while it runs (restart pending) and removes `old`
+    while a stream keeps it draining (removing). Priced models show their cost."""
+    price = {"gpu_hour": 2.5}
+    config = {
+        "kubernetes": {
+            "kubeconfig": kube.kubeconfig,
+            "request_timeout": "5s",
+            "scheduling_grace": "30s",
+        },
+        "models": {
+            "coder": scaled(kube, "coder", most=4, target=1, cost=price),
+            "chat": model_config(unique("ui-chat"), cost=price),
+            "old": model_config(unique("ui-old"), "--stream-delay", "0.1", drain_timeout="5m"),
+        },
+    }
+    async with (
+        from_file(tmp_path / "activator.yaml", config) as running,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
+    ):
+        driver = await asyncio.to_thread(chrome)
+
+        async def page(condition: Callable[[], object], what: str) -> None:
+            await asyncio.to_thread(wait_until, driver, condition, what)
+
+        async def text(model: str) -> str:
+            return await asyncio.to_thread(card_text, driver, model)
+
+        await asyncio.to_thread(driver.get, running.url + "/ui")
+        await page(lambda: "replicas 0 of max 4" in card_text(driver, "coder"), "coder at 0")
+        assert "No pods yet." in await text("coder")
+        assert "replicas" not in await text("chat")  # not scaled out: nothing new
+
+        # Three requests at one a pod: 0 -> 1 to start, then 3 in one write.
+        streams = [open_stream(session, running, "coder", tokens=LONG) for _ in range(3)]
+        for stream in streams:
+            await stream.started()
+        await page(
+            lambda: (
+                "replicas 3 of max 4 · 3 routable" in card_text(driver, "coder")
+                and sorted(row.split("\n", 1)[-1] for row in pod_rows(driver, "coder"))
+                == ["1/1\nroutable"] * 3
+            ),
+            "3 routable pods with a request each",
+        )
+        coder = await text("coder")
+        assert "Pods · requests in flight of 1 each" in coder
+        assert "last scale up 1 → 3: sized to demand, demand 3" in coder
+        assert "now: 3 wanted" in coder
+        names = {p["name"] for p in (await running.admin("coder"))["replicas"]["pods"]}
+        rows = await asyncio.to_thread(pod_rows, driver, "coder")
+        assert {row.split("\n", 1)[0] for row in rows} == names
+
+        # A reload: chat's engine changes on its next start; old is removed mid-stream.
+        old = open_stream(session, running, "old", tokens=LONG)
+        await old.started()
+        served = config["models"]["chat"]["served_model_name"]
+        assert (await post(running, "/v1/chat/completions", chat(served)))[0] == 200
+        changed = copy.deepcopy(config)
+        changed["models"]["chat"]["process"]["command"].append("--disable-access-log")
+        del changed["models"]["old"]
+        write_config(tmp_path / "activator.yaml", changed)
+        status, body, _ = await post(running, "/admin/reload", None)
+        assert status == 200, body
+        await page(
+            lambda: (
+                "restart pending" in card_text(driver, "chat")
+                and "removing" in card_text(driver, "old")
+            ),
+            "chat's restart pending and old removing",
+        )
+        assert "applied at the next start: process.command" in await text("chat")
+        assert "restart pending" not in await text("coder")
+        for model in ("coder", "chat"):  # priced
+            assert " GPU-h · $" in await text(model)
+        assert "$" not in await text("old")  # no price
+
+        def removing_takes_no_clicks() -> bool:
+            from selenium.webdriver.common.by import By
+
+            buttons = card(driver, "old").find_elements(By.CSS_SELECTOR, ".actions button")
+            return not any(b.is_enabled() for b in buttons)
+
+        assert await asyncio.to_thread(removing_takes_no_clicks)
+
+        def shots() -> None:
+            screenshot(driver, tmp_path / "ui-desktop.png")
+            driver.set_window_size(*PHONE)
+            wait_until(
+                driver,
+                lambda: driver.execute_script("return window.innerWidth") <= PHONE[0],
+                "the phone-sized viewport",
+            )
+            overflow = driver.execute_script(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"the page scrolls sideways on a phone by {overflow}px"
+            screenshot(driver, tmp_path / "ui-phone.png")
+            driver.set_window_size(*DESKTOP)
+
+        await asyncio.to_thread(shots)
+
+        # The drain ends with old's stream: its card goes.
+        await old.cancel()
+        await page(lambda: card_text(driver, "old") == "", "old gone")
+        for stream in streams:
+            await stream.cancel()
+        assert not await asyncio.to_thread(script_errors, driver)
+
+
+def follower_snapshot(ha: dict[str, Any] | None) -> dict[str, Any]:
+    """One model as a follower replica shows it: its own numbers and the cluster's."""
+    model = copy.deepcopy(SLEEPY_SNAPSHOT["models"][1])  # type: ignore[index]
+    model.update(name="m", state="ready", cluster={"in_flight": 5, "queued": 2})
+    return {
+        "models": [model],
+        "pools": [],
+        "wake_durations": {"bounds": [], "models": {}},
+        "ha": ha,
+    }
+
+
+@pytest.mark.parametrize(
+    ("ha", "header"),
+    [
+        (
+            {"identity": "r2", "role": "follower", "leader": "r1"},
+            "replica r2 · follower (leader: r1)",
+        ),
+        ({"identity": "r1", "role": "leader", "leader": "r1"}, "replica r1 · leader"),
+        (
+            {"identity": "r3", "role": "follower", "leader": None},
+            "replica r3 · follower (leader: none yet)",
+        ),
+        ({"identity": "<b>r4</b>", "started": False}, "replica <b>r4</b> · joining"),
+    ],
+)
+async def test_the_header_names_this_replica_and_its_leader_with_several_replicas(
+    chrome: Callable[[], Driver], ha: dict[str, Any], header: str
+) -> None:
+    # The election is tested in tests/test_ha_*.py; here the page and its stream are real
+    # and the snapshot is scripted in the shape activator.ui.summary gives it.
+    data = follower_snapshot(ha)
+    streams = EventStreams(lambda: data)
+    app = web.Application()
+    app.router.add_routes(
+        ui_routes(
+            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
+        )
+    )
+    app.on_shutdown.append(streams.close)
+
+    async with TestServer(app, host="127.0.0.1") as server:
+        url = str(server.make_url("/ui"))
+
+        def browse() -> None:
+            from selenium.webdriver.common.by import By
+
+            driver = chrome()
+            driver.get(url)
+            wait_state(driver, "m", "ready")
+            replica = driver.find_element(By.ID, "replica")
+            assert replica.text == header  # as text: markup in a name stays text
+            assert "all replicas\n5 in flight · 2 held" in card(driver, "m").text
+            data["ha"] = None  # HA off (or the snapshot of a single activator): no line
+            wait_until(driver, lambda: not replica.is_displayed(), "no replica line")
             assert not script_errors(driver)
 
         await asyncio.to_thread(browse)

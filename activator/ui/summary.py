@@ -5,18 +5,49 @@ from __future__ import annotations
 
 from typing import Any
 
+from activator.admin import ReplicaStatus
+from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
 from activator.registry import ModelRegistry
 
+# Fields of a model's `cluster` entry that change on every look (a clock's reading): the
+# stream sends a snapshot whenever its JSON changes, so with them it would send one per
+# tick to every open page while nothing happens.
+VOLATILE_CLUSTER = frozenset({"idle_seconds"})
+# What the page's header says of this replica (from /admin/ha).
+HA_FIELDS = ("identity", "role", "leader", "deciding", "started")
 
-def snapshot(registry: ModelRegistry, metrics: Metrics) -> dict[str, Any]:
-    """Everything the page draws, in one object: what /admin/models, /admin/pools and
-    /admin/wake-durations answer. Fields a model or pool gains later are passed through."""
+
+def snapshot(
+    registry: ModelRegistry, metrics: Metrics, *, replicas: ReplicaStatus | None = None
+) -> dict[str, Any]:
+    """Everything the page draws, in one object: what /admin/models (less the volatile
+    fields), /admin/pools and /admin/wake-durations answer, and `ha`: this replica's
+    identity, role and leader when several replicas run (None when one runs alone).
+    Fields a model or pool gains later are passed through."""
     return {
-        "models": [m.describe() for m in registry],
+        "models": [model_view(m, replicas=replicas) for m in registry],
         "pools": [p.describe() for p in registry.pools()],
         "wake_durations": wake_durations(metrics),
+        "ha": None if replicas is None else ha_view(replicas),
     }
+
+
+def model_view(model: Model, *, replicas: ReplicaStatus | None) -> dict[str, Any]:
+    """One model as /admin/models shows it: its own fields, `replicas` when it is scaled
+    out (pods, their load, the last decisions), `cluster` with several replicas."""
+    body = model.describe()
+    if model.scale is not None:
+        body["replicas"] = model.scale.describe()
+    if replicas is not None:
+        cluster = replicas.describe_model(model)
+        body["cluster"] = {k: v for k, v in cluster.items() if k not in VOLATILE_CLUSTER}
+    return body
+
+
+def ha_view(replicas: ReplicaStatus) -> dict[str, Any]:
+    described = replicas.describe()
+    return {key: described[key] for key in HA_FIELDS if key in described}
 
 
 def wake_durations(metrics: Metrics) -> dict[str, Any]:

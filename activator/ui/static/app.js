@@ -1,7 +1,7 @@
 // activator status page. Plain JavaScript, no dependencies, no build step.
 //
 // Data: one EventSource on admin/events pushes a snapshot ({models, pools,
-// wake_durations}) whenever something changed. Every URL is relative to the page (/ui),
+// wake_durations, ha}) whenever something changed. Every URL is relative to the page (/ui),
 // so "admin/events" is /admin/events, also behind a proxy that adds a path prefix.
 // Every string from the server goes into the page as text (textContent), never as HTML.
 "use strict";
@@ -14,6 +14,15 @@
   // Stop is refused by the server in these states anyway; the button says so up front.
   const NOT_STOPPABLE = new Set(["stopped", "failed", "stopping", "draining", "starting", "waking"]);
   const NOT_WAKEABLE = new Set(["ready", "starting", "waking"]);
+  // activator.scaling's reasons for a replica count, in words.
+  const SCALE_REASONS = {
+    demand: "sized to demand",
+    delay: "held by scale_down_delay",
+    max: "capped at max",
+    pool: "bounded by the pool's free GPUs",
+    reclaim: "the pool takes GPUs back",
+    unknown: "demand unknown",
+  };
   const SVG = "http://www.w3.org/2000/svg";
   const RETRY_MS = 3000;
 
@@ -76,6 +85,15 @@
   function stateBadge(state) {
     const known = KNOWN_STATES.has(state) ? state : "other";
     return el("span", { class: `state state-${known}` }, String(state).replace("_", " "));
+  }
+
+  function isNumber(value) {
+    return typeof value === "number" && Number.isFinite(value);
+  }
+
+  function decimals(value) {
+    // 1.20 -> "1.2", 3 -> "3": GPU-hours come rounded to 0.01.
+    return value.toFixed(2).replace(/\.?0+$/, "");
   }
 
   function fact(label, value) {
@@ -167,8 +185,11 @@
 
   function modelCard(name) {
     const title = el("h3", {}, name);
+    const flags = el("span", { class: "flags" });
     const badge = el("span", { class: "state" });
     const facts = el("dl", { class: "facts" });
+    const pending = el("div", { class: "pending" });
+    const scale = el("div", { class: "scale" });
     const phases = el("div", { class: "phases" });
     const sleep = el("div", { class: "sleep" });
     const error = el("div", { class: "last-error" });
@@ -183,14 +204,17 @@
     stop.addEventListener("click", () => act(name, "stop"));
     wake.setAttribute("aria-label", `Wake ${name}`);
     stop.setAttribute("aria-label", `Stop ${name}`);
-    const head = el("header", {}, title, badge);
+    const head = el("header", {}, el("div", { class: "title" }, title, flags), badge);
     const root = el(
       "article",
       { class: "card model", "data-model": name, "aria-label": `model ${name}` },
-      head, facts, phases, sleep, error, details,
+      head, pending, facts, scale, phases, sleep, error, details,
       el("div", { class: "actions" }, wake, stop),
     );
-    return { root, head, badge, facts, phases, sleep, error, details, pre, wake, stop, lastError: null };
+    return {
+      root, head, flags, badge, pending, facts, scale, phases, sleep, error, details, pre, wake, stop,
+      lastError: null,
+    };
   }
 
   function phaseBar(model) {
@@ -239,11 +263,84 @@
     return list;
   }
 
+  function flagsOf(model) {
+    const flags = [];
+    if (model.removing) flags.push(el("span", { class: "flag flag-removing" }, "removing"));
+    if (model.restart_pending) flags.push(el("span", { class: "flag flag-restart" }, "restart pending"));
+    return flags;
+  }
+
+  function pendingNote(model) {
+    if (model.removing) {
+      return el("p", { class: "note" }, "Removed from the config: drained, then stopped.");
+    }
+    if (!model.restart_pending) return null;
+    const keys = Array.isArray(model.restart_pending_keys) ? model.restart_pending_keys.map(String) : [];
+    return el("p", { class: "note" },
+      "Changed by a reload, applied at the next start" + (keys.length ? `: ${keys.join(", ")}` : "."));
+  }
+
+  function costText(cost) {
+    if (!cost || typeof cost !== "object" || !isNumber(cost.gpu_hours)) return null;
+    if (isNumber(cost.dollars)) return `${decimals(cost.gpu_hours)} GPU-h · $${cost.dollars.toFixed(2)}`;
+    return cost.gpu_hours > 0 ? `${decimals(cost.gpu_hours)} GPU-h` : null;
+  }
+
+  function podStatus(pod) {
+    if (pod.broken) return ["broken", "down"];
+    if (pod.terminating) return ["terminating", "down"];
+    if (pod.routable) return ["routable", "up"];
+    if (!pod.ready) return ["not ready", "down"];
+    if (!pod.probed) return ["probing", "wait"];
+    return ["not routable", "down"];
+  }
+
+  function scaleInfo(model) {
+    // Scaled out (replicas.max > 1): what it asks for and runs, why, and each pod's load.
+    const r = model.replicas;
+    if (!r || typeof r !== "object") return null;
+    const wanted = isNumber(r.desired) ? r.desired : (isNumber(r.spec) ? r.spec : 0);
+    const parts = [el("p", { class: "replicas-line" },
+      el("strong", {}, `replicas ${wanted} of max ${r.max}`), ` · ${r.routable ?? 0} routable`)];
+    const change = r.last_change;
+    if (change && typeof change === "object") {
+      const at = isNumber(change.at) ? ` at ${new Date(change.at * 1000).toLocaleTimeString()}` : "";
+      parts.push(el("p", { class: "scale-change" },
+        `last scale ${change.direction} ${change.from} → ${change.to}: `
+        + `${SCALE_REASONS[change.reason] || String(change.reason)}, demand ${change.demand}${at}`));
+    }
+    const decision = r.last_decision;
+    if (decision && typeof decision === "object") {
+      parts.push(el("p", { class: "scale-decision" },
+        `now: ${decision.desired} wanted, ${SCALE_REASONS[decision.reason] || String(decision.reason)}, `
+        + `demand ${decision.demand}`));
+    }
+    const pods = Array.isArray(r.pods) ? r.pods : [];
+    const limit = isNumber(r.limit_per_pod) ? r.limit_per_pod : 1;
+    if (!pods.length) {
+      parts.push(el("p", { class: "muted" }, "No pods yet."));
+    } else {
+      parts.push(el("p", { class: "pods-title" }, `Pods · requests in flight of ${limit} each`));
+      parts.push(el("ul", { class: "pods", "aria-label": `pods of ${model.name}` }, ...pods.map((pod) => {
+        const [status, kind] = podStatus(pod);
+        const load = isNumber(pod.in_flight) ? pod.in_flight : 0;
+        return el("li", { class: "pod", "data-pod": pod.name },
+          el("span", { class: "pod-name" }, String(pod.name)),
+          el("meter", { min: 0, max: limit, value: Math.min(load, limit), "aria-hidden": "true" }),
+          el("span", { class: "pod-load", title: "requests in flight / limit per pod" }, `${load}/${limit}`),
+          el("span", { class: `pod-status pod-${kind}` }, status));
+      })));
+    }
+    return el("div", {}, ...parts);
+  }
+
   function updateModel(card, model) {
     card.root.dataset.state = model.state;
     const badge = stateBadge(model.state);
     card.badge.replaceWith(badge);
     card.badge = badge;
+    card.flags.replaceChildren(...flagsOf(model));
+    card.pending.replaceChildren(...[pendingNote(model)].filter(Boolean));
 
     const lastWake = model.last_wake_seconds === null || model.last_wake_seconds === undefined
       ? "never"
@@ -257,7 +354,14 @@
       fact("idle timeout", seconds(model.idle_timeout)),
     ];
     if (model.aliases && model.aliases.length) facts.push(fact("aliases", model.aliases.join(", ")));
+    const cost = costText(model.cost);
+    if (cost) facts.push(fact("cost", cost));
+    const cluster = model.cluster;
+    if (cluster && isNumber(cluster.in_flight)) {
+      facts.push(fact("all replicas", `${cluster.in_flight} in flight · ${cluster.queued ?? 0} held`));
+    }
     card.facts.replaceChildren(...facts);
+    card.scale.replaceChildren(...[scaleInfo(model)].filter(Boolean));
 
     card.phases.replaceChildren(...[phaseBar(model)].filter(Boolean));
     card.sleep.replaceChildren(...[sleepInfo(model)].filter(Boolean));
@@ -270,8 +374,9 @@
     if (card.details.open && model.last_error !== card.lastError) loadLog(model.name, card.pre);
     card.lastError = model.last_error;
 
-    card.wake.disabled = NOT_WAKEABLE.has(model.state);
-    card.stop.disabled = NOT_STOPPABLE.has(model.state);
+    // A model being removed takes no new work and is stopped once drained.
+    card.wake.disabled = NOT_WAKEABLE.has(model.state) || Boolean(model.removing);
+    card.stop.disabled = NOT_STOPPABLE.has(model.state) || Boolean(model.removing);
   }
 
   function renderModels(models) {
@@ -414,8 +519,25 @@
 
   // ----- wiring -----------------------------------------------------------------------
 
+  function renderReplica(ha) {
+    // Several activator replicas: which one this page talks to, and who leads.
+    const node = document.getElementById("replica");
+    if (!ha || typeof ha !== "object" || !ha.identity) {
+      node.hidden = true;
+      node.textContent = "";
+      return;
+    }
+    let text = `replica ${ha.identity}`;
+    if (ha.started === false) text += " · joining";
+    else if (ha.role === "leader") text += " · leader";
+    else text += ` · ${ha.role || "follower"} (leader: ${ha.leader || "none yet"})`;
+    node.textContent = text;
+    node.hidden = false;
+  }
+
   function render(snapshot) {
     const models = snapshot.models || [];
+    renderReplica(snapshot.ha);
     renderModels(models);
     renderPools(snapshot.pools || []);
     renderWakes(models, snapshot.wake_durations);
