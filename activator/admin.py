@@ -24,8 +24,11 @@ class ReplicaStatus(Protocol):
 
     def describe_model(self, model: Model) -> dict[str, Any]: ...
 
-    def check_decides(self, what: str) -> None:
-        """Raises Conflict (409) on a replica that does not decide."""
+    async def decide_or_forward(
+        self, request: web.Request, *, what: str
+    ) -> web.StreamResponse | None:
+        """None on the replica that decides (act here); elsewhere the leader's answer,
+        forwarded, or an error (409: the leader is unknown; 503: it cannot be reached)."""
 
 
 def admin_routes(
@@ -58,24 +61,32 @@ def admin_routes(
         model = model_of(request)
         return web.json_response({"model": model.name, "lines": model.backend.log_tail()})
 
+    async def elsewhere(request: web.Request, what: str) -> web.StreamResponse | None:
+        # A decision (stop, sleep) is the leader's: a follower forwards it. A wake is
+        # demand, which every replica shares: it is taken anywhere. A reload is each
+        # replica's own config file: never forwarded.
+        if replicas is None:
+            return None
+        return await replicas.decide_or_forward(request, what=what)
+
     async def wake(request: web.Request) -> web.Response:
         model = model_of(request)
         model.request_wake()
         return web.json_response(model.describe(), status=202)
 
-    async def stop(request: web.Request) -> web.Response:
+    async def stop(request: web.Request) -> web.StreamResponse:
         model = model_of(request)
-        if replicas is not None:
-            replicas.check_decides("a stop")
+        if (answer := await elsewhere(request, "a stop")) is not None:
+            return answer
         stopping = model.begin_stop(reason="admin")
         body = model.describe()
         body["stopping"] = stopping
         return web.json_response(body, status=202)
 
-    async def sleep(request: web.Request) -> web.Response:
+    async def sleep(request: web.Request) -> web.StreamResponse:
         model = model_of(request)
-        if replicas is not None:
-            replicas.check_decides("a sleep")
+        if (answer := await elsewhere(request, "a sleep")) is not None:
+            return answer
         refused = registry.scheduler_of(model).sleep_by_hand(model)
         if refused is not None:
             raise Conflict(refused, param="name")

@@ -189,7 +189,7 @@ def _replica(settings: Settings, *, registry: ModelRegistry, metrics: Metrics) -
         return None
     from activator.ha.wiring import Replica
 
-    return Replica(election, registry=registry, metrics=metrics)
+    return Replica(election, registry=registry, metrics=metrics, admin_port=settings.server.port)
 
 
 def _auth_middleware(credentials: Credentials) -> Any:

@@ -113,8 +113,11 @@ class Cluster:
             **self.extra,
         }
 
-    async def spawn(self, identity: str, *, wait_ready: bool = True) -> Replica:
-        """Start `python -m activator serve` as pod `identity`; until /readyz answers."""
+    async def spawn(
+        self, identity: str, *, wait_ready: bool = True, pod_ip: str = "127.0.0.1"
+    ) -> Replica:
+        """Start `python -m activator serve` as pod `identity`; until /readyz answers.
+        `pod_ip`: its POD_IP, so the admin address it publishes for the others."""
         port = free_port()
         path = self.workdir / f"{identity}-{port}.yaml"
         path.write_text(yaml.safe_dump(self.config(identity, port)))
@@ -124,6 +127,7 @@ class Cluster:
             "POD_NAME": identity,
             "POD_NAMESPACE": NS,
             "POD_UID": str(uuid.uuid4()),
+            "POD_IP": pod_ip,
             "PYTHONUNBUFFERED": "1",
         }
         with log.open("wb") as sink:

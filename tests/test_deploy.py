@@ -387,12 +387,13 @@ def test_activator_runs_two_replicas_that_survive_a_rollout_and_a_drain(
     env = {e["name"]: e for e in _container(deployment, "activator")["env"]}
     fields = {
         name: env[name]["valueFrom"]["fieldRef"]["fieldPath"]
-        for name in ("POD_NAME", "POD_UID", "POD_NAMESPACE")
+        for name in ("POD_NAME", "POD_UID", "POD_NAMESPACE", "POD_IP")
     }
     assert fields == {
         "POD_NAME": "metadata.name",
         "POD_UID": "metadata.uid",
         "POD_NAMESPACE": "metadata.namespace",
+        "POD_IP": "status.podIP",  # its admin address, for followers to forward to
     }
     # Long enough for the preStop pause and the shutdown grace.
     container = _container(deployment, "activator")

@@ -8,6 +8,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -69,12 +70,6 @@ async def test_a_wake_through_any_replica_scales_once_and_every_replica_serves_i
         assert ha["role"] == "follower" and not ha["deciding"]
         assert ha["leader"] == leader
         assert leader in ha["replicas"]["fresh"]
-        # A follower refuses the leader's decisions with the leader's name.
-        async with cluster.session.post(
-            cluster.replicas[follower].url + "/admin/models/coder/stop"
-        ) as resp:
-            assert resp.status == 409
-            assert leader in (await resp.json())["error"]["message"]
         # Metrics: who leads; the wake is counted once, by the leader (a follower's probe
         # is no wake), so a sum over the replicas counts it once.
         for name, leads, wakes in ((leader, 1.0, 1.0), (follower, 0.0, 0.0)):
@@ -82,6 +77,20 @@ async def test_a_wake_through_any_replica_scales_once_and_every_replica_serves_i
             assert sample(text, "activator_leader", replica=name) == leads
             assert sample(text, "activator_wake_duration_seconds_count", model="coder") == wakes
             assert sample(text, "activator_requests_total", model="coder") > 0
+
+        # A stop sent to the follower is the leader's decision: forwarded, and the
+        # leader's answer relayed.
+        await leader_address_known(cluster, follower, leader)
+        # The leader's refusal too: coder has no sleep mode.
+        status, body, headers = await post(cluster, follower, "/admin/models/coder/sleep")
+        assert status == 409 and "sleep" in body["error"]["message"], body
+        assert header(headers, "X-Activator-Forwarded-To") == leader
+        status, body, headers = await post(cluster, follower, "/admin/models/coder/stop")
+        assert status == 202, body
+        assert body["name"] == "coder" and body["stopping"] is True
+        assert header(headers, "X-Activator-Forwarded-To") == leader
+        await idle(cluster, "coder")
+        assert cluster.scale_writes("coder", 0) == [leader]
 
 
 async def test_pool_capacity_holds_cluster_wide_with_three_replicas_and_random_traffic(
@@ -126,6 +135,81 @@ async def test_pool_capacity_holds_cluster_wide_with_three_replicas_and_random_t
 
 async def idle(cluster: Cluster, name: str) -> None:
     await cluster.kube.wait_until(lambda: cluster.kube.replicas(name) == 0, within=60)
+
+
+async def post(
+    cluster: Cluster, identity: str, path: str, *, headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    async with cluster.session.post(cluster.replicas[identity].url + path, headers=headers) as resp:
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def leader_address_known(cluster: Cluster, follower: str, leader: str) -> str:
+    """Until `follower` has read the admin address `leader` publishes; that address."""
+
+    async def known() -> str | None:
+        reports = (await cluster.admin(follower, "/admin/ha"))["replicas"]["reports"]
+        return next((r["admin_url"] for r in reports if r["identity"] == leader), None)
+
+    found: str = await wait_for(known, timeout=30, what=f"{leader}'s address on {follower}")
+    return found
+
+
+async def test_a_forwarded_decision_reaching_a_follower_is_not_forwarded_again(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """During a leader change a follower may forward to a replica that no longer leads:
+    that one answers 503 (retry) and never forwards again, so a request makes one hop."""
+    models = {"coder": kube_model(kube, "coder")}
+    async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
+        leader = await cluster.leader()
+        (follower,) = cluster.followers(leader)
+        status, _, _ = await cluster.ask(leader, "coder")  # up, so a stop would show
+        assert status == 200
+        await leader_address_known(cluster, follower, leader)
+
+        hop = {"X-Activator-Forwarded-By": "r0"}
+        status, body, headers = await post(
+            cluster, follower, "/admin/models/coder/stop", headers=hop
+        )
+        assert status == 503, body
+        assert body["error"]["code"] == "not_leader"
+        message = body["error"]["message"]
+        assert "r0" in message and leader in message and "not forwarded again" in message
+        assert header(headers, "Retry-After")
+        assert header(headers, "X-Activator-Forwarded-To") == ""  # answered here
+        # Not forwarded: the leader took no stop (it would have before answering).
+        assert (await cluster.admin(leader, "/admin/models/coder"))["state"] == "ready"
+        assert "forwarded to the leader" not in cluster.replicas[follower].output()
+        # The leader itself takes a forwarded decision: it is the one hop.
+        status, body, _ = await post(cluster, leader, "/admin/models/coder/stop", headers=hop)
+        assert status == 202 and body["stopping"] is True
+        await idle(cluster, "coder")
+        assert cluster.scale_writes("coder", 0) == [leader]
+
+
+async def test_a_decision_for_an_unreachable_leader_is_a_503_naming_it(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """The leader publishes an address nothing listens on (127.0.0.2: loopback, but its
+    server is bound to 127.0.0.1, so the connection is refused)."""
+    models = {"coder": kube_model(kube, "coder")}
+    async with cluster_of(kube, tmp_path, models, names=()) as cluster:
+        await cluster.spawn("r1", pod_ip="127.0.0.2")
+        assert await cluster.leader() == "r1"
+        await cluster.spawn("r2")
+        url = await leader_address_known(cluster, "r2", "r1")
+        assert url == f"http://127.0.0.2:{cluster.replicas['r1'].port}"
+
+        status, body, headers = await post(cluster, "r2", "/admin/models/coder/sleep")
+        assert status == 503, body
+        assert body["error"]["code"] == "leader_unreachable"
+        message = body["error"]["message"]
+        assert "r1" in message and url in message and "r2" in message
+        assert header(headers, "Retry-After")
+        # A reload is each replica's own: never forwarded, answered here.
+        async with cluster.session.post(cluster.replicas["r2"].url + "/admin/reload") as resp:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_a_model_busy_on_a_follower_is_not_idle_for_the_leader(

@@ -136,6 +136,8 @@ class ReplicaReport:
     # When the leader last saw the replica renew its Lease (None: not since the leader
     # started watching; the report may be arbitrarily old).
     renewed_at: float | None
+    # Where its admin API answers (activator.ha.forward), if it published one.
+    admin_url: str | None = None
 
 
 def freshness(report: ReplicaReport, *, now: float, lease_duration: float) -> Freshness:

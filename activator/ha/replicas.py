@@ -6,7 +6,8 @@ A replica's Lease, `activator-replica-<identity>` in activator's namespace:
     metadata:
       labels: {activator.dev/role: replica}
       annotations: {activator.dev/demand: '{"chat":{"in_flight":2,"queued":1,
-                    "oldest_wait_age_s":3.2,"last_activity_age_s":0.1}}'}
+                    "oldest_wait_age_s":3.2,"last_activity_age_s":0.1}}',
+                    activator.dev/admin-url: 'http://10.0.3.7:8080'}  # if known
       ownerReferences: [the replica's Pod]   # garbage-collected with the pod
     spec: {holderIdentity: <identity>, leaseDurationSeconds, renewTime: <heartbeat>}
 
@@ -39,6 +40,7 @@ from activator.backends.kube.informer import Informer
 from activator.ha import demand as wire
 from activator.ha.changes import Changes
 from activator.ha.demand import ClusterView, Demand, Freshness, ReplicaReport, Reported
+from activator.ha.forward import ADMIN_URL_ANNOTATION, parse_admin_url
 from activator.ha.leases import (
     Conflict,
     LeaseClient,
@@ -83,11 +85,13 @@ class DemandPublisher:
         changed: asyncio.Event,
         identity: str | None = None,
         owner: PodOwner | None = None,
+        admin_url: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.identity = identity or default_identity()
         self.lease_name = replica_lease_name(self.identity)
+        self.admin_url = admin_url  # where the others forward admin decisions to us
         self._leases = LeaseClient(cluster.api_client, namespace=settings.namespace)
         self._timeout = min(cluster.settings.request_timeout, settings.renew_deadline)
         self._demand = demand
@@ -164,10 +168,10 @@ class DemandPublisher:
 
     async def _write(self, current: dict[str, Demand], *, now: float) -> None:
         text = wire.encode(current, now=now)
-        metadata: Obj = {
-            "labels": {ROLE_LABEL: "replica"},
-            "annotations": {wire.ANNOTATION: text},
-        }
+        annotations = {wire.ANNOTATION: text}
+        if self.admin_url is not None:
+            annotations[ADMIN_URL_ANNOTATION] = self.admin_url
+        metadata: Obj = {"labels": {ROLE_LABEL: "replica"}, "annotations": annotations}
         if self._owner is not None:
             metadata["ownerReferences"] = [self._owner.reference()]
         spec: Obj = {
@@ -260,6 +264,14 @@ class ClusterDemand:
     def reports(self) -> list[ReplicaReport]:
         return list(self._reports.values())
 
+    def admin_url(self, identity: str) -> str | None:
+        """The admin address replica `identity` published, if its Lease is here and
+        has one (never this replica's own: its Lease is skipped)."""
+        for report in self._reports.values():
+            if report.identity == identity:
+                return report.admin_url
+        return None
+
     def view(self) -> ClusterView:
         """Every replica's demand merged with the local one, on our clock. Cheap."""
         return wire.merge(
@@ -297,7 +309,8 @@ class ClusterDemand:
             renewed_at = now
         self._renew_keys[name] = renew_key
         models: dict[str, Reported] = {}
-        text = annotations_of(obj).get(wire.ANNOTATION)
+        annotations = annotations_of(obj)
+        text = annotations.get(wire.ANNOTATION)
         if text is not None:
             try:
                 models = wire.decode(text)
@@ -306,7 +319,11 @@ class ClusterDemand:
                 log.warning("cluster demand: replica %s: unreadable demand: %s", identity, exc)
                 renewed_at = None
         report = ReplicaReport(
-            identity=identity, models=models, received_at=now, renewed_at=renewed_at
+            identity=identity,
+            models=models,
+            received_at=now,
+            renewed_at=renewed_at,
+            admin_url=parse_admin_url(annotations.get(ADMIN_URL_ANNOTATION)),
         )
         self._reports[name] = report
         if old is None:

@@ -48,6 +48,7 @@ def describe(replica: Replica, blocks: Blocks) -> dict[str, Any]:
         "role": "leader" if replica.leading() else "follower",
         "leader": replica.leader(),
         "deciding": replica.deciding(),
+        "admin_url": replica.admin_url,  # published: where followers forward decisions
         "election": dict(snapshot(blocks.elector)),
         "intent": {
             "leader": blocks.watcher.leader,
@@ -65,6 +66,7 @@ def describe(replica: Replica, blocks: Blocks) -> dict[str, Any]:
             "reports": [
                 {
                     "identity": r.identity,
+                    "admin_url": r.admin_url,
                     "age_seconds": round(now - r.received_at, 3),
                     "renewed_seconds_ago": None
                     if r.renewed_at is None

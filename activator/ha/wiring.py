@@ -10,7 +10,9 @@ and forwards to the ready ones. Around it, one `Replica` owns:
 - a ClusterDemand: everyone else's, merged into the leader's views (`merged`) and
   waited on by the leader's drains (`drained_elsewhere`);
 - an IntentPublisher (the leader's model states, written by the elector's fenced writes)
-  and an IntentWatcher (followers read them in `follow`).
+  and an IntentWatcher (followers read them in `follow`);
+- the HTTP session a follower forwards admin decisions to the leader with
+  (activator.ha.forward), at the address the leader publishes on its replica Lease.
 
 Roles, with the same Models and pool loops everywhere:
 
@@ -40,11 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
+
 from activator.admin import ReadyFlag
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kubernetes import KubernetesBackend
 from activator.errors import Conflict
-from activator.ha import status
+from activator.ha import forward, status
 from activator.ha.changes import Changes
 from activator.ha.demand import Demand
 from activator.ha.election import LeaderElector, Leadership
@@ -127,11 +132,17 @@ class Replica:
         *,
         registry: ModelRegistry,
         metrics: Metrics,
+        admin_port: int | None = None,
         env: Mapping[str, str] = os.environ,
     ) -> None:
         self.settings = ha_settings(config, env)
         self.identity = config.identity or default_identity(env)
         self._owner = pod_owner_from_env(self.settings.namespace, env)
+        # Published for the others to forward admin decisions to; None: they answer 409.
+        self.admin_url = (
+            forward.own_admin_url(env, port=admin_port) if admin_port is not None else None
+        )
+        self._http: aiohttp.ClientSession | None = None
         self._registry = registry
         self._metrics = metrics
         self._tasks = TaskGroup()
@@ -171,6 +182,7 @@ class Replica:
                 changed=self._demand_changed,
                 identity=self.identity,
                 owner=self._owner,
+                admin_url=self.admin_url,
             ),
             cluster=ClusterDemand(cluster, settings=s, identity=self.identity, local=dict),
         )
@@ -181,6 +193,8 @@ class Replica:
             model.replicas = self
         for scheduler in self._registry.schedulers:
             scheduler.coordinator = self
+        # No cookie jar: a forwarded request carries its caller's credentials, nothing else.
+        self._http = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         elector.subscribe(self._leadership)
         self._metrics.leader.labels(replica=self.identity).set(0)
         self._metrics.leader_changes.labels(replica=self.identity)
@@ -216,6 +230,9 @@ class Replica:
             await self._blocks.demand.aclose()
             await self._blocks.watcher.aclose()
             await self._blocks.cluster.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     # -- what the models see (activator.lifecycle.Replicas) --------------------------------
 
@@ -427,15 +444,44 @@ class Replica:
             return self.identity
         return self._blocks.watcher.leader or self._blocks.elector.leader
 
-    def check_decides(self, what: str) -> None:
-        """409 on a follower for an admin action only the leader takes."""
-        if not self.deciding():
-            leader = self.leader()
+    async def decide_or_forward(
+        self, request: web.Request, *, what: str
+    ) -> web.StreamResponse | None:
+        """An admin action only the leader takes: None when this replica decides (take
+        it here), else the leader's answer to it, forwarded (activator.ha.forward).
+
+        Never forwarded: a request that already was (503: the leader changed; retry), one
+        that reaches the leader before it has reconciled, or when the leader or its
+        address is unknown (409 naming the leader, as without forwarding)."""
+        if self.deciding():
+            return None
+        leader = self.leader()
+        hop = request.headers.get(forward.FORWARDED_BY)
+        if hop is not None:
+            raise forward.NotDecidingHere(
+                f"{what} forwarded by {forward.shown(hop)} reached this replica "
+                f"({self.identity}), which does not decide (the leader is "
+                f"{leader or 'not elected yet'}); not forwarded again: retry",
+                param="name",
+                retry_after=self.settings.retry_period,
+            )
+        if leader == self.identity:
             raise Conflict(
-                f"this replica ({self.identity}) does not decide: {what} is taken by the "
-                f"leader ({leader or 'none elected yet'}); send it to the leader's pod",
+                f"this replica ({self.identity}) leads but does not decide yet (it is "
+                f"reconciling the models from the API): retry {what} in a moment",
                 param="name",
             )
+        url = None if leader is None else self._b.cluster.admin_url(leader)
+        if leader is None or url is None or self._http is None:
+            known = "none elected yet" if leader is None else f"{leader}; its address is unknown"
+            raise Conflict(
+                f"this replica ({self.identity}) does not decide: {what} is taken by the "
+                f"leader ({known}); send it to the leader's pod",
+                param="name",
+            )
+        return await forward.relay(
+            self._http, request, url=url, identity=self.identity, leader=leader, what=what
+        )
 
     def describe_model(self, model: Model) -> dict[str, Any]:
         """The cluster-wide view of one model, for /admin/models."""
