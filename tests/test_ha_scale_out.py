@@ -9,18 +9,18 @@ asks for the replicas reached.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from activator.testing.fake_kube import FakeKube, PodPlan
+from tests import streams
 from tests.ha_cluster import Cluster, cluster_of
 from tests.harness import wait_for
+from tests.streams import Stream
 from tests.test_ha_serve import sample
 
 LONG = 2000  # tokens: 200 s of stream at the engines' 0.1 s a token, for "until cancelled"
@@ -61,49 +61,9 @@ def scaled(kube: FakeKube, name: str, *, most: int, delay: str) -> dict[str, Any
     }
 
 
-@dataclass
-class Stream:
-    """One streaming chat request through one activator replica, read as it arrives."""
-
-    task: asyncio.Task[None] | None = None
-    first: asyncio.Event = field(default_factory=asyncio.Event)  # a token arrived
-    text: str = ""
-    status: int = 0
-
-    async def started(self) -> None:
-        """Until a token arrived; AssertionError if the stream ended before one."""
-        assert self.task is not None
-        token = asyncio.ensure_future(self.first.wait())
-        await asyncio.wait({token, self.task}, return_when=asyncio.FIRST_COMPLETED)
-        token.cancel()
-        assert self.first.is_set(), f"ended before a token: {self.status} {self.text[:300]}"
-
-    async def cancel(self) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 def open_stream(cluster: Cluster, identity: str, *, tokens: int = LONG) -> Stream:
-    stream = Stream()
-    body = {
-        "model": MODEL,
-        "stream": True,
-        "max_tokens": tokens,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
     url = cluster.replicas[identity].url + "/v1/chat/completions"
-
-    async def run() -> None:
-        async with cluster.session.post(url, json=body) as resp:
-            stream.status = resp.status
-            async for chunk in resp.content.iter_any():
-                stream.text += chunk.decode(errors="replace")
-                if '"delta"' in stream.text:
-                    stream.first.set()
-
-    stream.task = asyncio.create_task(run())
-    return stream
+    return streams.open_stream(cluster.session, url, MODEL, tokens=tokens)
 
 
 async def scaled_view(cluster: Cluster, identity: str) -> dict[str, Any]:

@@ -20,8 +20,10 @@ import pytest
 
 from activator.testing.fake_kube import FakeKube, PodPlan
 from activator.testing.fakekube.store import Change
+from tests import streams
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, wait_for
+from tests.streams import Stream
 
 ACCESS = "activator.access"
 LONG = 2000  # tokens: 200 s of stream at the engines' 0.1 s a token, for "until cancelled"
@@ -108,63 +110,10 @@ async def start(
     )
 
 
-@dataclass
-class Stream:
-    """One streaming chat request through activator, read as it arrives."""
-
-    first: asyncio.Event = field(default_factory=asyncio.Event)  # a token arrived
-    text: str = ""
-    status: int = 0
-    task: asyncio.Task[None] | None = None
-
-    @property
-    def done(self) -> bool:
-        return "data: [DONE]" in self.text and '"error"' not in self.text
-
-    @property
-    def failed(self) -> bool:
-        return '"error"' in self.text or self.status >= 400
-
-    async def started(self) -> None:
-        """Until a token arrived; AssertionError if the stream ended before one."""
-        assert self.task is not None
-        token = asyncio.ensure_future(self.first.wait())
-        await asyncio.wait({token, self.task}, return_when=asyncio.FIRST_COMPLETED)
-        token.cancel()
-        assert self.first.is_set(), f"ended before a token: {self.status} {self.text[:300]}"
-
-    async def finished(self) -> Stream:
-        assert self.task is not None
-        await self.task
-        return self
-
-    async def cancel(self) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 def open_stream(
     session: aiohttp.ClientSession, running: Running, model: str, *, tokens: int
 ) -> Stream:
-    stream = Stream()
-    body = {
-        "model": model,
-        "stream": True,
-        "max_tokens": tokens,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
-
-    async def run() -> None:
-        async with session.post(running.v1 + "/chat/completions", json=body) as resp:
-            stream.status = resp.status
-            async for chunk in resp.content.iter_any():
-                stream.text += chunk.decode(errors="replace")
-                if '"delta"' in stream.text:
-                    stream.first.set()
-
-    stream.task = asyncio.create_task(run())
-    return stream
+    return streams.open_stream(session, running.v1 + "/chat/completions", model, tokens=tokens)
 
 
 @pytest.fixture
