@@ -136,6 +136,24 @@ def click(driver: Driver, model: str, button: str) -> None:
     card(driver, model).find_element(By.CSS_SELECTOR, f"button.{button}").click()
 
 
+def desktop_and_phone(driver: Driver, directory: Path) -> None:
+    """ui-desktop.png and ui-phone.png of the page as it is; on a phone's width the page
+    must not scroll sideways. Back at the desktop size after."""
+    screenshot(driver, directory / "ui-desktop.png")
+    driver.set_window_size(*PHONE)
+    wait_until(
+        driver,
+        lambda: driver.execute_script("return window.innerWidth") <= PHONE[0],
+        "the phone-sized viewport",
+    )
+    overflow = driver.execute_script(
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, f"the page scrolls sideways on a phone by {overflow}px"
+    screenshot(driver, directory / "ui-phone.png")
+    driver.set_window_size(*DESKTOP)
+
+
 def screenshot(driver: Driver, path: Path) -> Path:
     """The whole page as PNG: the viewport is stretched to the page's height for the shot
     (at the current width, so the layout is the one being tested)."""
@@ -249,20 +267,7 @@ async def test_status_page_follows_a_wake_a_failure_a_waiting_pool_and_a_stop(
 
         wait_until(driver, chat_holds_code_waits, "chat holding the pool's GPU and code waiting")
         assert not script_errors(driver)
-        screenshot(driver, tmp_path / "ui-desktop.png")
-
-        driver.set_window_size(*PHONE)
-        wait_until(
-            driver,
-            lambda: driver.execute_script("return window.innerWidth") <= PHONE[0],
-            "the phone-sized viewport",
-        )
-        overflow = driver.execute_script(
-            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        assert overflow <= 0, f"the page scrolls sideways on a phone by {overflow}px"
-        screenshot(driver, tmp_path / "ui-phone.png")
-        driver.set_window_size(*DESKTOP)
+        desktop_and_phone(driver, tmp_path)
 
         # Stop asks first; accepting it stops the model.
         click(driver, "cold", "stop")
@@ -564,22 +569,7 @@ async def test_status_page_shows_a_scaled_out_models_pods_a_reloads_badges_and_c
 
         assert await asyncio.to_thread(removing_takes_no_clicks)
 
-        def shots() -> None:
-            screenshot(driver, tmp_path / "ui-desktop.png")
-            driver.set_window_size(*PHONE)
-            wait_until(
-                driver,
-                lambda: driver.execute_script("return window.innerWidth") <= PHONE[0],
-                "the phone-sized viewport",
-            )
-            overflow = driver.execute_script(
-                "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
-            )
-            assert overflow <= 0, f"the page scrolls sideways on a phone by {overflow}px"
-            screenshot(driver, tmp_path / "ui-phone.png")
-            driver.set_window_size(*DESKTOP)
-
-        await asyncio.to_thread(shots)
+        await asyncio.to_thread(desktop_and_phone, driver, tmp_path)
 
         # The drain ends with old's stream: its card goes.
         await old.cancel()
