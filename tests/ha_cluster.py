@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +26,7 @@ from activator.ha.intent import ModelIntent, intent_of
 from activator.testing.fake_kube import FakeKube, PodPlan
 from activator.testing.fakekube.store import Change
 from tests.harness import chat, wait_for
-from tests.serve_process import free_port
+from tests.serve_process import Served, free_port, spawn_serve, until_ready
 
 NS = "activator"
 LEASE = "activator-leader"
@@ -52,15 +51,9 @@ def kube_model(
 
 
 @dataclass
-class Replica:
+class Replica(Served):
     identity: str
-    process: asyncio.subprocess.Process
-    url: str
     port: int
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @dataclass
@@ -130,36 +123,16 @@ class Cluster:
             "POD_IP": pod_ip,
             "PYTHONUNBUFFERED": "1",
         }
-        with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "activator",
-                "serve",
-                "--config",
-                str(path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-                env=env,
-            )
-        replica = Replica(identity, process, f"http://127.0.0.1:{port}", port, log)
+        process = await spawn_serve(path, log=log, env=env)
+        url = f"http://127.0.0.1:{port}"
+        replica = Replica(process=process, url=url, log=log, identity=identity, port=port)
         self.replicas[identity] = replica
         if wait_ready:
             await self.until_ready(replica)
         return replica
 
     async def until_ready(self, replica: Replica) -> None:
-        async def ready() -> bool:
-            if replica.process.returncode is not None:
-                raise AssertionError(f"{replica.identity} exited:\n{replica.output()}")
-            try:
-                async with self.session.get(replica.url + "/readyz") as resp:
-                    return resp.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_for(ready, timeout=START_S, what=f"{replica.identity} /readyz", interval=0.1)
+        await until_ready(self.session, replica, timeout=START_S, name=replica.identity)
 
     def kill(self, identity: str) -> float:
         """SIGKILL: the process is gone at once (its Leases stay). Returns when."""

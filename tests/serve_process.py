@@ -84,14 +84,12 @@ async def serving(
         yield served
 
 
-@contextlib.asynccontextmanager
-async def serving_file(
-    path: Path, *, url: str, log: Path, engines: Sequence[str]
-) -> AsyncIterator[Served]:
-    """`activator serve --config path` (a config that listens at `url`) until ready, as
-    `serving` does; for tests that own the file (reloads rewrite it)."""
+async def spawn_serve(
+    path: Path, *, log: Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`activator serve --config path`, its output into `log`; not waited for."""
     with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "activator",
@@ -101,21 +99,43 @@ async def serving_file(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,
+            env=env,
         )
+
+
+async def until_ready(
+    session: aiohttp.ClientSession,
+    served: Served,
+    *,
+    timeout: float,  # noqa: ASYNC109 - a deadline for polling, not for one await
+    name: str = "activator",
+) -> None:
+    """Until the server's /readyz answers 200; AssertionError with its output if the
+    process exits first."""
+
+    async def ready() -> bool:
+        if served.process.returncode is not None:
+            raise AssertionError(f"{name} exited early:\n{served.output()}")
+        try:
+            async with session.get(served.url + "/readyz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_for(ready, timeout=timeout, what=f"{name} /readyz", interval=0.1)
+
+
+@contextlib.asynccontextmanager
+async def serving_file(
+    path: Path, *, url: str, log: Path, engines: Sequence[str]
+) -> AsyncIterator[Served]:
+    """`activator serve --config path` (a config that listens at `url`) until ready, as
+    `serving` does; for tests that own the file (reloads rewrite it)."""
+    process = await spawn_serve(path, log=log)
     served = Served(process=process, url=url, log=log)
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                if process.returncode is not None:
-                    raise AssertionError(f"activator exited early:\n{served.output()}")
-                try:
-                    async with session.get(served.url + "/readyz") as resp:
-                        return resp.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_for(ready, timeout=PROCESS_WAIT_S, what="activator serve /readyz")
+            await until_ready(session, served, timeout=PROCESS_WAIT_S)
         yield served
     finally:
         if process.returncode is None:

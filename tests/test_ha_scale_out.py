@@ -16,12 +16,13 @@ from typing import Any
 
 import pytest
 
-from activator.testing.fake_kube import FakeKube, PodPlan
+from activator.testing.fake_kube import FakeKube
 from tests import streams
 from tests.ha_cluster import Cluster, cluster_of
 from tests.harness import wait_for
 from tests.streams import Stream
 from tests.test_ha_serve import sample
+from tests.test_scale_out import scaled
 
 LONG = 2000  # tokens: 200 s of stream at the engines' 0.1 s a token, for "until cancelled"
 MODEL = "coder"
@@ -31,34 +32,6 @@ MODEL = "coder"
 async def kube() -> AsyncIterator[FakeKube]:
     async with FakeKube(bookmark_interval=0.2) as fake:
         yield fake
-
-
-def scaled(kube: FakeKube, name: str, *, most: int, delay: str) -> dict[str, Any]:
-    """A Deployment of stand-in engines (a token every 0.1 s when streaming) and its
-    model's config block: up to `most` replicas, one request each (target 1, burst 1)."""
-    workload = kube.add_workload(
-        name,
-        served_model_name=f"{name}-served",
-        plan=PodPlan(
-            engine_args=("--disable-access-log", "--stream-delay", "0.1"), termination_grace=5
-        ),
-    )
-    return {
-        "served_model_name": f"{name}-served",
-        "startup_timeout": "60s",
-        "replicas": {
-            "max": most,
-            "target_concurrency": 1,
-            "burst_factor": 1,
-            "scale_down_delay": delay,
-        },
-        "kubernetes": {
-            "namespace": "serving",
-            "deployment": name,
-            "url": workload.url,
-            "service": name,
-        },
-    }
 
 
 def open_stream(cluster: Cluster, identity: str, *, tokens: int = LONG) -> Stream:
@@ -126,7 +99,7 @@ async def ramp(cluster: Cluster, leader: str, follower: str) -> list[Stream]:
 async def test_the_leader_scales_out_from_every_replicas_demand_and_back_after_the_delay(
     kube: FakeKube, tmp_path: Path
 ) -> None:
-    models = {MODEL: scaled(kube, MODEL, most=4, delay="2s")}
+    models = {MODEL: scaled(kube, MODEL, most=4, target=1, delay="2s")}
     async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
         leader = await cluster.leader()
         (follower,) = cluster.followers(leader)
@@ -177,7 +150,7 @@ async def test_a_new_leader_keeps_the_replicas_for_the_scale_down_delay(
     """The leader's streams end and it hands over (a rolling restart): the new leader's
     own demand asks for 2 of the 4 replicas, but a replica goes only once demand stayed
     lower for scale_down_delay, on a new leader as on the old one."""
-    models = {MODEL: scaled(kube, MODEL, most=4, delay="10m")}
+    models = {MODEL: scaled(kube, MODEL, most=4, target=1, delay="10m")}
     async with cluster_of(kube, tmp_path, models, names=("r1", "r2")) as cluster:
         leader = await cluster.leader()
         (follower,) = cluster.followers(leader)
