@@ -251,12 +251,17 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
     reader.start()
     try:
         address = None
+        ready = False
         seen: list[str] = []
         deadline = time.monotonic() + STARTUP_DEADLINE
-        # Wait for the server's own events: the address it listens on, then readiness.
-        while True:
+        # Wait for the server's own events: the address it listens on and readiness.
+        # "Listening on" comes from the listener's own goroutine, so it may follow
+        # "Server is ready".
+        while address is None or not ready:
             remaining = deadline - time.monotonic()
-            assert remaining > 0, "prometheus did not become ready:\n" + "".join(seen)
+            assert remaining > 0, "prometheus did not become ready and log its address:\n" + (
+                "".join(seen)
+            )
             try:
                 line = lines.get(timeout=remaining)
             except queue.Empty:
@@ -267,8 +272,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]
             if listening:
                 address = listening.group(1)
             if "Server is ready to receive web requests" in line:
-                break
-        assert address is not None, "prometheus never logged its address:\n" + "".join(seen)
+                ready = True
         yield Prometheus(url=f"http://{address}")
     finally:
         process.terminate()
