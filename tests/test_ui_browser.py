@@ -119,11 +119,17 @@ def shown_state(driver: Driver, model: str) -> str | None:
 
 
 def wait_until(driver: Driver, condition: Callable[[], object], what: str) -> Any:
+    """Poll `condition` until it holds; a look that raced a redraw or a navigation (an
+    element gone stale between finding and reading it) is polled again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(
-        lambda _: condition(), message=f"the page did not show {what}"
-    )
+    return WebDriverWait(
+        driver,
+        WAIT_S,
+        poll_frequency=0.05,
+        ignored_exceptions=(StaleElementReferenceException,),
+    ).until(lambda _: condition(), message=f"the page did not show {what}")
 
 
 def wait_state(driver: Driver, model: str, state: str) -> None:
