@@ -342,6 +342,12 @@ class PodRouter:
             pod=pod.name, url=pod.endpoint.url, _router=self, _generation=pod.generation
         )
         pod.leases.add(lease)
+        logger.debug(
+            "model=%s request routed to pod %s (in flight %d)",
+            self.model,
+            pod.name,
+            len(pod.leases),
+        )
         return lease
 
     def _release(self, lease: PodLease) -> None:

@@ -30,12 +30,11 @@ Load step: a cluster without a GPU bound, the model woken by one request to 1 re
 and left idle; then C clients at once. Reported: step -> activator's scale decision (its
 `scale up` log line, and activator_scale_decisions_total), -> the API server's record of
 the Deployment's spec.replicas write, -> each new pod Ready (the fake kubelet's record),
--> the first request routed to and answered by each new pod (activator's JSON access log,
-its `pod` key). A request's routing time is its access-log line's arrival time minus its
-duration plus its held time: activator's start of the request plus its wait for a pod,
-a lower bound of when it went to the pod (the body read comes before it). Any request
-whose routing time is before its pod's Ready time is counted as routed before Ready, in
-the throughput runs and in the step (target: none).
+-> the first request routed to each new pod (the instant activator's router gave it the
+pod: its debug line `request routed to pod P`, stamped as it is logged) and the first
+answered by it (activator's JSON access log, its `pod` key). Any request routed to a pod
+before that pod's Ready time is counted as routed before Ready, in the throughput runs
+and in the step (target: none).
 """
 
 from __future__ import annotations
@@ -70,6 +69,7 @@ TARGET_CONCURRENCY, BURST = 1, 2
 SCALE_DOWN_DELAY = "10m"  # longer than any run: replicas stay once up
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 DECISION = re.compile(r"scale (up|down) (\d+) -> (\d+) \((\w+)\): demand (\d+)")
+ROUTED = re.compile(r"model=(\S+) request routed to pod (\S+) ")
 
 
 # ----- what activator logs, stamped with this process's monotonic clock ------------------
@@ -82,16 +82,25 @@ class Served:
     pod: str | None
     status: int
     done: float  # when the line was logged (the answer ended)
-    routed: float  # activator's start of the request + its wait for a pod (lower bound)
+
+
+@dataclass
+class Routed:
+    """One request given to a pod: the router's lease on it (its debug line)."""
+
+    pod: str
+    at: float
 
 
 class Logs(logging.Handler):
-    """activator's access log (JSON), its scale decisions and its re-routes, as they are
-    logged. Handlers run synchronously in the logging call, so the stamp is the event's."""
+    """activator's access log (JSON), its routing (each request given to a pod), its scale
+    decisions and its re-routes, as they are logged. Handlers run synchronously in the
+    logging call, so the stamp is the event's."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.served: list[Served] = []
+        self.routed: list[Routed] = []
         self.decisions: list[dict[str, Any]] = []
         self.rerouted = 0  # a pod refused the connection; activator sent it to another
 
@@ -102,10 +111,10 @@ class Logs(logging.Handler):
             line = json.loads(message)
             if line["model"] != MODEL:
                 return
-            started = now - line["duration_ms"] / 1000
-            self.served.append(
-                Served(line["pod"], line["status"], now, started + line["held_ms"] / 1000)
-            )
+            self.served.append(Served(line["pod"], line["status"], now))
+        elif record.name == "activator.routing":
+            if (routed := ROUTED.match(message)) is not None and routed.group(1) == MODEL:
+                self.routed.append(Routed(routed.group(2), now))
         elif (found := DECISION.search(message)) is not None:
             direction, current, desired, reason, demand = found.groups()
             self.decisions.append(
@@ -123,11 +132,16 @@ class Logs(logging.Handler):
 
     @contextlib.contextmanager
     def attached(self) -> Any:
-        loggers = [logging.getLogger(n) for n in ("activator.access", "activator.scaleout")]
-        loggers.append(logging.getLogger("activator.proxy"))
+        levels = {
+            "activator.access": logging.INFO,
+            "activator.scaleout": logging.INFO,
+            "activator.proxy": logging.INFO,
+            "activator.routing": logging.DEBUG,
+        }
+        loggers = [logging.getLogger(n) for n in levels]
         saved = [(lg, lg.level, lg.propagate) for lg in loggers]
         for lg in loggers:
-            lg.setLevel(logging.INFO)
+            lg.setLevel(levels[lg.name])
             lg.propagate = False  # not printed: only recorded
             lg.addHandler(self)
         try:
@@ -279,14 +293,10 @@ async def rig(args: argparse.Namespace, *, gpus: int | None) -> AsyncIterator[Ri
                 await runner.cleanup()
 
 
-def before_ready(served: list[Served], ready_at: dict[str, float]) -> int:
+def before_ready(routed: list[Routed], ready_at: dict[str, float]) -> int:
     """Requests routed to a pod before the kubelet marked that pod Ready (or to a pod
     it never marked Ready)."""
-    return sum(
-        1
-        for s in served
-        if s.pod is not None and (s.pod not in ready_at or s.routed < ready_at[s.pod])
-    )
+    return sum(1 for r in routed if r.pod not in ready_at or r.at < ready_at[r.pod])
 
 
 def first_ready(kube: FakeKube) -> dict[str, float]:
@@ -339,7 +349,7 @@ async def one_count(args: argparse.Namespace, replicas: int, index: int) -> dict
             "p99_ms": (bl.percentile(latencies, 99) or 0) * 1000,
             "pods": sorted({s.pod or "-" for s in served}),
             "per_pod": {p: sum(1 for s in served if s.pod == p) for p in {s.pod for s in served}},
-            "routed_before_ready": before_ready(r.logs.served, first_ready(r.kube)),
+            "routed_before_ready": before_ready(r.logs.routed, first_ready(r.kube)),
             "rerouted": r.logs.rerouted,
             "pending_pods": len(r.kube.pods(MODEL)) - r.ready_pods(),
         }
@@ -369,6 +379,7 @@ async def load_step(args: argparse.Namespace) -> dict[str, Any]:
         (first_pod,) = [p["metadata"]["name"] for p in r.kube.pods(MODEL)]
         metric_before = r.decisions_metric()
         served_before = len(r.logs.served)
+        routed_before = len(r.logs.routed)
         decisions_before = len(r.logs.decisions)
         r.latencies.clear()
 
@@ -378,17 +389,18 @@ async def load_step(args: argparse.Namespace) -> dict[str, Any]:
 
         ready_at = first_ready(r.kube)
         served = r.logs.served[served_before:]
+        routed = r.logs.routed[routed_before:]
         decisions = r.logs.decisions[decisions_before:]
         new_pods = sorted((p for p in ready_at if p != first_pod), key=lambda p: ready_at[p])
         pods = []
         for pod in new_pods:
-            mine = [s for s in served if s.pod == pod]
-            answered = [s.done for s in mine if s.status == 200]
+            answered = [s.done for s in served if s.pod == pod and s.status == 200]
             pods.append(
                 {
                     "pod": pod,
                     "ready_s": ready_at[pod] - step,
-                    "first_routed_s": min((s.routed for s in mine), default=math.nan) - step,
+                    "first_routed_s": min((r.at for r in routed if r.pod == pod), default=math.nan)
+                    - step,
                     "first_answer_s": min(answered, default=math.nan) - step,
                 }
             )
@@ -406,7 +418,7 @@ async def load_step(args: argparse.Namespace) -> dict[str, Any]:
             "replicas_writes": [(t - step, n) for t, n in writes.seen if t >= step],
             "new_pods": pods,
             "ready_s": per_pod_ready,
-            "routed_before_ready": before_ready(served, ready_at),
+            "routed_before_ready": before_ready(routed, ready_at),
             "rerouted": r.logs.rerouted,
             "requests": len(r.latencies),
             "errors": sum(1 for _, _, ok in r.latencies if not ok),
