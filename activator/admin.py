@@ -31,6 +31,17 @@ class ReplicaStatus(Protocol):
         forwarded, or an error (409: the leader is unknown; 503: it cannot be reached)."""
 
 
+def model_view(model: Model, *, replicas: ReplicaStatus | None) -> dict[str, Any]:
+    """One model as /admin/models shows it: its own fields, `replicas` when it is scaled
+    out (pods, their load, the last decisions), `cluster` with several replicas."""
+    body = model.describe()
+    if model.scale is not None:
+        body["replicas"] = model.scale.describe()
+    if replicas is not None:
+        body["cluster"] = replicas.describe_model(model)
+    return body
+
+
 def admin_routes(
     *,
     registry: ModelRegistry,
@@ -44,12 +55,7 @@ def admin_routes(
         return registry.resolve(request.match_info["name"], param="name")
 
     def described(model: Model) -> dict[str, Any]:
-        body = model.describe()
-        if model.scale is not None:  # scaled out: its pods, their load, the replicas
-            body["replicas"] = model.scale.describe()
-        if replicas is not None:
-            body["cluster"] = replicas.describe_model(model)
-        return body
+        return model_view(model, replicas=replicas)
 
     async def list_models(request: web.Request) -> web.Response:
         return web.json_response({"models": [described(m) for m in registry]})

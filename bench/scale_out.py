@@ -61,6 +61,7 @@ from activator.app import METRICS, build_app
 from activator.config import parse_config
 from activator.testing.fake_kube import FakeKube, PodPlan
 from activator.testing.fakekube.store import Change
+from activator.testing.polling import poll
 
 NAMESPACE, MODEL, SERVED = "serving", "coder", "coder-served"
 COUNTS = (1, 2, 4)
@@ -190,16 +191,7 @@ class Rig:
     async def until(self, condition: Callable[[], Any], *, what: str, within: float) -> None:
         """Poll another component's state (activator's admin API, the cluster) with a
         deadline: neither reports to the bench by an event."""
-        deadline = time.monotonic() + within
-        while True:
-            result = condition()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
-            await asyncio.sleep(0.05)
+        await poll(condition, timeout=within, what=what, interval=0.05)
 
     def ready_pods(self) -> int:
         return sum(1 for p in self.kube.pods(MODEL) if _is_ready(p))

@@ -5,11 +5,9 @@ Only the clock is ever faked; everything else is a real server or a real client.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from activator.app import METRICS, REGISTRY, build_app
 from activator.config import parse_config
 from activator.lifecycle import Model
 from activator.metrics import Metrics
+from activator.testing.polling import poll
 
 FAKE_ENGINE = "activator.testing.fake_engine"
 
@@ -131,18 +130,13 @@ async def wait_for(
     what: str = "condition",
     interval: float = 0.02,
 ) -> Any:
-    """Poll a condition (sync or async) until truthy, with a deadline. For conditions no
-    event reports (another process's state); never a substitute for an event we own."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+    """Poll a condition (sync or async) until truthy, with a deadline (a failed test's
+    AssertionError). For conditions no event reports (another process's state); never a
+    substitute for an event we own."""
+    try:
+        return await poll(condition, timeout=timeout, what=what, interval=interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def engine_pids(marker: str) -> list[int]:

@@ -138,6 +138,20 @@ async def routable(running: Running, model: str) -> set[str]:
     return {p["name"] for p in await pods(running, model) if p["routable"]}
 
 
+async def two_pods(
+    kube: FakeKube, activator: ActivatorFactory, session: aiohttp.ClientSession
+) -> tuple[Running, list[str]]:
+    """`coder` scaled to 2 pods by two concurrent streams (target 1), both routable, by
+    name."""
+    running = await start(activator, kube, {"coder": scaled(kube, "coder", most=2, target=1)})
+    streams = [open_stream(session, running, "coder", tokens=10) for _ in range(2)]
+    for stream in streams:
+        assert (await stream.finished()).done
+    both = await routable(running, "coder")
+    assert len(both) == 2
+    return running, sorted(both)
+
+
 @pytest.fixture(autouse=True)
 def access_log(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS)
@@ -242,13 +256,7 @@ async def test_a_pod_that_turns_unready_gets_no_new_requests(
     session: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    running = await start(activator, kube, {"coder": scaled(kube, "coder", most=2, target=1)})
-    streams = [open_stream(session, running, "coder", tokens=10) for _ in range(2)]
-    for stream in streams:
-        assert (await stream.finished()).done
-    both = await routable(running, "coder")
-    assert len(both) == 2
-    unready, other = sorted(both)
+    running, (unready, other) = await two_pods(kube, activator, session)
     kube.set_pod_ready(unready, False)
     await wait_for(lambda: _pod_ready(running, unready, False), what=f"{unready} seen not Ready")
     for _ in range(4):
@@ -270,13 +278,7 @@ async def test_a_pod_that_refuses_the_connection_sends_the_request_to_another_po
     network partition; on a cluster, the moments before the EndpointSlice changes): the
     request that meets the refused connection goes to the other pod, and the dead pod
     takes no more."""
-    running = await start(activator, kube, {"coder": scaled(kube, "coder", most=2, target=1)})
-    streams = [open_stream(session, running, "coder", tokens=10) for _ in range(2)]
-    for stream in streams:
-        assert (await stream.finished()).done
-    both = await routable(running, "coder")
-    assert len(both) == 2
-    victim, survivor = sorted(both)
+    running, (victim, survivor) = await two_pods(kube, activator, session)
     kube.partition("activator")  # activator's watches stall: it hears of nothing now
     url = kube.pod_urls("coder")[victim]
     kube.kill_engine("coder", pod=victim)

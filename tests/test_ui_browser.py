@@ -402,21 +402,28 @@ SLEEPY_SNAPSHOT = {
 }
 
 
+@asynccontextmanager
+async def scripted_page(snapshot: Callable[[], dict[str, Any]]) -> AsyncIterator[str]:
+    """The real page and its event stream on loopback, serving `snapshot()` as the admin
+    data (no activator behind it; no login); yields the page's URL."""
+    streams = EventStreams(snapshot)
+    app = web.Application()
+    app.router.add_routes(
+        ui_routes(
+            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
+        )
+    )
+    app.on_shutdown.append(streams.close)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("/ui"))
+
+
 async def test_sleeping_models_and_host_memory_are_shown_when_the_admin_data_has_them(
     chrome: Callable[[], Driver],
 ) -> None:
     # Sleep mode cannot run on this branch: the page and its stream are real, the data
     # is scripted in the shape the sleep work gives describe().
-    streams = EventStreams(lambda: SLEEPY_SNAPSHOT)
-    app = web.Application()
-    routes = ui_routes(
-        admin_key=lambda: None, is_admin=lambda request: True, streams=streams, metrics=Metrics()
-    )
-    app.router.add_routes(routes)
-    app.on_shutdown.append(streams.close)
-
-    async with TestServer(app, host="127.0.0.1") as server:
-        url = str(server.make_url("/ui"))
+    async with scripted_page(lambda: SLEEPY_SNAPSHOT) as url:
 
         def browse() -> None:
             from selenium.webdriver.common.by import By
@@ -618,17 +625,7 @@ async def test_the_header_names_this_replica_and_its_leader_with_several_replica
     # The election is tested in tests/test_ha_*.py; here the page and its stream are real
     # and the snapshot is scripted in the shape activator.ui.summary gives it.
     data = follower_snapshot(ha)
-    streams = EventStreams(lambda: data)
-    app = web.Application()
-    app.router.add_routes(
-        ui_routes(
-            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
-        )
-    )
-    app.on_shutdown.append(streams.close)
-
-    async with TestServer(app, host="127.0.0.1") as server:
-        url = str(server.make_url("/ui"))
+    async with scripted_page(lambda: data) as url:
 
         def browse() -> None:
             from selenium.webdriver.common.by import By

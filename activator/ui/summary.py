@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from activator.admin import ReplicaStatus
+from activator.admin import ReplicaStatus, model_view
 from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
 from activator.registry import ModelRegistry
@@ -26,22 +26,18 @@ def snapshot(
     identity, role and leader when several replicas run (None when one runs alone).
     Fields a model or pool gains later are passed through."""
     return {
-        "models": [model_view(m, replicas=replicas) for m in registry],
+        "models": [steady_view(m, replicas=replicas) for m in registry],
         "pools": [p.describe() for p in registry.pools()],
         "wake_durations": wake_durations(metrics),
         "ha": None if replicas is None else ha_view(replicas),
     }
 
 
-def model_view(model: Model, *, replicas: ReplicaStatus | None) -> dict[str, Any]:
-    """One model as /admin/models shows it: its own fields, `replicas` when it is scaled
-    out (pods, their load, the last decisions), `cluster` with several replicas."""
-    body = model.describe()
-    if model.scale is not None:
-        body["replicas"] = model.scale.describe()
-    if replicas is not None:
-        cluster = replicas.describe_model(model)
-        body["cluster"] = {k: v for k, v in cluster.items() if k not in VOLATILE_CLUSTER}
+def steady_view(model: Model, *, replicas: ReplicaStatus | None) -> dict[str, Any]:
+    """One model as /admin/models shows it, less the volatile fields of `cluster`."""
+    body = model_view(model, replicas=replicas)
+    if "cluster" in body:
+        body["cluster"] = {k: v for k, v in body["cluster"].items() if k not in VOLATILE_CLUSTER}
     return body
 
 
