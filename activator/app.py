@@ -132,6 +132,8 @@ def build_app(
         ui_routes(
             admin_key=lambda: credentials.admin_key,
             is_admin=credentials.is_admin,
+            log_in=credentials.log_in,
+            log_out=credentials.log_out,
             streams=streams,
             metrics=metrics,
         )

@@ -233,6 +233,12 @@ class Metrics:
         )
         for outcome in RELOAD_OUTCOMES:  # at zero: an alert on the first failure needs them
             self.config_reloads.labels(outcome=outcome)
+        self.ui_logins_throttled = Counter(
+            "activator_ui_logins_throttled",
+            "Status-page logins refused with a 429 because their address sent too many "
+            "wrong admin keys within a minute (the key was not compared).",
+            registry=r,
+        )
         self.config_info = Gauge(
             "activator_config_info",
             "1, for the config in force: the sha256 of its file (the first 16 hex digits, "

@@ -81,6 +81,9 @@ class ServerSettings(Section):
     # Longest time a request body may take to arrive once the headers are in (a client
     # that sends a byte every few seconds would otherwise hold a slot forever) -> 408.
     body_timeout: Duration = 60.0
+    # How long a status-page login lasts (activator.ui.sessions): a working day, so an
+    # operator logs in about once a day, and a cookie that leaked is dead by the next.
+    ui_session_ttl: Duration = 12 * 3600.0
     access_log: Annotated[AccessLogFormat, UNQUOTED_OFF] = "text"
     # Reload when the config file's content changes (SIGHUP and POST /admin/reload reload
     # in any case). Off by default: a file edited by hand would apply half-way through.

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -272,3 +273,124 @@ async def test_every_request_gets_an_enveloped_answer_and_others_are_undisturbed
     else:
         assert status == 200 and proxied, (status, data)
         json.loads(data)
+
+
+# ---- the status page's login form ----------------------------------------------------------
+
+LOGIN_KEY = "adm-properties"
+FORM = "application/x-www-form-urlencoded"
+CHARSETS = ["", "; charset=utf-8", "; charset=latin-1", "; charset=bogus", "; charset="]
+
+
+@dataclass(frozen=True)
+class Login:
+    headers: dict[str, str]
+    body: bytes
+    chunked: bool  # sent without a Content-Length
+
+
+@st.composite
+def form_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+    """An urlencoded form: real ones (some with the right key), and raw bytes: bad
+    percent escapes, invalid UTF-8, odd separators."""
+    key = draw(st.sampled_from([LOGIN_KEY, "wrong", ""]) | st.text(max_size=20))
+    if draw(st.booleans()):
+        fields = draw(st.lists(st.tuples(st.text(max_size=6), st.text(max_size=20)), max_size=3))
+        if draw(st.integers(0, 3)):
+            fields.insert(draw(st.integers(0, len(fields))), ("key", key))
+        body = urlencode(fields).encode()
+    else:
+        odd = st.sampled_from([b"key=\xff\xfe", b"key=%zz%", b"&&=", b"key=a;key=b"])
+        body = draw(st.binary(max_size=200) | odd)
+    return FORM + draw(st.sampled_from(CHARSETS)), body
+
+
+@st.composite
+def multipart_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
+    """multipart/form-data: with, without or with the wrong boundary; parts with no
+    name, odd headers, invalid UTF-8."""
+    boundary = draw(st.sampled_from(["b0undary", "x"]))
+    parts = []
+    for _ in range(draw(st.integers(0, 3))):
+        disposition = draw(
+            st.sampled_from(
+                ['form-data; name="key"', "form-data", 'form-data; name="x"', "attachment", ""]
+            )
+        )
+        value = draw(st.sampled_from([LOGIN_KEY.encode(), b"\xff\xfe"]) | st.binary(max_size=40))
+        part = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+        if draw(st.booleans()):
+            part += f"Content-Type: text/plain{draw(st.sampled_from(CHARSETS))}\r\n"
+        parts.append(part.encode() + b"\r\n" + value + b"\r\n")
+    body = b"".join(parts) + (f"--{boundary}--\r\n".encode() if draw(st.booleans()) else b"")
+    content_type = "multipart/form-data" + draw(
+        st.sampled_from([f"; boundary={boundary}", "", "; boundary=", "; boundary=other"])
+    )
+    return content_type, body
+
+
+@st.composite
+def logins(draw: st.DrawFn) -> Login:
+    kind = draw(st.sampled_from(["form"] * 3 + ["multipart"] * 2 + ["other"]))
+    if kind == "form":
+        content_type, body = draw(form_bodies())
+    elif kind == "multipart":
+        content_type, body = draw(multipart_bodies())
+    else:  # not a form at all, or too big for one (4 KiB)
+        content_type = draw(
+            st.sampled_from(["application/json", "text/plain", "", "multipart/mixed", "a/b; c"])
+        )
+        body = draw(st.binary(max_size=300) | st.binary(min_size=4000, max_size=5000))
+    headers = {"Content-Type": content_type} if content_type else {}
+    return Login(headers=headers, body=body, chunked=draw(st.integers(0, 9)) == 0)
+
+
+@pytest.fixture
+async def login_form() -> AsyncIterator[Running]:
+    running = await start_activator(
+        {
+            "server": {"admin_api_key": LOGIN_KEY, "body_timeout": "10s"},
+            "models": {"m": model_config(unique("prop-login"))},
+        }
+    )
+    try:
+        yield running
+    finally:
+        await running.close()
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=logins())
+async def test_every_login_body_gets_a_well_formed_answer_and_never_a_5xx(
+    login_form: Running, case: Login
+) -> None:
+    running = login_form
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield case.body
+
+    data: Any = chunks() if case.chunked else case.body
+    async with asyncio.timeout(ANSWER_TIMEOUT):  # a hang fails here, with its example
+        async with running.session.post(
+            running.url + "/ui/login", data=data, headers=case.headers, allow_redirects=False
+        ) as resp:
+            body = await resp.read()
+    status = resp.status
+    assert status < 500, (status, body)
+    if status == 303:  # the right key: a session
+        assert resp.headers["Location"] == "../ui"
+        assert "activator_admin=" in resp.headers["Set-Cookie"]
+    elif status == 401:  # a wrong or missing key: the form again
+        assert resp.content_type == "text/html" and b"That is not the admin key" in body
+    else:  # anything else is one of activator's own errors, in the envelope
+        assert 400 <= status < 500, (status, body)
+        error = json.loads(body)["error"]
+        assert error["source"] == "activator" and isinstance(error["message"], str), body
+        if status == 429:
+            assert int(resp.headers["Retry-After"]) >= 1

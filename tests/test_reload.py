@@ -505,6 +505,26 @@ async def test_keys_change_at_once_and_the_status_page_follows(live: Start) -> N
     assert second is not None and await page_status(running, second) == 200
 
 
+async def test_a_session_of_a_key_stays_ended_when_that_key_comes_back(live: Start) -> None:
+    a = served()
+    one = await live({"server": {"admin_api_key": "admin-1"}, "models": {"a": model_config(a)}})
+    running = one.running
+    first = await login(running, "admin-1")
+    assert first is not None and await page_status(running, first) == 200
+    for old, new in (("admin-1", "admin-2"), ("admin-2", "admin-1")):
+        config = one.edit()
+        config["server"] = {"admin_api_key": new}
+        one.write(config)
+        status, _, _ = await post(
+            running, "/admin/reload", None, headers={"Authorization": f"Bearer {old}"}
+        )
+        assert status == 200
+    # admin-1 is in force again, but the session opened with it before ended with it.
+    assert await page_status(running, first) == 303
+    again = await login(running, "admin-1")
+    assert again is not None and await page_status(running, again) == 200
+
+
 async def login(running: Running, key: str) -> str | None:
     """The status page's session cookie for `key`, or None if the login is refused."""
     async with running.session.post(

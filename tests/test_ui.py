@@ -20,9 +20,10 @@ from activator.app import REGISTRY
 from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
 from activator.testing.fake_kube import FakeKube
-from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, session_token
+from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams
 from activator.ui.events import MAX_STREAMS
 from activator.ui.summary import snapshot, wake_durations
+from activator.ui.throttle import MAX_FAILURES, WINDOW
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, error_of, model_config, post, unique, wait_for
 from tests.serve_process import serving
@@ -155,7 +156,8 @@ async def test_login_sets_an_httponly_strict_session_cookie_that_is_not_the_key(
     assert {"httponly", "path"} <= attributes and "secure" not in attributes  # plain http
     assert "SameSite=Strict" in set_cookie and "Path=/" in set_cookie
     token = session_of(resp)
-    assert token == session_token(ADMIN_KEY) and ADMIN_KEY not in set_cookie
+    assert ADMIN_KEY not in set_cookie and len(token) >= 43  # a random id of 256 bits
+    assert session_of(await login(running, ADMIN_KEY)) != token  # one per login
 
     cookie = {"Cookie": f"{SESSION_COOKIE}={token}"}
     async with running.session.get(running.url + "/ui", headers=cookie) as page:
@@ -207,6 +209,85 @@ async def test_logout_clears_the_cookie_and_https_makes_it_secure(
         cleared = out.headers["Set-Cookie"]
     assert f"{SESSION_COOKIE}=" in cleared and "Max-Age=0" in cleared
     assert "HttpOnly" in cleared and "SameSite=Strict" in cleared
+
+
+async def admin_status(running: Running, token: str) -> int:
+    """What /admin/models answers a request that carries only the session cookie."""
+    async with running.session.get(
+        running.url + "/admin/models", headers={"Cookie": f"{SESSION_COOKIE}={token}"}
+    ) as resp:
+        return resp.status
+
+
+async def test_logout_ends_the_session_on_the_server(activator: ActivatorFactory) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-end"))}}
+    )
+    token = session_of(await login(running, ADMIN_KEY))
+    other = session_of(await login(running, ADMIN_KEY))  # another browser's session
+    assert await admin_status(running, token) == 200
+    cookie = {"Cookie": f"{SESSION_COOKIE}={token}"}
+    async with running.session.post(
+        running.url + "/ui/logout", headers=cookie, allow_redirects=False
+    ) as out:
+        assert out.status == 303
+    # A copy of the cookie kept from before the logout is worth nothing now.
+    assert await admin_status(running, token) == 401
+    async with running.session.get(running.url + "/ui", headers=cookie, allow_redirects=False) as r:
+        assert (r.status, r.headers["Location"]) == (303, "ui/login")
+    assert await admin_status(running, other) == 200  # only that one session ended
+
+
+async def test_a_session_ends_at_its_ttl(activator: ActivatorFactory) -> None:
+    running = await activator(
+        {
+            "server": {"admin_api_key": ADMIN_KEY, "ui_session_ttl": "2s"},
+            "models": {"m": model_config(unique("ui-ttl"))},
+        }
+    )
+    token = session_of(await login(running, ADMIN_KEY))
+    assert await admin_status(running, token) == 200
+
+    async def expired() -> bool:
+        return await admin_status(running, token) == 401
+
+    await wait_for(expired, timeout=15.0, what="the session to expire")
+    # A new login opens a new session, which works.
+    assert await admin_status(running, session_of(await login(running, ADMIN_KEY))) == 200
+
+
+async def test_wrong_keys_past_the_limit_get_429_and_the_right_key_works_from_elsewhere(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": ADMIN_KEY}, "models": {"m": model_config(unique("ui-429"))}}
+    )
+    for _ in range(MAX_FAILURES):
+        assert (await login(running, "a-guess")).status == 401
+    assert running.sample("activator_ui_logins_throttled_total") == 0
+    # Throttled: even the right key gets no answer from this address (else the throttle
+    # would still answer guesses).
+    for key in ("another-guess", ADMIN_KEY):
+        async with running.session.post(
+            running.url + "/ui/login", data={"key": key}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 429
+            assert 1 <= int(resp.headers["Retry-After"]) <= WINDOW
+            assert SESSION_COOKIE not in resp.cookies
+            error = error_of(await resp.json())
+        assert (error["type"], error["code"]) == ("rate_limit_error", "too_many_login_attempts")
+    assert running.sample("activator_ui_logins_throttled_total") == 2
+    async with running.session.get(running.url + "/metrics") as resp:
+        assert "activator_ui_logins_throttled_total 2.0" in await resp.text()
+    # Another address (all of 127/8 is loopback) is not throttled by this one's guesses.
+    elsewhere = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+    async with aiohttp.ClientSession(connector=elsewhere) as session:
+        async with session.post(
+            running.url + "/ui/login", data={"key": ADMIN_KEY}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            token = resp.cookies[SESSION_COOKIE].value
+    assert await admin_status(running, token) == 200
 
 
 async def test_a_login_form_must_be_small(activator: ActivatorFactory) -> None:

@@ -410,7 +410,12 @@ async def scripted_page(snapshot: Callable[[], dict[str, Any]]) -> AsyncIterator
     app = web.Application()
     app.router.add_routes(
         ui_routes(
-            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
+            admin_key=lambda: None,
+            is_admin=lambda r: True,
+            log_in=lambda key: None,
+            log_out=lambda session_id: None,
+            streams=streams,
+            metrics=Metrics(),
         )
     )
     app.on_shutdown.append(streams.close)

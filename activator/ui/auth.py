@@ -1,16 +1,14 @@
-"""The status page's session: a cookie that stands for the admin key in a browser.
+"""The status page's session cookie: it stands for the admin key in a browser.
 
-The cookie holds a token derived from the admin key, not the key itself: its value is
-always cookie-safe (any key works, whatever characters it has), a copied cookie does not
-give the key away for `Authorization: Bearer` use elsewhere, and changing the key ends
-every session. It is HttpOnly (page scripts never see it), SameSite=Strict, Path=/ and
-Secure when the browser reached us over https.
+The cookie holds a session's random id (activator.ui.sessions), not the key nor anything
+derived from it: its value is always cookie-safe, a copied cookie gives nothing away for
+`Authorization: Bearer` use elsewhere, and it stops working on logout, at its expiry and
+when the key changes. It is HttpOnly (page scripts never see it), SameSite=Strict, Path=/
+and Secure when the browser reached us over https. It carries no Max-Age: the browser
+drops it when it closes; the server ends it at `server.ui_session_ttl` in any case.
 """
 
 from __future__ import annotations
-
-import hashlib
-import hmac
 
 from aiohttp import web
 
@@ -20,12 +18,6 @@ SESSION_COOKIE = "activator_admin"
 # cross-origin fetch() that does needs a CORS preflight activator never grants. This
 # covers what SameSite=Strict does not: sibling subdomains count as the same site.
 UI_HEADER = "X-Activator-UI"
-_TOKEN_LABEL = b"activator status page session v1"
-
-
-def session_token(admin_key: str) -> str:
-    """The cookie value that stands for `admin_key` (hex, so always cookie-safe)."""
-    return hmac.new(admin_key.encode(), _TOKEN_LABEL, hashlib.sha256).hexdigest()
 
 
 def cookie_may_authorize(request: web.Request) -> bool:
@@ -44,10 +36,10 @@ def is_https(request: web.Request) -> bool:
     return forwarded.split(",")[0].strip().lower() == "https"
 
 
-def set_session(response: web.StreamResponse, request: web.Request, token: str) -> None:
+def set_session(response: web.StreamResponse, request: web.Request, session_id: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
-        token,
+        session_id,
         path="/",
         httponly=True,
         samesite="Strict",

@@ -9,7 +9,6 @@ path prefix.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 from importlib import resources
@@ -18,9 +17,10 @@ from aiohttp import web
 
 from activator.errors import BadRequest, BodyTooLarge, NotFound
 from activator.metrics import Metrics
-from activator.ui.auth import clear_session, session_token, set_session
+from activator.ui.auth import SESSION_COOKIE, clear_session, set_session
 from activator.ui.events import EventStreams
 from activator.ui.summary import wake_durations
+from activator.ui.throttle import LoginThrottle, LoginThrottled
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,17 @@ def ui_routes(
     *,
     admin_key: Callable[[], str | None],
     is_admin: Callable[[web.Request], bool],
+    log_in: Callable[[str], str | None],
+    log_out: Callable[[str], None],
     streams: EventStreams,
     metrics: Metrics,
 ) -> list[web.RouteDef]:
     """`admin_key` gives the admin key in force (a reload may change it; None: none is
     set); `is_admin` says whether a request carries it (Bearer or the session cookie),
-    always true when there is none."""
+    always true when there is none; `log_in` gives a new session's id for the right key
+    (None for a wrong one) and `log_out` ends a session (activator.credentials)."""
     files = _load_static()
+    throttle = LoginThrottle()
     template = files.pop("index.html")
     pages = {login: template.replace(b"{{login}}", login) for login in (b"on", b"off")}
     login_page = files.pop("login.html")
@@ -93,16 +97,39 @@ def ui_routes(
             raise BodyTooLarge(f"a login form is at most {LOGIN_MAX_BYTES} bytes")
         form = await request.post()
         given = form.get("key")
-        given_bytes = given.encode() if isinstance(given, str) else b""
-        if not hmac.compare_digest(given_bytes, key.encode()):
+        return open_session(request, given if isinstance(given, str) else "")
+
+    def open_session(request: web.Request, given: str) -> web.Response:
+        """The login's answer once its form is read: 429 while the client is throttled
+        (the key is not even compared), a session for the right key, 401 for a wrong one."""
+        wait = throttle.wait(request.remote)
+        if wait is not None:
+            metrics.ui_logins_throttled.inc()
+            raise LoginThrottled(
+                "too many wrong admin keys from this address: try again later",
+                retry_after=wait,
+            )
+        session_id = log_in(given)
+        if session_id is None:
             # The key given is never logged; where it came from helps spot guessing.
             logger.warning("status page: wrong admin key from %s", request.remote)
+            if throttle.failed(request.remote):
+                logger.warning(
+                    "status page: %d wrong admin keys from %s within %gs: its logins are "
+                    "refused for up to %gs",
+                    throttle.max_failures,
+                    request.remote,
+                    throttle.window,
+                    throttle.window,
+                )
             return html(login_page.replace(b"<!--error-->", LOGIN_ERROR.encode()), status=401)
+        throttle.succeeded(request.remote)
         response = _see_other("../ui")
-        set_session(response, request, session_token(key))
+        set_session(response, request, session_id)
         return response
 
     async def logout(request: web.Request) -> web.Response:
+        log_out(request.cookies.get(SESSION_COOKIE, ""))
         response = _see_other("login")
         clear_session(response, request)
         return response
