@@ -81,6 +81,11 @@ class ServerSettings(Section):
     # Longest time a request body may take to arrive once the headers are in (a client
     # that sends a byte every few seconds would otherwise hold a slot forever) -> 408.
     body_timeout: Duration = 60.0
+    # Bodies one client address may have arriving at once, on any route (429 past it):
+    # bounds the connections a client trickling its bodies holds open. A gateway in front
+    # is one address for all of its clients, and bodies that arrive at once hold a slot
+    # for an instant, hence well above a gateway's burst of bodies still in flight.
+    max_body_reads_per_client: Count = 256
     access_log: Annotated[AccessLogFormat, UNQUOTED_OFF] = "text"
     # Reload when the config file's content changes (SIGHUP and POST /admin/reload reload
     # in any case). Off by default: a file edited by hand would apply half-way through.

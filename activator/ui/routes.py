@@ -16,8 +16,9 @@ from importlib import resources
 
 from aiohttp import web
 
-from activator.errors import BadRequest, BodyTooLarge, NotFound
+from activator.errors import NotFound
 from activator.metrics import Metrics
+from activator.request_body import BodyReads, read_form
 from activator.ui.auth import clear_session, session_token, set_session
 from activator.ui.events import EventStreams
 from activator.ui.summary import wake_durations
@@ -54,10 +55,12 @@ def ui_routes(
     is_admin: Callable[[web.Request], bool],
     streams: EventStreams,
     metrics: Metrics,
+    body_reads: BodyReads,
 ) -> list[web.RouteDef]:
     """`admin_key` gives the admin key in force (a reload may change it; None: none is
     set); `is_admin` says whether a request carries it (Bearer or the session cookie),
-    always true when there is none."""
+    always true when there is none. `body_reads` bounds the login form's body in time
+    and in bodies per client, as every body (activator.request_body)."""
     files = _load_static()
     template = files.pop("index.html")
     pages = {login: template.replace(b"{{login}}", login) for login in (b"on", b"off")}
@@ -87,11 +90,7 @@ def ui_routes(
         key = admin_key()
         if key is None:
             return _see_other("../ui")
-        if request.content_length is None:
-            raise BadRequest("the login form must be sent with a Content-Length")
-        if request.content_length > LOGIN_MAX_BYTES:
-            raise BodyTooLarge(f"a login form is at most {LOGIN_MAX_BYTES} bytes")
-        form = await request.post()
+        form = await read_form(request, limit=LOGIN_MAX_BYTES, reads=body_reads)
         given = form.get("key")
         given_bytes = given.encode() if isinstance(given, str) else b""
         if not hmac.compare_digest(given_bytes, key.encode()):
