@@ -16,6 +16,7 @@ from activator.credentials import Credentials
 from activator.errors import NotFound, Unauthorized
 from activator.http_client import HttpClient
 from activator.http_errors import error_response, errors_middleware
+from activator.http_rejections import ParserRejections
 from activator.lease import HoldCounter
 from activator.lifecycle import Model
 from activator.metrics import Metrics
@@ -23,6 +24,7 @@ from activator.pool import PoolScheduler
 from activator.proxy import ENDPOINTS, Proxy
 from activator.registry import ModelRegistry
 from activator.reload import ConfigFile, Reloader
+from activator.request_body import BodyReads, unread_bodies_middleware
 from activator.settings import ModelSettings, ServerSettings, Settings
 from activator.tasks import TaskGroup
 from activator.ui import EventStreams, ui_routes
@@ -36,6 +38,15 @@ METRICS = web.AppKey("metrics", Metrics)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 READY = web.AppKey("ready", ReadyFlag)
 HTTP = web.AppKey("http", HttpClient)
+BODY_READS = web.AppKey("body_reads", BodyReads)
+
+# How long aiohttp reads on after an answer that closes the connection (413, 408, 429)
+# while the client is still sending its body, so that the client reads the answer rather
+# than a reset. Bodies no handler reads are drained within server.body_timeout by
+# unread_bodies_middleware, so this applies only to refused bodies: long enough for a
+# large upload on a LAN to finish, short enough that a refused client trickling its body
+# does not hold its connection (aiohttp's default is 10 s).
+LINGER_S = 1.0
 
 BackendFactory = Callable[[ModelSettings, Model], Backend]
 
@@ -74,12 +85,17 @@ def build_app(
         if m.settings.pool is None
     ]
     registry = ModelRegistry(models, schedulers)
+    body_reads = BodyReads(
+        body_timeout=settings.server.body_timeout,
+        per_client=settings.server.max_body_reads_per_client,
+    )
+    rejections = ParserRejections(access_log=settings.server.access_log)
     proxy = Proxy(
         registry=registry,
         http=http,
         metrics=metrics,
         max_body_bytes=settings.server.max_body_bytes,
-        body_timeout=settings.server.body_timeout,
+        body_reads=body_reads,
         strip_client_auth=bool(settings.server.api_keys),
         access_log=settings.server.access_log,
     )
@@ -89,6 +105,10 @@ def build_app(
         credentials.update(server)
         holds.limit = server.max_queued_total
         proxy.configure(server)
+        body_reads.configure(
+            body_timeout=server.body_timeout, per_client=server.max_body_reads_per_client
+        )
+        rejections.access_log = server.access_log
 
     reloader = Reloader(
         settings,
@@ -103,15 +123,27 @@ def build_app(
     replica = _replica(settings, registry=registry, metrics=metrics)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[errors_middleware, _auth_middleware(credentials)],
-        # Bodies are decoded by activator.request_body, where a bad one gets an answer.
-        handler_args={"auto_decompress": False},
+        middlewares=[
+            unread_bodies_middleware(
+                body_reads, limit=lambda: reloader.settings.server.max_body_bytes
+            ),
+            errors_middleware,
+            _auth_middleware(credentials),
+        ],
+        # Bodies are decoded by activator.request_body, where a bad one gets an answer;
+        # requests the parser rejects are logged and answered by activator.http_rejections.
+        handler_args={
+            "auto_decompress": False,
+            "logger": rejections,
+            "lingering_time": LINGER_S,
+        },
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[REGISTRY] = registry
     app[READY] = ready
     app[HTTP] = http
+    app[BODY_READS] = body_reads
     app[RELOADER] = reloader
     for path in ENDPOINTS:
         app.router.add_post(path, proxy.handle)
@@ -135,6 +167,7 @@ def build_app(
             log_in=credentials.log_in,
             log_out=credentials.log_out,
             streams=streams,
+            body_reads=body_reads,
             metrics=metrics,
         )
     )

@@ -74,6 +74,16 @@ class RequestTimeout(ActivatorError):
     closes_connection = True
 
 
+class TooManyBodies(ActivatorError):
+    """One client address has `server.max_body_reads_per_client` bodies arriving already."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_request_bodies"
+    retryable = True
+    closes_connection = True
+
+
 class UnsupportedEncoding(ActivatorError):
     status = 415
     type = "invalid_request_error"

@@ -14,7 +14,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from activator.errors import ActivatorError, InternalError
+from activator.errors import (
+    ActivatorError,
+    BadRequest,
+    BodyTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +100,21 @@ def _engine_error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
+def _as_error(exc: web.HTTPException) -> ActivatorError | None:
+    """aiohttp's error as ours, or None to let it through (a redirect, a success)."""
+    text = exc.text or exc.reason
+    if exc.status == 404:
+        return NotFound(f"no route for this request: {text}")
+    if exc.status == 405:
+        allow = tuple(m for m in exc.headers.get("Allow", "").split(",") if m.strip())
+        return MethodNotAllowed(text, allow=tuple(m.strip() for m in allow))
+    if exc.status == 413:
+        return BodyTooLarge(text)
+    if 400 <= exc.status < 500:
+        return BadRequest(text)
+    return None
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -100,8 +122,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return response
     except ActivatorError as error:
         return error_response(error)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        # aiohttp's own answers (the router's 404 for a request target no route can
+        # match, such as CONNECT's host:port; its 405) in the envelope like ours.
+        if (converted := _as_error(exc)) is None:
+            raise
+        return error_response(converted)
     except Exception:
         # A bug, not bad input: an envelope instead of aiohttp's bare text 500. The
         # proxy handler catches its own (with an access-log line); this is for the rest.

@@ -35,7 +35,7 @@ from activator.lifecycle import Model
 from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
-from activator.request_body import read_body
+from activator.request_body import BodyReads, read_body
 from activator.routing import sent_nothing
 from activator.settings import ServerSettings
 from activator.usage import StreamTail, Usage, find_usage
@@ -93,7 +93,7 @@ class Proxy:
         http: HttpClient,
         metrics: Metrics,
         max_body_bytes: int,
-        body_timeout: float,
+        body_reads: BodyReads,
         strip_client_auth: bool,
         access_log: str,
     ) -> None:
@@ -101,7 +101,7 @@ class Proxy:
         self._http = http
         self._metrics = metrics
         self._max_body = max_body_bytes
-        self._body_timeout = body_timeout
+        self._body_reads = body_reads  # its owner (the app) applies reloads to it
         self._parser = PayloadParser()
         # The client's Authorization is activator's own key when api_keys is set: it is
         # a secret of ours and never goes to an engine.
@@ -111,7 +111,6 @@ class Proxy:
     def configure(self, server: ServerSettings) -> None:
         """A reload: server settings in force from the next request on."""
         self._max_body = server.max_body_bytes
-        self._body_timeout = server.body_timeout
         self._strip_client_auth = bool(server.api_keys)
         self._access_log = server.access_log
 
@@ -170,7 +169,7 @@ class Proxy:
         return error_response(error)
 
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
-        body = await read_body(request, limit=self._max_body, body_timeout=self._body_timeout)
+        body = await read_body(request, limit=self._max_body, reads=self._body_reads)
         payload = await self._parser.parse(body)
         model = self._registry.resolve(payload.model)
         ex.model = model.name
@@ -414,10 +413,15 @@ class Proxy:
             "request_id": ex.request_id,
             "pod": ex.pod,
         }
-        if self._access_log == "json":
-            access_logger.info("%s", json.dumps(record))
-        else:
-            access_logger.info("%s", " ".join(f"{k}={_text(v)}" for k, v in record.items()))
+        write_access_line(record, fmt=self._access_log)
+
+
+def write_access_line(record: dict[str, Any], *, fmt: str) -> None:
+    """One access-log line, text or json (`server.access_log`; the caller skips "off")."""
+    if fmt == "json":
+        access_logger.info("%s", json.dumps(record))
+    else:
+        access_logger.info("%s", " ".join(f"{k}={_text(v)}" for k, v in record.items()))
 
 
 def _text(value: object) -> str:

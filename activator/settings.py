@@ -84,6 +84,11 @@ class ServerSettings(Section):
     # How long a status-page login lasts (activator.ui.sessions): a working day, so an
     # operator logs in about once a day, and a cookie that leaked is dead by the next.
     ui_session_ttl: Duration = 12 * 3600.0
+    # Bodies one client address may have arriving at once, on any route (429 past it):
+    # bounds the connections a client trickling its bodies holds open. A gateway in front
+    # is one address for all of its clients, and bodies that arrive at once hold a slot
+    # for an instant, hence well above a gateway's burst of bodies still in flight.
+    max_body_reads_per_client: Count = 256
     access_log: Annotated[AccessLogFormat, UNQUOTED_OFF] = "text"
     # Reload when the config file's content changes (SIGHUP and POST /admin/reload reload
     # in any case). Off by default: a file edited by hand would apply half-way through.

@@ -30,6 +30,7 @@ from activator.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import OFFLOAD_BYTES
 from activator.proxy import Proxy
 from activator.registry import ModelRegistry
+from activator.request_body import BodyReads
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, error_of, model_config, unique
 
@@ -599,7 +600,7 @@ async def test_an_unexpected_error_in_the_proxy_is_a_logged_500_envelope(
         http=HttpClient(),
         metrics=metrics,
         max_body_bytes=1024,
-        body_timeout=5,
+        body_reads=BodyReads(body_timeout=5, per_client=8),
         strip_client_auth=False,
         access_log="text",
     )

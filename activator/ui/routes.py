@@ -15,8 +15,9 @@ from importlib import resources
 
 from aiohttp import web
 
-from activator.errors import BadRequest, BodyTooLarge, NotFound
+from activator.errors import NotFound
 from activator.metrics import Metrics
+from activator.request_body import BodyReads, read_form
 from activator.ui.auth import SESSION_COOKIE, clear_session, set_session
 from activator.ui.events import EventStreams
 from activator.ui.summary import wake_durations
@@ -56,11 +57,14 @@ def ui_routes(
     log_out: Callable[[str], None],
     streams: EventStreams,
     metrics: Metrics,
+    body_reads: BodyReads,
 ) -> list[web.RouteDef]:
     """`admin_key` gives the admin key in force (a reload may change it; None: none is
     set); `is_admin` says whether a request carries it (Bearer or the session cookie),
     always true when there is none; `log_in` gives a new session's id for the right key
-    (None for a wrong one) and `log_out` ends a session (activator.credentials)."""
+    (None for a wrong one) and `log_out` ends a session (activator.credentials).
+    `body_reads` bounds the login form's body in time and in bodies per client, as every
+    body (activator.request_body)."""
     files = _load_static()
     throttle = LoginThrottle()
     template = files.pop("index.html")
@@ -91,11 +95,7 @@ def ui_routes(
         key = admin_key()
         if key is None:
             return _see_other("../ui")
-        if request.content_length is None:
-            raise BadRequest("the login form must be sent with a Content-Length")
-        if request.content_length > LOGIN_MAX_BYTES:
-            raise BodyTooLarge(f"a login form is at most {LOGIN_MAX_BYTES} bytes")
-        form = await request.post()
+        form = await read_form(request, limit=LOGIN_MAX_BYTES, reads=body_reads)
         given = form.get("key")
         return open_session(request, given if isinstance(given, str) else "")
 
