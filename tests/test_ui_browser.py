@@ -31,6 +31,7 @@ from activator.app import build_app
 from activator.config import load_config
 from activator.metrics import Metrics
 from activator.reload import ConfigFile
+from activator.request_body import BodyReads
 from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, EventStreams, ui_routes
 from tests.conftest import ActivatorFactory
@@ -416,6 +417,7 @@ async def scripted_page(snapshot: Callable[[], dict[str, Any]]) -> AsyncIterator
             log_out=lambda session_id: None,
             streams=streams,
             metrics=Metrics(),
+            body_reads=BodyReads(body_timeout=10.0, per_client=16),
         )
     )
     app.on_shutdown.append(streams.close)
