@@ -250,12 +250,14 @@ def line_by_line(path: Path, text: str) -> float:
 
 
 def truncate_then_write(path: Path, text: str) -> float:
-    """`: > file` then a slow `cat`: emptied first, then blocks that end mid-line."""
+    """`: > file` then a slow `cat`: emptied first, then small blocks that mostly end
+    mid-line (20 bytes: a few of the prefixes in a row are valid configs without
+    demo-chat, so the previous watcher could not miss them)."""
     data = text.encode()
     with path.open("r+b") as stream:
         stream.truncate(0)
         stream.flush()
-        blocks = [b"", *(data[i : i + 64] for i in range(0, len(data), 64))]
+        blocks = [b"", *(data[i : i + 20] for i in range(0, len(data), 20))]
         return _paced(stream.write, stream.flush, blocks)
 
 
