@@ -452,10 +452,21 @@ def load_config(
     prefixed with the file's path."""
     source = os.fspath(path)
     try:
-        with open(source, encoding="utf-8") as stream:
-            data = yaml.load(stream, Loader=_Loader)
+        with open(source, "rb") as stream:
+            content = stream.read()
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read config: {exc.strerror or exc}"]) from None
+    return load_config_bytes(content, source=source, environ=environ)
+
+
+def load_config_bytes(
+    content: bytes, *, source: str, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Parse and validate a config file's content, read already (a reload parses exactly
+    the bytes whose digest it compared); raises ConfigError, each problem prefixed with
+    `source`."""
+    try:
+        data = yaml.load(content.decode("utf-8"), Loader=_Loader)
     except UnicodeDecodeError:
         raise ConfigError([f"{source}: cannot read config: not UTF-8 text"]) from None
     except yaml.MarkedYAMLError as exc:

@@ -91,7 +91,8 @@ class ServerSettings(Section):
     max_body_reads_per_client: Count = 256
     access_log: Annotated[AccessLogFormat, UNQUOTED_OFF] = "text"
     # Reload when the config file's content changes (SIGHUP and POST /admin/reload reload
-    # in any case). Off by default: a file edited by hand would apply half-way through.
+    # in any case). Off by default: an edit applies as soon as it is saved. New content
+    # applies once two reads one watch_interval apart agree (never half of a write).
     watch_config: Flag = False
     # How often the file is read for a change. Its content is compared, not its mtime or
     # inode: Kubernetes swaps a ConfigMap volume's `..data` symlink and editors rename a new

@@ -11,7 +11,7 @@ import pytest
 from activator.config import parse_config
 from activator.policy import ModelView
 from activator.pool import over_host_memory
-from activator.reload.plan import Plan, describe, plan, summary
+from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
 from activator.settings import Settings
 
 ENGINE = ["python", "-m", "engine", "--port", "{port}"]
@@ -237,6 +237,38 @@ def test_what_needs_a_restart_refuses_the_whole_reload(path: str, value: Any, re
     changes = plan(settings(BASE), settings(data))
     assert len(changes.refused) == 1 and changes.refused[0].startswith(refusal)
     assert changes.refused[0].endswith("nothing was reloaded")
+
+
+WATCHED = edited("server.watch_config", True)
+# (key, its new value (None: deleted), what the watcher refuses: the kinds named).
+WATCH_ROWS = [
+    ("server.api_keys", None, ["server.api_keys"]),
+    ("server.api_keys", ["client-secret-2"], ["server.api_keys"]),  # replaced: dropped
+    ("server.api_keys", ["client-secret-1", "client-secret-2"], []),  # added: fine
+    ("server.admin_api_key", None, ["server.admin_api_key"]),
+    ("server.admin_api_key", "admin-secret-2", ["server.admin_api_key"]),
+    ("server.watch_config", False, ["server.watch_config"]),
+    ("server.watch_config", None, ["server.watch_config"]),  # the default: off
+    ("server.watch_interval", "10s", []),
+    ("server", None, ["server.api_keys", "server.admin_api_key", "server.watch_config"]),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "kinds"), WATCH_ROWS)
+def test_the_watcher_never_drops_a_key_nor_turns_itself_off(
+    path: str, value: Any, kinds: list[str]
+) -> None:
+    refused = watch_refusals(
+        settings(WATCHED).server, settings(edited(path, value, WATCHED)).server
+    )
+    assert [r.split(":")[0] for r in refused] == kinds
+    assert not any("secret" in r for r in refused)  # the kind of key, never the key
+
+
+def test_a_server_without_keys_has_none_to_drop() -> None:
+    open_server = edited("server.admin_api_key", None, edited("server.api_keys", None, WATCHED))
+    for new in (open_server, WATCHED):  # staying open, or getting keys
+        assert watch_refusals(settings(open_server).server, settings(new).server) == ()
 
 
 def test_the_first_kubernetes_model_needs_a_restart() -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from activator.settings import ModelSettings, PoolSettings, Settings
+from activator.settings import ModelSettings, PoolSettings, ServerSettings, Settings
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -203,6 +203,27 @@ def plan(
         server=tuple(changed_keys(current.server, new.server)),
         refused=tuple(refused),
     )
+
+
+# What the watcher may not do on its own (docs/reload.md, "Watching the file"): a file read
+# half-way through a write can be a valid prefix without the server block, and applying it
+# would open the doors and stop the watching that would see the rest. SIGHUP and POST
+# /admin/reload are someone's decision and apply these too.
+WATCH_ONLY = "; the watcher does not apply this (send SIGHUP or POST /admin/reload to)"
+
+
+def watch_refusals(current: ServerSettings, new: ServerSettings) -> tuple[str, ...]:
+    """Why a reload triggered by the watcher must be refused whole: it would drop a key
+    the server has (a client key of `api_keys`, or the `admin_api_key`; replacing one
+    drops it too), or turn `watch_config` off. Names the kind of key, never a value."""
+    refused = []
+    if set(current.api_keys) - set(new.api_keys):
+        refused.append("server.api_keys: the file drops a client API key in force" + WATCH_ONLY)
+    if current.admin_api_key is not None and new.admin_api_key != current.admin_api_key:
+        refused.append("server.admin_api_key: the file drops the admin key in force" + WATCH_ONLY)
+    if current.watch_config and not new.watch_config:
+        refused.append("server.watch_config: the watcher never turns itself off" + WATCH_ONLY)
+    return tuple(refused)
 
 
 def _address(host: str, port: int) -> str:

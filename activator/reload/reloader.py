@@ -32,8 +32,8 @@ from activator.metrics import Metrics
 from activator.model_reload import PendingEngine
 from activator.pool import PoolScheduler
 from activator.registry import ModelRegistry
-from activator.reload.plan import Plan, describe, plan, summary
-from activator.reload.source import SHOWN_DIGITS, ConfigFile, settings_digest
+from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
+from activator.reload.source import SHOWN_DIGITS, ConfigFile, Snapshot, settings_digest
 from activator.settings import ModelSettings, ServerSettings, Settings
 from activator.tasks import TaskGroup
 
@@ -119,30 +119,62 @@ class Reloader:
         """Poll the file's content while `server.watch_config` is on. No event says that a
         file changed everywhere it may live (a ConfigMap volume, a bind mount, an NFS
         share): reading it every watch_interval is the robust way (llama-swap came to the
-        same after file-system watches missed ConfigMap updates)."""
+        same after file-system watches missed ConfigMap updates).
+
+        Nor does any event say that a write is complete: a file written in place is a
+        prefix of itself while it is written, and a prefix can be a valid config. So new
+        content applies only once two reads one watch_interval apart see the same digest
+        (`_settle`); a writer that pauses longer than that is indistinguishable from one
+        that is done, and what a prefix may then do is bounded by `watch_refusals`."""
+        seen: str | None = None  # new content read once: it applies if the next read agrees
         while True:
             server = self.settings.server
             self._changed.clear()
-            if server.watch_config:
-                try:
-                    async with asyncio.timeout(server.watch_interval):
-                        await self._changed.wait()  # new settings: look at them first
-                    continue
-                except TimeoutError:
-                    pass
-                digest = await asyncio.to_thread(source.digest)
-                if digest != self.digest:
-                    await self.reload(trigger="watch")
-            else:
+            if not server.watch_config:
                 await self._changed.wait()
+                seen = None
+                continue
+            try:
+                async with asyncio.timeout(server.watch_interval):
+                    await self._changed.wait()  # new settings: look at them first
+                seen = None
+                continue
+            except TimeoutError:
+                pass
+            if seen is None:
+                digest = await asyncio.to_thread(source.digest)
+                seen = digest if digest != self.digest else None
+            else:
+                seen = await self._settle(source, seen)
+
+    async def _settle(self, source: ConfigFile, seen: str) -> str | None:
+        """The second read of new content: apply it if it is still `seen` (and the file
+        is still not what was read last). Returns the digest to confirm next time."""
+        async with self._lock:
+            snapshot = await asyncio.to_thread(source.read)
+            if snapshot.digest == self.digest:
+                return None  # back to the content in force, or read by another trigger
+            if snapshot.digest != seen:
+                return snapshot.digest  # still being written
+            result = await self._reload("watch", snapshot)
+        self._report("watch", result)
+        return None
 
     # ----- a reload -------------------------------------------------------------------
 
     async def reload(self, *, trigger: str) -> ReloadResult:
-        """Read, validate, plan and apply the config file. Never raises for a bad file or
-        a refused change: the result says what happened (and it is logged and counted)."""
+        """Read, validate, plan and apply the config file at once (SIGHUP, POST
+        /admin/reload: someone asked). Never raises for a bad file or a refused change:
+        the result says what happened (and it is logged and counted)."""
         async with self._lock:
-            result = await self._reload(trigger)
+            snapshot = None
+            if self._source is not None and self._cannot_reload() is None:
+                snapshot = await asyncio.to_thread(self._source.read)
+            result = await self._reload(trigger, snapshot)
+        self._report(trigger, result)
+        return result
+
+    def _report(self, trigger: str, result: ReloadResult) -> None:
         self._metrics.config_reloads.labels(outcome=result.outcome).inc()
         if result.outcome == "ok":
             logger.info("config reload (%s, %s): %s", trigger, result.digest, result.message)
@@ -150,22 +182,26 @@ class Reloader:
             for problem in result.problems:
                 logger.error("config reload (%s): %s", trigger, problem)
             logger.warning("config reload (%s, %s): %s", trigger, result.digest, result.message)
-        return result
 
-    async def _reload(self, trigger: str) -> ReloadResult:
+    async def _reload(self, trigger: str, snapshot: Snapshot | None) -> ReloadResult:
+        """Validate, plan and apply `snapshot` (None: nothing could be read). Runs under
+        the lock."""
         refused = self._cannot_reload()
-        if refused is not None or self._source is None:
+        if refused is not None or self._source is None or snapshot is None:
             why = refused or "activator was started without a config file: nothing to reload"
             return ReloadResult("refused", self._shown(self.digest), why, (why,))
-        digest, loaded = await asyncio.to_thread(self._source.load)
-        self.digest = digest  # seen: the watcher waits for the next change
-        shown = self._shown(digest)
+        loaded = await asyncio.to_thread(self._source.parse, snapshot)
+        self.digest = snapshot.digest  # seen: the watcher waits for the next change
+        shown = self._shown(snapshot.digest)
         if isinstance(loaded, ConfigError):
             return ReloadResult(
                 "invalid", shown, "the config is invalid; nothing changed", tuple(loaded.problems)
             )
         if (refused := self._cannot_reload()) is not None:  # shut down while it was read
             return ReloadResult("refused", shown, refused, (refused,))
+        if trigger == "watch" and (why_not := watch_refusals(self.settings.server, loaded.server)):
+            message = "the watcher does not apply this file on its own; nothing changed"
+            return ReloadResult("refused", shown, message, why_not)
         current = self.settings.model_copy(
             update={"models": {m.name: m.configured for m in self._registry}}
         )

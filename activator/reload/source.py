@@ -13,14 +13,25 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from activator.config import ConfigError, load_config
+from activator.config import ConfigError, load_config_bytes
 from activator.settings import Settings
 
 # A config file is kilobytes; reading it for its digest is bounded all the same.
 MAX_READ = 16 * 1024 * 1024
 # The digest shown in metrics and answers: enough to tell configs apart at a glance.
 SHOWN_DIGITS = 16
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The file's content as one read saw it. A reload parses exactly these bytes: the
+    digest it compares and the settings it applies are of the same content."""
+
+    digest: str  # sha256 (hex), or "unreadable: <why>"
+    content: bytes | None  # None: the file could not be read (or is too large)
+    problem: str | None = None  # why content is None
 
 
 class ConfigFile:
@@ -33,26 +44,34 @@ class ConfigFile:
         self.path = os.fspath(path)
         self._adjust = adjust
 
-    def digest(self) -> str:
-        """sha256 of the content (hex), or a stand-in naming why it cannot be read: a file
-        that goes missing, or comes back, is a change too. Blocking (file I/O)."""
+    def read(self) -> Snapshot:
+        """The content and its digest; a file that goes missing, or comes back, is a
+        change too (its digest names why it cannot be read). Blocking (file I/O)."""
         try:
             with open(self.path, "rb") as stream:
-                data = stream.read(MAX_READ)
+                data = stream.read(MAX_READ + 1)
         except OSError as exc:
-            return f"unreadable: {exc.strerror or exc}"
-        return hashlib.sha256(data).hexdigest()
+            why = exc.strerror or str(exc)
+            return Snapshot(f"unreadable: {why}", None, f"cannot read config: {why}")
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) > MAX_READ:
+            return Snapshot(digest, None, f"cannot read config: larger than {MAX_READ} bytes")
+        return Snapshot(digest, data)
 
-    def load(self) -> tuple[str, Settings | ConfigError]:
-        """(the content's digest, its settings or the ConfigError listing every problem).
-        The digest is taken first: a file replaced while it is parsed is seen as changed
-        again by the next look, so a watcher converges on the last content. Blocking."""
-        digest = self.digest()
+    def digest(self) -> str:
+        """sha256 of the content (hex), or a stand-in naming why it cannot be read."""
+        return self.read().digest
+
+    def parse(self, snapshot: Snapshot) -> Settings | ConfigError:
+        """The settings of a snapshot's content, or the ConfigError listing every problem
+        (as `activator check-config` words them). Pure CPU work: no file is read."""
+        if snapshot.content is None:
+            return ConfigError([f"{self.path}: {snapshot.problem}"])
         try:
-            settings = load_config(self.path)
+            settings = load_config_bytes(snapshot.content, source=self.path)
         except ConfigError as error:
-            return digest, error
-        return digest, self._adjust(settings) if self._adjust is not None else settings
+            return error
+        return self._adjust(settings) if self._adjust is not None else settings
 
 
 def settings_digest(settings: Settings) -> str:
