@@ -120,7 +120,9 @@ def build_app(
         apply_server=apply_server,
     )
     ready = ReadyFlag()
-    replica = _replica(settings, registry=registry, metrics=metrics)
+    replica = _replica(
+        settings, registry=registry, metrics=metrics, admin_key=lambda: credentials.admin_key
+    )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
@@ -215,7 +217,13 @@ def build_app(
     return app
 
 
-def _replica(settings: Settings, *, registry: ModelRegistry, metrics: Metrics) -> Any:
+def _replica(
+    settings: Settings,
+    *,
+    registry: ModelRegistry,
+    metrics: Metrics,
+    admin_key: Callable[[], str | None],
+) -> Any:
     """This activator as one of several replicas (activator.ha.wiring), or None when it
     runs alone. Kubernetes code is imported only then. ValueError (one line) when the
     replica cannot tell its namespace."""
@@ -224,7 +232,13 @@ def _replica(settings: Settings, *, registry: ModelRegistry, metrics: Metrics) -
         return None
     from activator.ha.wiring import Replica
 
-    return Replica(election, registry=registry, metrics=metrics, admin_port=settings.server.port)
+    return Replica(
+        election,
+        registry=registry,
+        metrics=metrics,
+        admin_port=settings.server.port,
+        admin_key=admin_key,
+    )
 
 
 def _auth_middleware(credentials: Credentials) -> Any:

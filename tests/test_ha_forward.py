@@ -95,6 +95,7 @@ async def pair() -> AsyncIterator[Pair]:
                 identity="r2",
                 leader="r1",
                 what="a stop",
+                admin_key=KEY,
                 within=within,
             )
 
@@ -134,12 +135,27 @@ async def test_credentials_body_and_hop_mark_travel_and_the_leaders_answer_is_re
     assert seen["body"] == b'{"why":"test"}'
     sent = seen["headers"]
     assert sent["Authorization"] == f"Bearer {KEY}"
-    assert sent["Cookie"] == "activator_admin=page-session"  # the session only
+    assert "Cookie" not in sent  # a session is the follower's own: it never travels
     assert sent["X-Activator-UI"] == "1"
     assert sent["Content-Type"] == "application/json"
     assert sent[FORWARDED_BY] == "r2"
     assert "X-Unrelated" not in sent
     assert "forwarded to the leader r1" in caplog.text
+    assert KEY not in caplog.text and "page-session" not in caplog.text
+
+
+async def test_a_decision_a_page_session_authorised_travels_with_the_admin_key(
+    pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Sessions are each replica's own: the leader would not know the follower's cookie.
+    caplog.set_level(logging.DEBUG)
+    headers = {"Cookie": "activator_admin=page-session", "X-Activator-UI": "1"}
+    async with pair.session.post(pair.url("/admin/models/coder/stop"), headers=headers) as resp:
+        assert resp.status == 409
+    (seen,) = pair.leader.seen
+    sent = seen["headers"]
+    assert sent["Authorization"] == f"Bearer {KEY}"
+    assert "Cookie" not in sent
     assert KEY not in caplog.text and "page-session" not in caplog.text
 
 

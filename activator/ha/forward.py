@@ -12,9 +12,11 @@ and a replica that gets one and does not decide answers at once and never forwar
 again: a request crosses at most one hop, whatever the replicas believe about who leads
 during a leader change.
 
-The credentials travel, they are never logged: the Authorization header, and the status
-page's session cookie with its page header (activator.ui.auth), so the leader checks the
-request exactly as the follower did.
+The credentials travel, they are never logged: the Authorization header as given. A status
+page session is this replica's own (activator.ui.sessions: the leader does not know its
+id), so a request that only its session cookie authorised here travels with the admin
+key as a Bearer token instead: the follower has checked the session, and the leader
+checks the key.
 """
 
 from __future__ import annotations
@@ -105,13 +107,21 @@ def shown(identity: str) -> str:
     return cleaned + ("..." if len(identity) > _IDENTITY_CHARS else "")
 
 
-def forward_headers(request: web.Request, *, identity: str) -> dict[str, str]:
-    """What goes to the leader: the credentials as given (the Bearer token; the status
-    page's session cookie and page header), the body's type, and the hop mark."""
+def forward_headers(
+    request: web.Request, *, identity: str, admin_key: str | None = None
+) -> dict[str, str]:
+    """What goes to the leader: the Bearer token as given, the body's type, and the hop
+    mark. A request with no Authorization but a session cookie (which this replica has
+    already accepted: only authorised requests are forwarded) carries `admin_key`
+    instead, the session being unknown to the leader; with no admin key set, none is
+    needed there either."""
     headers = {name: request.headers[name] for name in _KEPT if name in request.headers}
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie is not None:
-        headers["Cookie"] = f"{SESSION_COOKIE}={cookie}"
+    if (
+        "Authorization" not in headers
+        and admin_key
+        and request.cookies.get(SESSION_COOKIE) is not None
+    ):
+        headers["Authorization"] = f"Bearer {admin_key}"
     headers[FORWARDED_BY] = identity
     return headers
 
@@ -124,10 +134,12 @@ async def relay(
     identity: str,
     leader: str,
     what: str,
+    admin_key: str | None = None,
     within: float = FORWARD_TIMEOUT,
 ) -> web.Response:
     """Send `request` on to the leader at `url`; its answer, relayed. LeaderUnreachable
-    (503) when there is none: refused, reset, timed out, or too large."""
+    (503) when there is none: refused, reset, timed out, or too large. `admin_key`: the
+    key in force here, for a request that a session cookie authorised (forward_headers)."""
     body = await request.read()
     target = url + request.path_qs
     log.info("admin: %s %s forwarded to the leader %s at %s", what, request.path, leader, url)
@@ -136,7 +148,7 @@ async def relay(
             request.method,
             target,
             data=body,
-            headers=forward_headers(request, identity=identity),
+            headers=forward_headers(request, identity=identity, admin_key=admin_key),
             timeout=aiohttp.ClientTimeout(total=within),
             allow_redirects=False,
         ) as resp:

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,7 @@ class Replica:
         registry: ModelRegistry,
         metrics: Metrics,
         admin_port: int | None = None,
+        admin_key: Callable[[], str | None] = lambda: None,
         env: Mapping[str, str] = os.environ,
     ) -> None:
         self.settings = ha_settings(config, env)
@@ -143,6 +144,9 @@ class Replica:
             forward.own_admin_url(env, port=admin_port) if admin_port is not None else None
         )
         self._http: aiohttp.ClientSession | None = None
+        # The admin key in force (a reload may change it): a decision that a status page
+        # session authorised travels to the leader with it (activator.ha.forward).
+        self._admin_key = admin_key
         self._registry = registry
         self._metrics = metrics
         self._tasks = TaskGroup()
@@ -480,7 +484,13 @@ class Replica:
                 param="name",
             )
         return await forward.relay(
-            self._http, request, url=url, identity=self.identity, leader=leader, what=what
+            self._http,
+            request,
+            url=url,
+            identity=self.identity,
+            leader=leader,
+            what=what,
+            admin_key=self._admin_key(),
         )
 
     def describe_model(self, model: Model) -> dict[str, Any]:
