@@ -22,7 +22,7 @@ from activator.http_errors import errors_middleware
 from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
 from activator.testing.fake_kube import FakeKube
-from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, session_token
+from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, session_token, ui_routes
 from activator.ui.events import MAX_STREAMS, MAX_STREAMS_PER_CLIENT
 from activator.ui.summary import snapshot, wake_durations
 from tests.conftest import ActivatorFactory
@@ -224,6 +224,28 @@ async def test_a_login_form_must_be_small(activator: ActivatorFactory) -> None:
 
     async with running.session.post(running.url + "/ui/login", data=chunked()) as resp:
         assert resp.status == 400
+
+
+async def test_the_page_comes_with_its_snapshot_and_markup_in_it_stays_data() -> None:
+    data = {"models": [{"name": "</script><script>alert(1)</script><!--&"}], "pools": []}
+    streams = EventStreams(lambda: data)
+    app = web.Application()
+    app.router.add_routes(
+        ui_routes(
+            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
+        )
+    )
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/ui")) as resp,
+    ):
+        page = await resp.text()
+        assert resp.headers["Cache-Control"] == "no-store"  # the admin data is in it
+    opening = '<script id="snapshot" type="application/json">'
+    inline = page[page.index(opening) + len(opening) : page.index("</script>", page.index(opening))]
+    assert json.loads(inline) == data
+    assert "<" not in inline and ">" not in inline and "&" not in inline
 
 
 # ----- the event stream ---------------------------------------------------------------
