@@ -37,6 +37,7 @@ RELOADER = web.AppKey("reloader", Reloader)
 METRICS = web.AppKey("metrics", Metrics)
 REGISTRY = web.AppKey("registry", ModelRegistry)
 READY = web.AppKey("ready", ReadyFlag)
+EVENT_STREAMS = web.AppKey("event_streams", EventStreams)  # the status page's streams
 HTTP = web.AppKey("http", HttpClient)
 BODY_READS = web.AppKey("body_reads", BodyReads)
 
@@ -161,7 +162,9 @@ def build_app(
             replicas=replica,
         )
     )
-    streams = EventStreams(lambda: snapshot(registry, metrics, replicas=replica))
+    streams = app[EVENT_STREAMS] = EventStreams(
+        lambda: snapshot(registry, metrics, replicas=replica)
+    )
     app.router.add_routes(
         ui_routes(
             admin_key=lambda: credentials.admin_key,

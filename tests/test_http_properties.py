@@ -28,10 +28,13 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
+from activator.app import EVENT_STREAMS
 from activator.proxy import ENDPOINTS
+from activator.ui.routes import EVENTS_PATH
 from tests.harness import Running, chat, model_config, start_activator, unique, wait_for
 
 MAX_BODY = 2048
@@ -394,3 +397,131 @@ async def test_every_login_body_gets_a_well_formed_answer_and_never_a_5xx(
         assert error["source"] == "activator" and isinstance(error["message"], str), body
         if status == 429:
             assert int(resp.headers["Retry-After"]) >= 1
+
+
+# ---- the status page's event streams --------------------------------------------------------
+
+ADMIN_KEY = "adm-properties"
+# Exactly the stream's route, and near misses that must never become one.
+STREAM_PATHS = ["/admin/events"] * 6 + ["/admin/events/", "/admin//events", "/admin/EVENTS"]
+
+
+@dataclass(frozen=True)
+class StreamCase:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    credentials: str  # "admin", "cookie", "client key", "wrong", "none"
+
+
+@st.composite
+def stream_cases(draw: st.DrawFn) -> StreamCase:
+    credentials = draw(st.sampled_from(["admin", "cookie"] * 3 + ["client key", "wrong", "none"]))
+    headers: dict[str, str] = {}
+    for name in draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "Last-Event-ID",
+                    "Accept",
+                    "Accept-Encoding",
+                    "Cache-Control",
+                    "X-Activator-UI",
+                    "Origin",
+                    "Range",
+                    "User-Agent",
+                ]
+            ),
+            unique=True,
+            max_size=4,
+        )
+    ):
+        headers[name] = draw(header_text).strip() or "x"
+    return StreamCase(
+        method=draw(st.sampled_from(["GET"] * 8 + ["HEAD", "POST", "OPTIONS"])),
+        path=draw(st.sampled_from(STREAM_PATHS)),
+        query=draw(st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)),
+        headers=headers,
+        credentials=credentials,
+    )
+
+
+@dataclass
+class StreamSurface:
+    running: Running
+    cookie: str  # a session cookie from a real login
+
+
+@pytest.fixture
+async def stream_surface() -> AsyncIterator[StreamSurface]:
+    running = await start_activator(
+        {
+            "server": {"api_keys": [KEY], "admin_api_key": ADMIN_KEY},
+            "models": {"m": model_config(unique("prop-ui"))},
+        }
+    )
+    try:
+        async with running.session.post(
+            running.url + "/ui/login", data={"key": ADMIN_KEY}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303, resp.status
+            cookie = resp.headers["Set-Cookie"].split(";", 1)[0]
+        running.session.cookie_jar.clear()  # each example sends its own credentials
+        yield StreamSurface(running=running, cookie=cookie)
+    finally:
+        await running.close()
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=stream_cases())
+async def test_status_page_streams_answer_every_request_and_stay_bounded(
+    stream_surface: StreamSurface, case: StreamCase
+) -> None:
+    """Any query, headers and credentials on the event stream: never a 5xx, errors in the
+    envelope, a stream only with the admin's credentials, the first snapshot within the
+    timeout, and every slot free again once the client has gone."""
+    running = stream_surface.running
+    streams = running.app[EVENT_STREAMS]
+    headers = dict(case.headers)
+    if case.credentials == "cookie":
+        headers["Cookie"] = stream_surface.cookie
+    elif case.credentials != "none":
+        key = {"admin": ADMIN_KEY, "client key": KEY, "wrong": "sk-wrong"}[case.credentials]
+        headers["Authorization"] = f"Bearer {key}"
+    url = URL(running.url + case.path).with_query(None).update_query(case.query)
+    async with asyncio.timeout(ANSWER_TIMEOUT):  # a hang fails here, with its example
+        async with running.session.request(
+            case.method, url, headers=headers, allow_redirects=False
+        ) as resp:
+            status = resp.status
+            if status == 200 and resp.content_type == "text/event-stream":
+                first = await resp.content.readuntil(b"\n\n")
+                assert first == b"retry: 2000\n\n", first
+                block = await resp.content.readuntil(b"\n\n")
+                while block.startswith(b":"):  # a heartbeat first: read on
+                    block = await resp.content.readuntil(b"\n\n")
+                name, data = block.split(b"\n", 1)
+                assert name == b"event: snapshot", block
+                assert "models" in json.loads(data.removeprefix(b"data: "))
+                data = b""
+            else:
+                data = await resp.read()
+    event(f"status {status}")  # --hypothesis-show-statistics: what the examples got
+    assert status < 500, (status, data)
+    admitted = case.credentials in ("admin", "cookie")
+    if status == 200 and case.method == "GET" and case.path == EVENTS_PATH:
+        assert admitted, status
+        assert resp.content_type == "text/event-stream"
+    if case.method == "GET" and case.path == EVENTS_PATH and admitted:
+        assert status == 200, (status, data)
+    if status >= 400 and case.method != "HEAD":
+        assert isinstance(json.loads(data)["error"]["message"], str), data
+    # The client has gone: its slot is free again (no stream outlives its client).
+    await wait_for(lambda: streams.active == 0, what="every stream slot free again")

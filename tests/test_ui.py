@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import json
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from activator.app import REGISTRY
+from activator.http_errors import errors_middleware
 from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
+from activator.request_body import BodyReads
 from activator.testing.fake_kube import FakeKube
-from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams
-from activator.ui.events import MAX_STREAMS
+from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, ui_routes
+from activator.ui.events import MAX_STREAMS, MAX_STREAMS_PER_CLIENT
 from activator.ui.summary import snapshot, wake_durations
 from activator.ui.throttle import MAX_FAILURES, WINDOW
 from tests.conftest import ActivatorFactory
@@ -306,6 +309,34 @@ async def test_a_login_form_must_be_small(activator: ActivatorFactory) -> None:
         assert resp.status == 413
 
 
+async def test_the_page_comes_with_its_snapshot_and_markup_in_it_stays_data() -> None:
+    data = {"models": [{"name": "</script><script>alert(1)</script><!--&"}], "pools": []}
+    streams = EventStreams(lambda: data)
+    app = web.Application()
+    app.router.add_routes(
+        ui_routes(
+            admin_key=lambda: None,
+            is_admin=lambda r: True,
+            log_in=lambda key: None,
+            log_out=lambda session_id: None,
+            streams=streams,
+            metrics=Metrics(),
+            body_reads=BodyReads(body_timeout=10.0, per_client=16),
+        )
+    )
+    async with (
+        TestServer(app, host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+        session.get(server.make_url("/ui")) as resp,
+    ):
+        page = await resp.text()
+        assert resp.headers["Cache-Control"] == "no-store"  # the admin data is in it
+    opening = '<script id="snapshot" type="application/json">'
+    inline = page[page.index(opening) + len(opening) : page.index("</script>", page.index(opening))]
+    assert json.loads(inline) == data
+    assert "<" not in inline and ">" not in inline and "&" not in inline
+
+
 # ----- the event stream ---------------------------------------------------------------
 
 
@@ -352,31 +383,121 @@ async def test_a_quiet_stream_sends_heartbeats() -> None:
         assert await events.next() == ("comment", "heartbeat")
 
 
+def from_address(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from `address` (any of 127.0.0.0/8 on loopback)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
 async def test_open_streams_are_capped_and_a_closed_one_frees_its_slot(
     activator: ActivatorFactory,
 ) -> None:
     running = await activator({"models": {"m": model_config(unique("ui-cap"))}})
     url = running.url + "/admin/events"
+    # MAX_STREAMS pages from as many addresses as the per-client cap asks for.
+    addresses = [f"127.0.0.{i + 1}" for i in range(MAX_STREAMS // MAX_STREAMS_PER_CLIENT)]
+    sessions = [from_address(address) for address in addresses]
     open_streams = []
-    for _ in range(MAX_STREAMS):
-        resp = await running.session.get(url)
-        assert resp.status == 200
-        await Events(resp).snapshot()
-        open_streams.append(resp)
-    async with running.session.get(url) as resp:
-        assert resp.status == 429
-        assert error_of(await resp.json())["code"] == "too_many_streams"
-        assert int(resp.headers["Retry-After"]) >= 1
+    try:
+        for session in sessions:
+            for _ in range(MAX_STREAMS_PER_CLIENT):
+                resp = await session.get(url)
+                assert resp.status == 200
+                await Events(resp).snapshot()
+                open_streams.append(resp)
+        async with from_address("127.0.0.99") as other, other.get(url) as resp:
+            assert resp.status == 429
+            assert error_of(await resp.json())["code"] == "too_many_streams"
+            assert int(resp.headers["Retry-After"]) >= 1
 
-    open_streams.pop().close()  # the client goes away: its handler is cancelled
+        open_streams.pop().close()  # the client goes away: its handler is cancelled
 
-    async def slot_free() -> bool:
+        async def slot_free() -> bool:
+            async with sessions[-1].get(url) as resp:
+                return resp.status == 200
+
+        await wait_for(slot_free, what="a stream slot freed by a client that left")
+    finally:
+        for resp in open_streams:
+            resp.close()
+        for session in sessions:
+            await session.close()
+
+
+async def test_one_address_cannot_take_more_than_its_share_of_the_streams(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator({"models": {"m": model_config(unique("ui-share"))}})
+    url = running.url + "/admin/events"
+    open_streams = []
+    try:
+        for _ in range(MAX_STREAMS_PER_CLIENT):
+            resp = await running.session.get(url)
+            assert resp.status == 200
+            await Events(resp).snapshot()
+            open_streams.append(resp)
         async with running.session.get(url) as resp:
-            return resp.status == 200
+            assert resp.status == 429
+            error = error_of(await resp.json())
+            assert error["code"] == "too_many_streams_from_client"
+            assert int(resp.headers["Retry-After"]) >= 1
+        # Another address still gets its page.
+        async with from_address("127.0.0.2") as other, other.get(url) as resp:
+            assert resp.status == 200
+            await Events(resp).snapshot()
+    finally:
+        for resp in open_streams:
+            resp.close()
 
-    await wait_for(slot_free, what="a stream slot freed by a client that left")
-    for resp in open_streams:
-        resp.close()
+
+async def stalled_reader(port: int, path: str) -> socket.socket:
+    """A client that sends its GET and never reads, with a small receive buffer: the
+    server's writes back up after a few KiB. A bare socket: an asyncio stream would read
+    up to 128 KiB on its own."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+async def test_stalled_readers_are_dropped_and_a_fresh_page_gets_its_stream() -> None:
+    # Each snapshot differs from the last for a while, then stays: about 60 KiB in all
+    # per stream. That fills a stalled reader's buffers, yet stays under the 64 KiB after
+    # which aiohttp's own write would wait for the client (and without a wait of our
+    # own, no write ever timed out: the readers held their slots for good).
+    pad = "x" * 2000
+    changes = iter(range(30))
+    last = {"n": -1}
+
+    def snapshot() -> dict[str, Any]:
+        last["n"] = next(changes, last["n"])
+        return {"n": last["n"], "pad": pad}
+
+    limit = 4
+    streams = EventStreams(snapshot, limit=limit, per_client=limit, tick=0.01, write_timeout=0.5)
+    app = web.Application(middlewares=[errors_middleware])  # a 429 while slots are held
+    app.router.add_get("/events", streams.handle)
+    async with TestServer(app, host="127.0.0.1") as server:
+        readers = [await stalled_reader(server.port, "/events") for _ in range(limit)]
+        await wait_for(lambda: streams.active == limit, what="every slot taken")
+        async with aiohttp.ClientSession() as session:
+
+            async def a_page_gets_its_stream() -> bool:
+                resp = await session.get(server.make_url("/events"))
+                if resp.status != 200:
+                    assert resp.status == 429, resp.status
+                    resp.release()
+                    return False
+                assert await Events(resp).next() == ("retry", "2000")
+                resp.close()
+                return True
+
+            await wait_for(a_page_gets_its_stream, what="a stream for a fresh page")
+        await wait_for(lambda: streams.active == 0, what="the stalled streams dropped")
+        for reader in readers:
+            reader.close()
 
 
 async def test_a_client_that_stops_reading_loses_its_stream() -> None:

@@ -34,6 +34,7 @@ from activator.reload import ConfigFile
 from activator.request_body import BodyReads
 from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, EventStreams, ui_routes
+from activator.ui.routes import EVENTS_PATH
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, model_config, post, unique, wait_for
 from tests.test_scale_out import LONG, open_stream, scaled
@@ -186,6 +187,13 @@ def script_errors(driver: Driver) -> list[str]:
     ]
 
 
+def notice_text(driver: Driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    text: str = driver.find_element(By.ID, "notice").text
+    return text
+
+
 def in_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
     """Run `coro` on the test's event loop from the browser thread."""
     return asyncio.run_coroutine_threadsafe(coro, loop)
@@ -280,7 +288,8 @@ async def test_status_page_follows_a_wake_a_failure_a_waiting_pool_and_a_stop(
         click(driver, "cold", "stop")
         WebDriverWait(driver, WAIT_S).until(expected_conditions.alert_is_present()).accept()
         wait_state(driver, "cold", "stopped")
-        assert "Stopping cold." in driver.find_element(By.ID, "notice").text
+        # "Stopping cold." was shown until then (not pinned: a fast stop may beat a look).
+        wait_until(driver, lambda: notice_text(driver) == "", "the notice gone once stopped")
         assert not script_errors(driver)
         holding.cancel()
         waiting.cancel()
@@ -645,6 +654,121 @@ async def test_the_header_names_this_replica_and_its_leader_with_several_replica
             assert "all replicas\n5 in flight · 2 held" in card(driver, "m").text
             data["ha"] = None  # HA off (or the snapshot of a single activator): no line
             wait_until(driver, lambda: not replica.is_displayed(), "no replica line")
+            assert not script_errors(driver)
+
+        await asyncio.to_thread(browse)
+
+
+# ----- the first paint, the notice's end, the layout ----------------------------------------
+
+
+@asynccontextmanager
+async def page_with_a_silent_stream(
+    snapshot: Callable[[], dict[str, Any]],
+) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """The real page with `snapshot()` as its data, but an event stream that opens and
+    never sends a byte: what the page shows came with the page. Yields the page's URL
+    and an event set once the page has asked for its stream."""
+    asked = asyncio.Event()
+    done = asyncio.Event()
+
+    @web.middleware
+    async def silent_stream(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path != EVENTS_PATH:
+            return await handler(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        asked.set()
+        await done.wait()  # until the test ends (or the page goes: the handler is cancelled)
+        return response
+
+    streams = EventStreams(snapshot)
+    app = web.Application(middlewares=[silent_stream])
+    app.router.add_routes(
+        ui_routes(
+            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
+        )
+    )
+    async with TestServer(app, host="127.0.0.1") as server:
+        try:
+            yield str(server.make_url("/ui")), asked
+        finally:
+            done.set()
+
+
+async def test_the_page_shows_its_data_before_any_live_update(
+    chrome: Callable[[], Driver],
+) -> None:
+    async with page_with_a_silent_stream(lambda: SLEEPY_SNAPSHOT) as (url, asked):
+        loop = asyncio.get_running_loop()
+
+        def browse() -> None:
+            from selenium.webdriver.common.by import By
+
+            driver = chrome()
+            driver.get(url)
+            wait_state(driver, "big", "sleeping")
+            assert shown_state(driver, "lost") == "unknown"
+            assert "GPUs in use: 0 of 1" in driver.find_element(By.CSS_SELECTOR, "[data-pool]").text
+            assert driver.find_element(By.ID, "wakes").text == "No wake yet."
+            # The page did open its stream; nothing ever comes on it.
+            in_loop(loop, asked.wait()).result(WAIT_S)
+            assert not script_errors(driver)
+
+        await asyncio.to_thread(browse)
+
+
+async def test_the_waking_notice_goes_once_the_model_is_ready(
+    activator: ActivatorFactory, chrome: Callable[[], Driver], tmp_path: Path
+) -> None:
+    gate = tmp_path / "m.gate"
+    running = await activator({"models": {"m": gated_model(unique("ui-notice"), gate)}})
+
+    def browse() -> None:
+        driver = chrome()
+        driver.get(running.url + "/ui")
+        wait_state(driver, "m", "stopped")
+        click(driver, "m", "wake")
+        wait_state(driver, "m", "starting")  # held there until the gate opens
+        wait_until(driver, lambda: notice_text(driver) == "Waking m.", "the waking notice")
+        gate.touch()
+        wait_state(driver, "m", "ready")
+        wait_until(driver, lambda: notice_text(driver) == "", "the notice gone once ready")
+        assert not script_errors(driver)
+
+    await asyncio.to_thread(browse)
+
+
+def span_of(driver: Driver, selector: str) -> float:
+    """How much of the page's width the elements matching `selector` cover together."""
+    covered: float = driver.execute_script(
+        """
+        const found = [...document.querySelectorAll(arguments[0])];
+        const rects = found.map((e) => e.getBoundingClientRect());
+        const left = Math.min(...rects.map((r) => r.left));
+        const right = Math.max(...rects.map((r) => r.right));
+        return (right - left) / document.documentElement.clientWidth;
+        """,
+        selector,
+    )
+    return covered
+
+
+async def test_cards_span_a_desktop_window_and_a_phone_never_scrolls_sideways(
+    chrome: Callable[[], Driver], tmp_path: Path
+) -> None:
+    # Two model cards and one pool card: fewer cards than a 1280 px row has room for.
+    async with scripted_page(lambda: SLEEPY_SNAPSHOT) as url:
+
+        def browse() -> None:
+            driver = chrome()
+            driver.get(url)
+            wait_state(driver, "big", "sleeping")
+            assert driver.execute_script("return window.innerWidth") == DESKTOP[0]
+            for cards in ("#models > .card", "#pools > .card"):
+                covered = span_of(driver, cards)
+                assert covered > 0.9, f"{cards} cover {covered:.0%} of a {DESKTOP[0]} px window"
+            desktop_and_phone(driver, tmp_path)  # no sideways scroll on a phone
             assert not script_errors(driver)
 
         await asyncio.to_thread(browse)

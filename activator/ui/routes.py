@@ -81,7 +81,10 @@ def ui_routes(
     async def show_page(request: web.Request) -> web.Response:
         if not is_admin(request):
             return _see_other("ui/login")
-        return html(pages[b"on" if admin_key() else b"off"])
+        page = pages[b"on" if admin_key() else b"off"]
+        response = html(page.replace(b"{{snapshot}}", _inline_json(streams.current())))
+        response.headers["Cache-Control"] = "no-store"  # it carries the admin data now
+        return response
 
     async def trailing_slash(request: web.Request) -> web.Response:
         return _see_other("../ui")
@@ -157,6 +160,13 @@ def ui_routes(
         web.get(EVENTS_PATH, streams.handle, allow_head=False),  # a HEAD would never end
         web.get(WAKE_DURATIONS_PATH, durations),
     ]
+
+
+def _inline_json(data: bytes) -> bytes:
+    """JSON made safe inside <script type="application/json">: no `<`, `>` or `&` is left
+    to end the element or open a comment (JSON has them only inside strings, where the
+    escapes mean the same)."""
+    return data.replace(b"<", b"\\u003c").replace(b">", b"\\u003e").replace(b"&", b"\\u0026")
 
 
 def _see_other(location: str) -> web.Response:

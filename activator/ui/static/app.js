@@ -1,7 +1,8 @@
 // activator status page. Plain JavaScript, no dependencies, no build step.
 //
-// Data: one EventSource on admin/events pushes a snapshot ({models, pools,
-// wake_durations, ha}) whenever something changed. Every URL is relative to the page (/ui),
+// Data: the page comes with a snapshot ({models, pools, wake_durations, ha}) in a JSON
+// block, drawn at once; then one EventSource on admin/events pushes a new one whenever
+// something changed. Every URL is relative to the page (/ui),
 // so "admin/events" is /admin/events, also behind a proxy that adds a path prefix.
 // Every string from the server goes into the page as text (textContent), never as HTML.
 "use strict";
@@ -26,8 +27,15 @@
   const SVG = "http://www.w3.org/2000/svg";
   const RETRY_MS = 3000;
 
+  // Where an action's notice ends: the states that settle it (a failure shows on the card).
+  const SETTLED_BY = {
+    wake: new Set(["ready", "failed"]),
+    stop: new Set(["stopped", "failed", "sleeping"]),
+  };
+
   const cards = new Map(); // model name -> the parts of its card that change
   let source = null;
+  let pendingNotice = null; // {name, states, before, moved}: see notice()
 
   // ----- small helpers --------------------------------------------------------------
 
@@ -100,10 +108,22 @@
     return el("div", {}, el("dt", {}, label), el("dd", {}, value));
   }
 
-  function notice(text, kind = "info") {
+  function notice(text, kind = "info", until = null) {
+    // `until`: {name, states, before}: the notice goes once that model's card reaches
+    // one of `states` from another state than `before`, its state when the button was
+    // pressed (a "Waking m." must not outlive m's wake; a Wake pressed on a failed model
+    // ends at its next failure, not at once). Any other notice replaces it.
     const node = document.getElementById("notice");
     node.textContent = text;
     node.dataset.kind = kind;
+    pendingNotice = until && { ...until, moved: false };
+    if (until && cards.has(until.name)) settleNotice(until.name, cards.get(until.name).root.dataset.state);
+  }
+
+  function settleNotice(name, state) {
+    if (!pendingNotice || pendingNotice.name !== name) return;
+    if (state !== pendingNotice.before) pendingNotice.moved = true;
+    if (pendingNotice.moved && pendingNotice.states.has(state)) notice("");
   }
 
   function setConnection(text, kind) {
@@ -133,6 +153,7 @@
     )) {
       return;
     }
+    const before = cards.has(name) ? cards.get(name).root.dataset.state : null;
     let response;
     try {
       response = await post(`admin/models/${encodeURIComponent(name)}/${action}`);
@@ -156,7 +177,8 @@
     } else if (action === "stop" && body.stopping === false) {
       notice(`${name} was not stopped: it is ${body.state}.`, "info");
     } else {
-      notice(`${action === "stop" ? "Stopping" : "Waking"} ${name}.`, "info");
+      notice(`${action === "stop" ? "Stopping" : "Waking"} ${name}.`, "info",
+        { name, states: SETTLED_BY[action], before });
     }
   }
 
@@ -377,6 +399,7 @@
     // A model being removed takes no new work and is stopped once drained.
     card.wake.disabled = NOT_WAKEABLE.has(model.state) || Boolean(model.removing);
     card.stop.disabled = NOT_STOPPABLE.has(model.state) || Boolean(model.removing);
+    settleNotice(model.name, model.state);
   }
 
   function renderModels(models) {
@@ -578,8 +601,22 @@
     });
   }
 
+  function firstPaint() {
+    // The page comes with the snapshot of the moment it was served (a JSON data block,
+    // which the Content-Security-Policy allows: it is never run): draw it at once
+    // instead of an empty page until the stream's first event.
+    const node = document.getElementById("snapshot");
+    if (!node) return;
+    try {
+      render(JSON.parse(node.textContent));
+    } catch (error) {
+      // Not there or not JSON (an old server): the stream draws the page.
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     if (document.body.dataset.login === "on") document.getElementById("logout").hidden = false;
+    firstPaint();
     connect();
   });
 
