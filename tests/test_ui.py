@@ -21,15 +21,15 @@ from activator.app import REGISTRY
 from activator.http_errors import errors_middleware
 from activator.lifecycle import Model
 from activator.metrics import WAKE_BUCKETS, Metrics
-from activator.request_body import BodyReads
 from activator.testing.fake_kube import FakeKube
-from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams, ui_routes
+from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams
 from activator.ui.events import MAX_STREAMS, MAX_STREAMS_PER_CLIENT
 from activator.ui.summary import snapshot, wake_durations
 from activator.ui.throttle import MAX_FAILURES, WINDOW
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, error_of, model_config, post, unique, wait_for
 from tests.serve_process import serving
+from tests.ui_support import open_ui_routes
 
 ADMIN_KEY = "adm-s3cret;with=odd chars"
 
@@ -313,17 +313,7 @@ async def test_the_page_comes_with_its_snapshot_and_markup_in_it_stays_data() ->
     data = {"models": [{"name": "</script><script>alert(1)</script><!--&"}], "pools": []}
     streams = EventStreams(lambda: data)
     app = web.Application()
-    app.router.add_routes(
-        ui_routes(
-            admin_key=lambda: None,
-            is_admin=lambda r: True,
-            log_in=lambda key: None,
-            log_out=lambda session_id: None,
-            streams=streams,
-            metrics=Metrics(),
-            body_reads=BodyReads(body_timeout=10.0, per_client=16),
-        )
-    )
+    app.router.add_routes(open_ui_routes(streams))
     async with (
         TestServer(app, host="127.0.0.1") as server,
         aiohttp.ClientSession() as session,

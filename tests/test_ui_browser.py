@@ -29,17 +29,16 @@ from aiohttp.test_utils import TestServer
 
 from activator.app import build_app
 from activator.config import load_config
-from activator.metrics import Metrics
 from activator.reload import ConfigFile
-from activator.request_body import BodyReads
 from activator.testing.fake_kube import FakeKube
-from activator.ui import SESSION_COOKIE, EventStreams, ui_routes
+from activator.ui import SESSION_COOKIE, EventStreams
 from activator.ui.routes import EVENTS_PATH
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, model_config, post, unique, wait_for
 from tests.test_scale_out import LONG, open_stream, scaled
 from tests.test_ui import ADMIN_KEY, gated_model
 from tests.tools import in_ci, unavailable
+from tests.ui_support import open_ui_routes
 
 # Generous: a loaded CI machine starts engines and repaints slowly. A bound, not a target.
 WAIT_S = 60.0
@@ -418,17 +417,7 @@ async def scripted_page(snapshot: Callable[[], dict[str, Any]]) -> AsyncIterator
     data (no activator behind it; no login); yields the page's URL."""
     streams = EventStreams(snapshot)
     app = web.Application()
-    app.router.add_routes(
-        ui_routes(
-            admin_key=lambda: None,
-            is_admin=lambda r: True,
-            log_in=lambda key: None,
-            log_out=lambda session_id: None,
-            streams=streams,
-            metrics=Metrics(),
-            body_reads=BodyReads(body_timeout=10.0, per_client=16),
-        )
-    )
+    app.router.add_routes(open_ui_routes(streams))
     app.on_shutdown.append(streams.close)
     async with TestServer(app, host="127.0.0.1") as server:
         yield str(server.make_url("/ui"))
@@ -684,11 +673,7 @@ async def page_with_a_silent_stream(
 
     streams = EventStreams(snapshot)
     app = web.Application(middlewares=[silent_stream])
-    app.router.add_routes(
-        ui_routes(
-            admin_key=lambda: None, is_admin=lambda r: True, streams=streams, metrics=Metrics()
-        )
-    )
+    app.router.add_routes(open_ui_routes(streams))
     async with TestServer(app, host="127.0.0.1") as server:
         try:
             yield str(server.make_url("/ui")), asked
