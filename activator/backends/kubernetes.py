@@ -35,7 +35,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from activator.backends.base import BackendError, BackendListener
+from activator.backends.base import BackendListener
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.informer import Informer
@@ -43,6 +43,7 @@ from activator.backends.kube.pods import WorkloadPods
 from activator.backends.kube.scale import DELETION_COST, NotLeader, ScaleWriter
 from activator.backends.kube.status import event_line, owns_pod_name
 from activator.backends.kube.wake import WakeTracker
+from activator.errors import BackendError
 from activator.routing import PodEndpoint
 from activator.settings import KubernetesTarget, ModelSettings
 

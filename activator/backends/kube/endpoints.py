@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from activator.backends.base import BackendError
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.informer import Informer
+from activator.errors import BackendError
 from activator.routing import PodEndpoint
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ write, and every scale write is conditional: the PATCH carries the resourceVersi
 the scale it read, a 409 means another writer came first, and the scale is read and
 decided again (never a lost update); a write that would change nothing is not made.
 
-It may import activator.backends.base, activator.settings and the kube machinery below
-the backend (calls, cluster); never activator.backends.kubernetes, which uses it.
+It may import activator.errors, activator.settings and the kube machinery below the
+backend (calls, cluster); never activator.backends.kubernetes, which uses it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from activator.backends.base import BackendError
 from activator.backends.kube.calls import ApiFunction, ConflictError, Obj, Op
 from activator.backends.kube.cluster import KubeCluster
+from activator.errors import BackendError
 from activator.settings import KubernetesTarget
 
 log = logging.getLogger(__name__)
