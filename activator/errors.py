@@ -1,6 +1,8 @@
 """Typed errors. Each carries its HTTP status, OpenAI error type/code and retry advice.
 
 They are turned into responses in exactly one place (`activator.http_errors`).
+`BackendError` is the exception: it never reaches a client as such (a model turns a
+failed start into StartFailed); it lives here so that every layer can name it.
 """
 
 from __future__ import annotations
@@ -184,3 +186,7 @@ class UpstreamError(ActivatorError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+class BackendError(Exception):
+    """A backend operation failed for a reason a person should read (RBAC, bad spec...)."""

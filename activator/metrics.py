@@ -21,7 +21,7 @@ from activator import __version__
 from activator.cost import CostMeter
 from activator.exposition import Exposition
 from activator.settings import ModelSettings
-from activator.transitions import STATES
+from activator.states import STATES
 from activator.usage import Usage
 
 UNKNOWN_MODEL = "__unknown__"
@@ -40,8 +40,9 @@ REQUEST_BUCKETS = (
 HELD_REASONS = ("starting", "waiting_for_gpu", "draining", "saturated")
 REPLICA_KINDS = ("desired", "actual")
 RELOAD_OUTCOMES = ("ok", "invalid", "refused")
-# The lifecycle's states (one table: activator.transitions), plus "unknown": shown while
-# the backend cannot observe the engine.
+# The lifecycle's states (named in activator.states, moved between by the one table in
+# activator.transitions), plus "unknown": shown while the backend cannot observe the
+# engine.
 MODEL_STATES = (*STATES, "unknown")
 
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from activator.backends.base import BackendError
+from activator.errors import BackendError
 from activator.http_client import HttpClient
 from activator.metrics import Metrics
 from activator.readiness import wait_ready

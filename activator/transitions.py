@@ -38,17 +38,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-State = Literal[
-    "stopped",
-    "failed",
-    "starting",
-    "ready",
-    "draining",
-    "falling_asleep",
-    "sleeping",
-    "waking",
-    "stopping",
-]
+# The states' names live in activator.states (metrics labels by them); this table is
+# still the one place that says how a model moves between them.
+from activator.states import STATES as STATES
+from activator.states import State as State
+
 Event = Literal[
     "start",  # the pool: make it ready (a cold start, or a wake when it sleeps)
     "adopt",  # an engine runs that we did not start (activator restarted, a manual scale)
@@ -96,7 +90,6 @@ Effect = Literal[
 ]
 
 
-STATES: tuple[State, ...] = State.__args__  # type: ignore[attr-defined]
 EVENTS: tuple[Event, ...] = Event.__args__  # type: ignore[attr-defined]
 
 

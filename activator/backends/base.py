@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+# Re-exported while callers move to activator.errors (issue 19); placement code below
+# the backends raises and catches it too, so it is defined there.
+from activator.errors import BackendError as BackendError
+
 
 class BackendListener(Protocol):
     """Implemented by the model lifecycle. Calls are synchronous and must not block."""
@@ -101,7 +105,3 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release watches and clients. Does not stop the engine."""
-
-
-class BackendError(Exception):
-    """A backend operation failed for a reason a person should read (RBAC, bad spec...)."""

@@ -17,15 +17,13 @@ PATCH returns the revision it created, and a change to spec.replicas seen at a h
 revision was made by someone else. (resourceVersions are documented as opaque; they are
 etcd revisions in every apiserver, and a wrong comparison only costs a log line.)
 
-Several replicas (activator.ha): the backend gets a fence (`attach_fence`: how long this
-replica's leadership is still guaranteed). Then it writes only while the fence holds,
-checked right before each write, and every scale write is conditional: the PATCH carries
-the resourceVersion of the scale it read, a 409 means another writer came first, and the
-scale is read and decided again (never a lost update); a write that would change nothing
-is not made. Without leadership it writes nothing at all: `stop()` (which a follower's
-model does not call anyway) only stops following the engine, a revert or a manual
-scale-up is left to the leader, and a running workload is one whose spec.replicas is at
-least 1 (`discover`).
+Its writes (the scale subresource, the pods' deletion costs) are made by one
+ScaleWriter (activator.backends.kube.scale), which also holds the fence of several
+replicas (activator.ha: `attach_fence`) and says how those writes are fenced and
+conditional. Without leadership the backend writes nothing at all: `stop()` (which a
+follower's model does not call anyway) only stops following the engine, a revert or a
+manual scale-up is left to the leader, and a running workload is one whose spec.replicas
+is at least 1 (`discover`).
 """
 
 from __future__ import annotations
@@ -36,41 +34,28 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
 
-from activator.backends.base import BackendError, BackendListener
-from activator.backends.kube.calls import ApiFunction, ConflictError, Obj, Op
+from activator.backends.base import BackendListener
+from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.informer import Informer
-from activator.backends.kube.status import (
-    event_line,
-    labels_match,
-    owns_pod_name,
-    view_pod,
-)
+from activator.backends.kube.pods import WorkloadPods
+from activator.backends.kube.scale import DELETION_COST, NotLeader, ScaleWriter
+from activator.backends.kube.status import event_line, owns_pod_name
 from activator.backends.kube.wake import WakeTracker
+from activator.errors import BackendError
 from activator.routing import PodEndpoint
 from activator.settings import KubernetesTarget, ModelSettings
 
-__all__ = ["KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
+__all__ = ["DELETION_COST", "KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
 
 log = logging.getLogger(__name__)
 
-MERGE_PATCH = "application/merge-patch+json"
-# The ReplicaSet deletes pods of a lower cost first when it scales down (Kubernetes 1.22+).
-DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
-# Conditional scale writes that meet a conflict are read and decided again this often
-# before the write fails: each conflict is another writer's success, so a few suffice.
-CONFLICT_ATTEMPTS = 5
 ARGO_FIX = (
     "if Argo CD (or Flux) manages this workload, stop it from reverting the scale: add "
     "ignoreDifferences for group apps, kind {kind}, jsonPointers [/spec/replicas] and "
     "syncOptions [RespectIgnoreDifferences=true] to the Application"
 )
-
-
-class NotLeader(BackendError):
-    """A write by a replica that does not lead (or no longer does): not made."""
 
 
 class KubernetesBackend:
@@ -89,45 +74,42 @@ class KubernetesBackend:
         self._cluster = cluster
         self._tuning: KubeTuning = cluster.tuning
         self._listener = listener
-        self._resource = "statefulsets" if self._target.kind == "StatefulSet" else "deployments"
-        self._where = f"{self._target.kind} {self._target.namespace}/{self._target.name}"
+        self._writer = ScaleWriter(cluster=cluster, target=self._target, model=self._model)
+        self._resource = self._writer.resource
+        self._where = self._writer.where
         self._wanted = False
         self._wake: WakeTracker | None = None
-        self._own_rv = 0
         self._replicas: int | None = None  # spec.replicas as last seen
-        self._selector: dict[str, str] = {}
         self._lines: deque[str] = deque(maxlen=self._tuning.log_lines)
-        self._pod_summaries: dict[str, str] = {}
-        # Pods of the workload that are Ready and not terminating: the engine can serve.
-        self._ready_pods: set[str] = set()
         self._unreachable: set[str] = set()
         self._informers: dict[str, Informer] = {}
+        self._podset = WorkloadPods(
+            cluster=cluster, target=self._target, informer=lambda: self._informers.get("pods")
+        )
         self._unsubscribe: list[Callable[[], None]] = []
-        self._pods_changed = asyncio.Event()
         self._restore_task: asyncio.Task[None] | None = None
-        self._fence: Callable[[], float] | None = None
 
     def attach_fence(self, fence: Callable[[], float]) -> None:
         """Several replicas: `fence()` is how long this replica's leadership is still
         guaranteed (LeaderElector.valid_for; 0 when it does not lead). The backend writes
-        only while it is above 0, and conditionally (module docstring)."""
-        self._fence = fence
+        only while it is above 0, and conditionally (activator.backends.kube.scale)."""
+        self._writer.fence = fence
 
     def _acting(self) -> bool:
         """Whether this replica may write: the only one, or the leader right now."""
-        return self._fence is None or self._fence() > 0
+        return self._writer.acting()
 
     # -- the Backend interface ---------------------------------------------------------
 
     async def discover(self) -> str | None:
         await self._ensure_watching()
-        workload = await self._call("get", self._resource, self._read_fn())
+        workload = await self._writer.read_workload()
         self._observe_workload(workload)
         spec, status = workload.get("spec") or {}, workload.get("status") or {}
         replicas, ready = int(spec.get("replicas") or 0), int(status.get("readyReplicas") or 0)
         # With several replicas, spec.replicas >= 1 alone is running: a leader may have
         # died between its scale-up and the pod's creation, and the next one finishes it.
-        if replicas >= 1 and (ready >= 1 or self._pods() or self._fence is not None):
+        if replicas >= 1 and (ready >= 1 or self._pods() or self._writer.fence is not None):
             log.info(
                 "kubernetes: %s %s already running (replicas=%d ready=%d): adopting",
                 self._model,
@@ -143,7 +125,7 @@ class KubernetesBackend:
     async def start(self) -> str:
         await self._ensure_watching()
         self._begin_wake()
-        scale = await self._call("get", f"{self._resource}/scale", self._scale_fn("read"))
+        scale = await self._writer.read_scale()
         replicas = int((scale.get("spec") or {}).get("replicas") or 0)
         if replicas >= 1:
             log.info(
@@ -168,7 +150,7 @@ class KubernetesBackend:
             self._line(f"scaled {self._where} to 0")
         try:
             async with asyncio.timeout(self._tuning.stop_timeout):
-                await self._wait_pods_gone()
+                await self._podset.wait_gone()
         except TimeoutError:
             names = ", ".join(sorted(p["metadata"]["name"] for p in self._pods()))
             raise BackendError(
@@ -179,7 +161,7 @@ class KubernetesBackend:
 
     def serving(self) -> bool:
         # While the API cannot be observed the cache may be stale: the URL probe decides.
-        return bool(self._ready_pods) or bool(self._unreachable)
+        return bool(self._podset.ready) or bool(self._unreachable)
 
     @property
     def keep_on_shutdown(self) -> bool:
@@ -214,7 +196,7 @@ class KubernetesBackend:
         if not self._acting():
             raise NotLeader(f"{self._where}: not scaled to {replicas}: this replica does not lead")
         await self._ensure_watching()
-        wrote = await self._scale_fenced(replicas, read=None)
+        wrote = await self._writer.scale_fenced(replicas, read=None)
         self._replicas = replicas  # written, or read to be so already
         if wrote:
             self._line(f"scaled {self._where} to {replicas}")
@@ -226,25 +208,12 @@ class KubernetesBackend:
         """Call `on_change(pods)` with the pods behind the model's Service (its
         EndpointSlices, watched once per namespace for every model) now if known and
         whenever they change. Returns the unsubscribe function."""
-        service = self._target.service_name
-        if service is None:
-            raise BackendError(
-                f"{self._where}: no Service to find its pods by (kubernetes.service)"
-            )
-        return self._cluster.endpoints.subscribe(
-            self._target.namespace,
-            service,
-            on_change,
-            port=self._target.service_port,
-            scheme=self._target.url.split("://", 1)[0],
-        )
+        return self._podset.watch_service(on_change)
 
     async def pods_synced(self) -> None:
         """Until the pods behind the Service were listed once; RBAC errors (no list or
         watch on endpointslices in discovery.k8s.io) raise at once."""
-        await self._cluster.endpoints.synced(
-            self._target.namespace, timeout=self._cluster.settings.request_timeout
-        )
+        await self._podset.service_synced()
 
     async def prefer_deletion(self, costs: Mapping[str, int]) -> None:
         """Before a scale-down: annotate the Deployment's pods with their cost (requests
@@ -252,130 +221,14 @@ class KubernetesBackend:
         deletes the least loaded first. Best effort: a failed write is logged and the
         scale-down goes on. Nothing for a StatefulSet (it deletes its highest ordinal)
         or without leadership."""
-        if self._resource != "deployments" or not self._acting():
-            return
-        namespace = self._target.namespace
-        for pod in self._pods():
-            meta = pod.get("metadata") or {}
-            name = str(meta.get("name"))
-            if name not in costs or meta.get("deletionTimestamp"):
-                continue  # unknown to the router (not Ready: deleted first anyway), or going
-            value = str(costs[name])
-            if (meta.get("annotations") or {}).get(DELETION_COST) == value:
-                continue
-            try:
-                await self._cluster.call(
-                    Op(verb="patch", resource="pods", namespace=namespace, name=name),
-                    self._cluster.core.patch_namespaced_pod,
-                    name,
-                    namespace,
-                    {"metadata": {"annotations": {DELETION_COST: value}}},
-                    _content_type=MERGE_PATCH,
-                )
-            except BackendError as exc:
-                log.warning(
-                    "kubernetes: %s %s: pod deletion cost not written (the ReplicaSet picks "
-                    "the pods to delete by itself): %s",
-                    self._model,
-                    self._where,
-                    exc,
-                )
-                return
-
-    # -- API calls -----------------------------------------------------------------------
-
-    def _read_fn(self) -> ApiFunction:
-        apps = self._cluster.apps
-        if self._resource == "statefulsets":
-            return apps.read_namespaced_stateful_set
-        return apps.read_namespaced_deployment
-
-    def _scale_fn(self, verb: str) -> ApiFunction:
-        kind = "stateful_set" if self._resource == "statefulsets" else "deployment"
-        return getattr(self._cluster.apps, f"{verb}_namespaced_{kind}_scale")  # type: ignore[no-any-return]
-
-    async def _call(
-        self, verb: str, resource: str, fn: ApiFunction, *args: object, **kwargs: Any
-    ) -> Obj:
-        op = Op(
-            verb=verb, resource=resource, namespace=self._target.namespace, name=self._target.name
-        )
-        return await self._cluster.call(
-            op, fn, self._target.name, self._target.namespace, *args, **kwargs
-        )
+        await self._writer.prefer_deletion(costs, pods=self._pods())
 
     async def _scale_to(self, replicas: int, *, read: Obj | None = None) -> bool:
-        """PATCH the scale subresource (a JSON merge patch of spec.replicas only). With a
-        fence, conditionally (`read`: the scale already read). Whether it wrote."""
-        if self._fence is not None:
-            return await self._scale_fenced(replicas, read=read)
-        scale = await self._call(
-            "patch",
-            f"{self._resource}/scale",
-            self._scale_fn("patch"),
-            {"spec": {"replicas": replicas}},
-            _content_type=MERGE_PATCH,
-        )
-        rv = _rv(scale)
-        self._own_rv = max(self._own_rv, rv)
-        self._replicas = replicas
-        log.info(
-            "kubernetes: %s %s scaled to %d (resourceVersion %d)",
-            self._model,
-            self._where,
-            replicas,
-            rv,
-        )
-        return True
-
-    async def _scale_fenced(self, replicas: int, *, read: Obj | None) -> bool:
-        """Several replicas: read the scale, and if it is not `replicas` yet, PATCH it
-        with the resourceVersion read, right after checking that this replica still
-        leads. A 409: read and decide again. Raises NotLeader without leadership."""
-        for _ in range(CONFLICT_ATTEMPTS):
-            scale = read or await self._call(
-                "get", f"{self._resource}/scale", self._scale_fn("read")
-            )
-            read = None
-            if int((scale.get("spec") or {}).get("replicas") or 0) == replicas:
-                return False
-            if not self._acting():
-                raise NotLeader(
-                    f"{self._where}: not scaled to {replicas}: this replica does not lead"
-                )
-            version = (scale.get("metadata") or {}).get("resourceVersion")
-            try:
-                written = await self._call(
-                    "patch",
-                    f"{self._resource}/scale",
-                    self._scale_fn("patch"),
-                    {"metadata": {"resourceVersion": version}, "spec": {"replicas": replicas}},
-                    _content_type=MERGE_PATCH,
-                    retry_conflict=False,
-                )
-            except ConflictError:
-                log.info(
-                    "kubernetes: %s %s changed since it was read; reading it again",
-                    self._model,
-                    self._where,
-                )
-                continue
-            rv = _rv(written)
-            self._own_rv = max(self._own_rv, rv)
+        """Scale (fenced and conditional with several replicas); whether it wrote."""
+        wrote = await self._writer.scale(replicas, read=read)
+        if wrote:
             self._replicas = replicas
-            log.info(
-                "kubernetes: %s %s scaled to %d (resourceVersion %d, was %s)",
-                self._model,
-                self._where,
-                replicas,
-                rv,
-                version,
-            )
-            return True
-        raise BackendError(
-            f"{self._where}: not scaled to {replicas}: it kept changing under us "
-            f"({CONFLICT_ATTEMPTS} conflicts in a row)"
-        )
+        return wrote
 
     # -- watches -------------------------------------------------------------------------
 
@@ -426,7 +279,7 @@ class KubernetesBackend:
             if obj.get("metadata", {}).get("name") == self._target.name:
                 self._workload_event(event_type, obj)
         elif resource == "pods":
-            if labels_match(self._selector, obj):
+            if self._podset.ours(obj):
                 self._pod_event(event_type, obj)
         elif resource == "events":
             self._event_event(obj)
@@ -437,11 +290,7 @@ class KubernetesBackend:
         previous = self._replicas
         self._replicas = int((obj.get("spec") or {}).get("replicas") or 0)
         labels = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        if labels != self._selector:
-            self._selector = dict(labels)
-            # Pods seen before the workload (separate watches) were not known to be ours.
-            views = [view_pod(p) for p in self._pods()]
-            self._ready_pods = {v.name for v in views if v.ready and not v.terminating}
+        if self._podset.select(labels):
             self._refresh_pods()
         return previous, self._replicas
 
@@ -453,7 +302,7 @@ class KubernetesBackend:
             self._replicas = None
             return
         previous, replicas = self._observe_workload(obj)
-        if previous is None or previous == replicas or _rv(obj) <= self._own_rv:
+        if previous is None or previous == replicas or self._writer.own(obj):
             return  # first sight, a status-only update, or our own write
         if not self._acting():
             return  # the leader's write, or one it deals with: not ours to fight or adopt
@@ -471,7 +320,7 @@ class KubernetesBackend:
             self._listener.backend_appeared()
 
     def _reverted(self) -> None:
-        if self._ready_pods:
+        if self._podset.ready:
             # It was serving: what follows is a new wake (its phases are observed again).
             self._rewake()
         wake = self._wake or self._begin_wake()
@@ -531,31 +380,21 @@ class KubernetesBackend:
     # -- pods: phases and failures -------------------------------------------------------
 
     def _pods(self) -> list[Obj]:
-        informer = self._informers.get("pods")
-        if informer is None:
-            return []
-        return [p for p in informer.objects.values() if labels_match(self._selector, p)]
+        return self._podset.all()
 
     def _pod_event(self, event_type: str, pod: Obj) -> None:
         name = pod["metadata"]["name"]
-        self._pulse_pods()
-        was_serving = bool(self._ready_pods)
+        was_serving = bool(self._podset.ready)
         if event_type == "DELETED":
-            self._pod_summaries.pop(name, None)
-            self._ready_pods.discard(name)
+            self._podset.deleted(name)
             self._line(f"pod {name} deleted")
             if self._wake is not None:
                 self._wake.pod_deleted(name)
             self._check_lost(was_serving, f"pod {name} was deleted")
             return
-        view = view_pod(pod)
-        if self._pod_summaries.get(name) != view.summary:
-            self._pod_summaries[name] = view.summary
+        view, new = self._podset.seen(pod)
+        if new:
             self._line(view.summary)
-        if view.ready and not view.terminating:
-            self._ready_pods.add(name)
-        else:
-            self._ready_pods.discard(name)
         self._check_lost(
             was_serving,
             f"pod {name} is terminating" if view.terminating else f"pod {name} is not Ready",
@@ -567,7 +406,7 @@ class KubernetesBackend:
         """After a pod change: if the last Ready pod just went while the model is wanted,
         report the loss (the ReplicaSet, the revert logic or the node coming back bring
         one again; a pod that cannot come back is then reported as a failure)."""
-        if not (was_serving and not self._ready_pods and self._wanted):
+        if not (was_serving and not self._podset.ready and self._wanted):
             return
         log.warning(
             "kubernetes: %s %s: no Ready pod left (%s); requests are held until one is",
@@ -596,11 +435,10 @@ class KubernetesBackend:
         events to the wake (scheduling verdicts, pulls)."""
         involved = event.get("involvedObject") or {}
         kind, name = involved.get("kind"), str(involved.get("name") or "")
-        pods = self._informers.get("pods")
-        pod = pods.objects.get(name) if pods is not None else None
+        pod = self._podset.cached(name)
         if kind == "Pod":
             ours = (
-                labels_match(self._selector, pod)
+                self._podset.ours(pod)
                 if pod is not None
                 else owns_pod_name(self._target.kind, self._target.name, name)
             )
@@ -633,7 +471,7 @@ class KubernetesBackend:
     def _other_pods_serve(self, pod: str) -> bool:
         """Whether a failure of `pod` leaves the model serving: it has several pods, and
         another one is Ready."""
-        return self._scaled and bool(self._ready_pods - {pod})
+        return self._scaled and bool(self._podset.ready - {pod})
 
     def _rewake(self) -> None:
         """A new wake after the engine was lost: phases are observed again; reverts keep
@@ -649,35 +487,3 @@ class KubernetesBackend:
 
     def _line(self, text: str) -> None:
         self._lines.append(text)
-
-    def _pulse_pods(self) -> None:
-        self._pods_changed.set()
-        self._pods_changed = asyncio.Event()
-
-    async def _wait_pods_gone(self) -> None:
-        """Until no pod of the workload exists (terminating ones included: the GPU is
-        only free once the pod is deleted). The cache is confirmed with one list, since
-        a lagging watch could show no pods before it shows the new one."""
-        selector = ",".join(f"{k}={v}" for k, v in sorted(self._selector.items()))
-        while True:
-            changed = self._pods_changed
-            if not self._pods():
-                listing = await self._cluster.call(
-                    Op(verb="list", resource="pods", namespace=self._target.namespace),
-                    self._cluster.core.list_namespaced_pod,
-                    self._target.namespace,
-                    label_selector=selector,
-                )
-                if not listing.get("items"):
-                    return
-            # Woken by the next pod event; the timeout only re-confirms if the watch lags.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await changed.wait()
-
-
-def _rv(obj: Obj) -> int:
-    try:
-        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0

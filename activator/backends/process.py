@@ -16,7 +16,8 @@ import signal
 import socket
 import sys
 
-from activator.backends.base import BackendError, BackendListener
+from activator.backends.base import BackendListener
+from activator.errors import BackendError
 from activator.settings import ModelSettings, ProcessTarget
 from activator.tasks import TaskGroup
 

@@ -1,19 +1,37 @@
 """What a replica shows of the cluster: /admin/ha and each model's `cluster` entry in
-/admin/models (activator.admin renders them; activator.ha.wiring owns the state)."""
+/admin/models (activator.admin renders them; activator.ha.wiring owns the state).
+
+wiring calls this module, so this module does not import wiring: it sees the replica
+through `ReplicaFacts` and the blocks as activator.ha.blocks.Blocks."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from activator.ha.blocks import Blocks
 from activator.ha.election import snapshot
+from activator.ha.settings import HaSettings
 from activator.lifecycle import Model
 
-if TYPE_CHECKING:
-    from activator.ha.wiring import Blocks, Replica
+
+class ReplicaFacts(Protocol):
+    """What the status needs of a replica (activator.ha.wiring.Replica is one)."""
+
+    identity: str
+    settings: HaSettings
+    admin_url: str | None
+
+    def leading(self) -> bool: ...
+
+    def leader(self) -> str | None: ...
+
+    def deciding(self) -> bool: ...
+
+    def demand_unknown(self) -> bool: ...
 
 
-def describe_model(replica: Replica, blocks: Blocks, model: Model) -> dict[str, Any]:
+def describe_model(replica: ReplicaFacts, blocks: Blocks, model: Model) -> dict[str, Any]:
     """One model over every replica heard from: requests in flight and held, since when
     none came, whether some replica cannot be heard (then nothing is stopped as idle),
     and the leader's intent for it with the replica that decided it."""
@@ -38,7 +56,7 @@ def describe_model(replica: Replica, blocks: Blocks, model: Model) -> dict[str, 
     }
 
 
-def describe(replica: Replica, blocks: Blocks) -> dict[str, Any]:
+def describe(replica: ReplicaFacts, blocks: Blocks) -> dict[str, Any]:
     """The election, the intent followed, the replicas heard from and their demand."""
     view = blocks.cluster.view()
     now = time.monotonic()

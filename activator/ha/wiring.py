@@ -50,6 +50,7 @@ from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kubernetes import KubernetesBackend
 from activator.errors import Conflict
 from activator.ha import forward, status
+from activator.ha.blocks import Blocks
 from activator.ha.changes import Changes
 from activator.ha.demand import Demand
 from activator.ha.election import LeaderElector, Leadership
@@ -110,17 +111,6 @@ class _Probes:
     key: tuple[str | None, int]
     attempts: int = 0
     next_at: float = 0.0
-
-
-@dataclass(frozen=True)
-class Blocks:
-    """The HA blocks of one started replica."""
-
-    elector: LeaderElector
-    publisher: IntentPublisher
-    watcher: IntentWatcher
-    demand: DemandPublisher
-    cluster: ClusterDemand
 
 
 class Replica:

@@ -27,7 +27,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from activator.backends.base import BackendError
+from activator.errors import BackendError
 
 log = logging.getLogger(__name__)
 

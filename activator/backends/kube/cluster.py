@@ -16,10 +16,10 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from activator.backends.base import BackendError
 from activator.backends.kube.calls import ApiFunction, Obj, Op, RetryPolicy, call
 from activator.backends.kube.endpoints import EndpointSliceWatch
 from activator.backends.kube.informer import Informer, WatchPolicy
+from activator.errors import BackendError
 from activator.settings import KubernetesSettings
 
 log = logging.getLogger(__name__)

@@ -22,15 +22,12 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from activator.backends.base import BackendError
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.informer import Informer
+from activator.errors import BackendError
 from activator.routing import PodEndpoint
-
-if TYPE_CHECKING:  # the cluster holds the app's watch: it imports this module
-    from activator.backends.kube.cluster import KubeCluster
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +36,13 @@ SERVICE_NAME = "kubernetes.io/service-name"
 
 Port = str | int | None
 OnChange = Callable[[tuple[PodEndpoint, ...]], None]
+
+
+class InformerSource(Protocol):
+    """What a watch needs of the cluster: informers built with its tuning. The
+    KubeCluster is one; it holds the app's watch, so this module cannot import it."""
+
+    def new_informer(self, resource: str, namespace: str) -> Informer: ...
 
 
 def _port_of(piece: Obj, port: Port) -> int | None:
@@ -135,7 +139,7 @@ class EndpointSliceWatch:
         self._closed = False
 
     @classmethod
-    def for_cluster(cls, cluster: KubeCluster) -> EndpointSliceWatch:
+    def for_cluster(cls, cluster: InformerSource) -> EndpointSliceWatch:
         """A watch of its own on `cluster` (the app's is `cluster.endpoints`)."""
         return cls(lambda namespace: cluster.new_informer(RESOURCE, namespace))
 

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import aiohttp
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from activator.backends.base import BackendError
 from activator.backends.kube.calls import (
     ApiFunction,
     LastingApiError,
@@ -36,6 +35,7 @@ from activator.backends.kube.calls import (
     describe,
     to_backend_error,
 )
+from activator.errors import BackendError
 
 log = logging.getLogger(__name__)
 
