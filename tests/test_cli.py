@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import os
 import signal
 import socket
 import sys
@@ -15,6 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
+from activator.cli import embedded_config, lock_path
+from tests.conftest import USER_RUNTIME_DIR
 from tests.harness import chat, model_config, unique, wait_for
 from tests.serve_process import PROCESS_WAIT_S, free_port, run_cli, serving
 
@@ -224,8 +229,30 @@ async def test_serve_on_a_port_in_use_says_so_in_one_line(tmp_path: Path) -> Non
     assert f"--port N or server.port in {path}" in line
 
 
-async def test_serve_port_flag_on_a_port_in_use_says_so_too() -> None:
-    with port_in_use() as port:
+@contextmanager
+def demo_running(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The embedded demo's lock held where the user's own `activator serve` (the README's
+    first command, left running) holds it; already held if such a demo runs now."""
+    with monkeypatch.context() as patch:
+        if USER_RUNTIME_DIR is None:
+            patch.delenv("XDG_RUNTIME_DIR")
+        else:
+            patch.setenv("XDG_RUNTIME_DIR", USER_RUNTIME_DIR)
+        path = lock_path(str(embedded_config()))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        with contextlib.suppress(BlockingIOError):  # a demo runs: it holds it already
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def test_serve_port_flag_on_a_port_in_use_says_so_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Beside a running demo: the suite's servers take their locks in its own runtime dir.
+    with demo_running(monkeypatch), port_in_use() as port:
         code, out, err = await run_cli("serve", "--port", str(port))  # the embedded demo
     assert (code, out) == (1, "")
     [line] = err.splitlines()
