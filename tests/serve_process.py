@@ -85,9 +85,9 @@ async def serving(
 
 
 async def spawn_serve(
-    path: Path, *, log: Path, env: dict[str, str] | None = None
+    path: Path, *, log: Path, env: dict[str, str] | None = None, args: Sequence[str] = ()
 ) -> asyncio.subprocess.Process:
-    """`activator serve --config path`, its output into `log`; not waited for."""
+    """`activator serve --config path [args]`, its output into `log`; not waited for."""
     with log.open("wb") as sink:
         return await asyncio.create_subprocess_exec(
             sys.executable,
@@ -96,6 +96,7 @@ async def spawn_serve(
             "serve",
             "--config",
             str(path),
+            *args,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=sink,
             stderr=sink,
@@ -127,11 +128,11 @@ async def until_ready(
 
 @contextlib.asynccontextmanager
 async def serving_file(
-    path: Path, *, url: str, log: Path, engines: Sequence[str]
+    path: Path, *, url: str, log: Path, engines: Sequence[str], args: Sequence[str] = ()
 ) -> AsyncIterator[Served]:
-    """`activator serve --config path` (a config that listens at `url`) until ready, as
-    `serving` does; for tests that own the file (reloads rewrite it)."""
-    process = await spawn_serve(path, log=log)
+    """`activator serve --config path [args]` (a config that listens at `url`) until ready,
+    as `serving` does; for tests that own the file (reloads rewrite it)."""
+    process = await spawn_serve(path, log=log, args=args)
     served = Served(process=process, url=url, log=log)
     try:
         async with aiohttp.ClientSession() as session:

@@ -21,7 +21,15 @@ import yaml
 from activator.cli import embedded_config, lock_path
 from tests.conftest import USER_RUNTIME_DIR
 from tests.harness import chat, model_config, unique, wait_for
-from tests.serve_process import PROCESS_WAIT_S, free_port, run_cli, serving
+from tests.serve_process import (
+    PROCESS_WAIT_S,
+    Served,
+    free_port,
+    run_cli,
+    serving,
+    serving_file,
+    until_ready,
+)
 
 ADMIN_KEY_ENV = "ACTIVATOR_ADMIN_KEY"  # documented in the README: a contract, not a detail
 
@@ -297,3 +305,73 @@ async def test_serve_host_and_port_flags_override_the_config(tmp_path: Path) -> 
                 await process.wait()
                 raise
     assert code == 0, log.read_text()
+
+
+async def test_serve_watch_flag_turns_on_watch_config(tmp_path: Path) -> None:
+    port = free_port()
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "watch_interval": "50ms"},
+        "models": {"a": model_config(unique("watch-a"))},
+    }
+    path = tmp_path / "activator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{port}"
+    async with (
+        serving_file(
+            path, url=url, log=tmp_path / "serve.log", engines=[], args=["--watch"]
+        ) as served,
+        aiohttp.ClientSession() as session,
+    ):
+        # The file says nothing of watch_config: only the flag makes this reload happen.
+        config["models"]["b"] = model_config(unique("watch-b"))
+        path.write_text(yaml.safe_dump(config))
+
+        async def has_b() -> bool:
+            async with session.get(served.url + "/admin/models") as resp:
+                return "b" in [m["name"] for m in (await resp.json())["models"]]
+
+        await wait_for(has_b, timeout=PROCESS_WAIT_S, what="model b, by the watcher --watch set")
+    assert "config reload (watch, " in served.output()
+
+
+async def test_serve_says_the_embedded_demo_is_not_the_file_in_the_repository(
+    tmp_path: Path,
+) -> None:
+    # `activator serve` with no --config (the README's first command, on another port).
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "activator", "serve", "--port", str(port)),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+        )
+    served = Served(process=process, url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_ready(session, served, timeout=PROCESS_WAIT_S)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await served.exit_code()
+    output = served.output()
+    assert f"serving 2 models on http://127.0.0.1:{port} (config {embedded_config()})" in output
+    assert "edits to config/local.yaml do not reach it" in output
+    assert "activator serve --config config/local.yaml" in output
+
+
+async def test_serve_counts_one_model_in_the_singular(tmp_path: Path) -> None:
+    config = {"models": {"m": model_config(unique("one"))}}
+    async with serving(config, workdir=tmp_path, engines=[]) as served:
+        pass
+    assert "serving 1 model on " in served.output()
+    assert "embedded demo" not in served.output()  # a --config file is what it says
+
+
+async def test_every_status_option_has_help() -> None:
+    code, out, _ = await run_cli("status", "--help")
+    assert code == 0
+    assert "the running activator's address (default http://127.0.0.1:8080)" in " ".join(
+        out.split()
+    )
