@@ -360,23 +360,41 @@ def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool
             message = _error_message(error.read(ERROR_BODY_BYTES))
         print(_admin_error(endpoint, error.code, message, key_source=key_source), file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
+        print(_unreachable(url, exc), file=sys.stderr)
+        return 1
+    except ValueError as exc:  # not JSON: something else answers there
         print(f"cannot read {endpoint}: {exc}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps(body, indent=2))
         return 0
     models = [body] if model is not None else body.get("models", [])
-    rows = [("MODEL", "STATE", "IN FLIGHT", "QUEUED", "LAST WAKE", "POOL", "LAST ERROR")]
+    rows = [
+        (
+            "MODEL",
+            "STATE",
+            "IN FLIGHT",
+            "QUEUED",
+            "LAST WAKE",
+            "GPU-H",
+            "COST",
+            "POOL",
+            "LAST ERROR",
+        )
+    ]
     for m in models:
         wake = m.get("last_wake_seconds")
+        cost = m.get("cost") or {}
         rows.append(
             (
                 str(m.get("name")),
-                str(m.get("state")),
+                _state_text(m),
                 str(m.get("in_flight")),
                 str(m.get("queued")),
                 "-" if wake is None else f"{wake:.2f}s",
+                _number_text(cost.get("gpu_hours")),
+                _money_text(cost.get("dollars")),
                 str(m.get("pool") or "-"),
                 (m.get("last_error") or "")[:60],
             )
@@ -385,6 +403,51 @@ def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _unreachable(url: str, error: BaseException) -> str:
+    """One line for a server that does not answer: the URL, and the socket's reason."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        why = "no answer within 10 s"
+    elif isinstance(reason, OSError) and reason.strerror:
+        why = reason.strerror.lower()
+    else:
+        why = str(reason)
+    return (
+        f"activator status: nothing answers at {url} ({why}); is `activator serve` "
+        "running there? (another address: --url URL)"
+    )
+
+
+def _state_text(model: dict[str, Any]) -> str:
+    """The state, and what a reload left pending: `ready (restart pending)` when changed
+    keys wait for the next start, `(removing)` when the model drains to go."""
+    notes = [
+        note
+        for note, on in (
+            ("restart pending", model.get("restart_pending")),
+            ("removing", model.get("removing")),
+        )
+        if on
+    ]
+    state = str(model.get("state"))
+    return f"{state} ({', '.join(notes)})" if notes else state
+
+
+def _number_text(value: object) -> str:
+    """A figure as the admin API rounded it (0.01; below 0.1, two significant digits)."""
+    return "-" if not isinstance(value, int | float) else f"{value:g}"
+
+
+def _money_text(dollars: object) -> str:
+    """Dollars to the cent; `< $0.01` for less than a cent but more than nothing (a
+    short run would otherwise read as free); `-` for a model without prices."""
+    if not isinstance(dollars, int | float):
+        return "-"
+    if 0 < dollars < 0.01:
+        return "< $0.01"
+    return f"${dollars:.2f}"
 
 
 def _admin_error(endpoint: str, status: int, message: str | None, *, key_source: str | None) -> str:

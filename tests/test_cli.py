@@ -30,6 +30,7 @@ from tests.serve_process import (
     serving_file,
     until_ready,
 )
+from tests.streams import open_stream
 
 ADMIN_KEY_ENV = "ACTIVATOR_ADMIN_KEY"  # documented in the README: a contract, not a detail
 
@@ -130,11 +131,13 @@ async def test_status_prints_the_model_table_of_a_running_activator(tmp_path: Pa
         assert (code, err) == (0, "")
         header, *rows = out.splitlines()
         assert header.split() == ["MODEL", "STATE", "IN", "FLIGHT", "QUEUED", "LAST", "WAKE",
-                                  "POOL", "LAST", "ERROR"]  # fmt: skip
+                                  "GPU-H", "COST", "POOL", "LAST", "ERROR"]  # fmt: skip
         table = {row.split()[0]: row.split()[1:] for row in rows}
         assert table["alpha"][:3] == ["ready", "0", "0"]
         assert table["alpha"][3].endswith("s")  # the last wake's duration
-        assert table["beta"] == ["stopped", "0", "0", "-", "-"]
+        assert float(table["alpha"][4]) > 0  # GPU-hours, not rounded to 0
+        assert table["alpha"][5] == "-"  # no prices
+        assert table["beta"] == ["stopped", "0", "0", "-", "0", "-", "-"]
 
         code, out, _ = await run_cli("status", "--url", served.url, "--admin-key", "adm", "--json")
         assert code == 0
@@ -193,11 +196,54 @@ async def test_status_shows_one_model_by_name_or_alias(tmp_path: Path) -> None:
         assert "404" in line and "available: chat, demo-small, small" in line
 
 
-async def test_status_against_nothing_fails_cleanly() -> None:
+async def test_status_against_nothing_says_nothing_answers_there_in_one_line() -> None:
     code, out, err = await run_cli("status", "--url", "http://127.0.0.1:9")
     assert code != 0
     assert out == ""
-    assert "cannot read http://127.0.0.1:9/admin/models" in err
+    [line] = err.splitlines()
+    assert line == (
+        "activator status: nothing answers at http://127.0.0.1:9 (connection refused); "
+        "is `activator serve` running there? (another address: --url URL)"
+    )
+
+
+async def test_status_shows_what_a_reload_left_pending_and_costs_under_a_cent(
+    tmp_path: Path,
+) -> None:
+    """After a reload, `chat` (running) waits for its next start to take its new command,
+    and `old` (removed) drains a stream before it goes: the table says both. A short
+    run of a priced model costs less than a cent, and says so rather than $0.00."""
+    chat_name, old_name = unique("status-chat"), unique("status-old")
+    config = {
+        "models": {
+            "chat": model_config(chat_name, cost={"gpu_hour": 1.0}),
+            "old": model_config(old_name, "--stream-delay", "0.1", drain_timeout="5m"),
+        }
+    }
+    async with (
+        serving(config, workdir=tmp_path, engines=[chat_name, old_name]) as served,
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.post(served.url + "/v1/chat/completions", json=chat("chat")) as resp:
+            assert resp.status == 200
+        stream = open_stream(session, served.url + "/v1/chat/completions", "old", tokens=2000)
+        try:
+            await stream.started()
+            path = tmp_path / "activator.yaml"
+            changed = yaml.safe_load(path.read_text())
+            changed["models"]["chat"]["process"]["command"].append("--disable-access-log")
+            del changed["models"]["old"]
+            path.write_text(yaml.safe_dump(changed))
+            async with session.post(served.url + "/admin/reload") as resp:
+                assert resp.status == 200, await resp.text()
+            code, out, err = await run_cli("status", "--url", served.url)
+        finally:
+            await stream.cancel()
+    assert (code, err) == (0, "")
+    rows = {row.split()[0]: row for row in out.splitlines()[1:]}
+    assert " ready (restart pending) " in rows["chat"]
+    assert " (removing) " in rows["old"]
+    assert " < $0.01 " in rows["chat"]
 
 
 async def test_console_script_and_module_are_the_same_cli() -> None:
