@@ -78,3 +78,20 @@ async def test_admin_401_names_the_admin_key_not_the_client_key(
         assert resp.status == 401
         client_error = error_of(await resp.json())
     assert "admin" not in client_error["message"]
+
+
+async def test_admin_ha_on_a_single_replica_says_leader_election_is_off(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": "adm"}, "models": {"m": model_config(unique("admin-ha"))}}
+    )
+    async with running.session.get(running.url + "/admin/ha") as resp:
+        assert resp.status == 401  # as every /admin route
+    headers = {"Authorization": "Bearer adm"}
+    async with running.session.get(running.url + "/admin/ha", headers=headers) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["leader_election"] is False
+    assert (body["role"], body["deciding"]) == ("single", True)
+    assert "leader election is off" in body["message"]
