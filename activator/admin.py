@@ -15,6 +15,15 @@ from activator.registry import ModelRegistry
 from activator.reload import ReloadResult
 
 ADMIN_MODELS_PATH = "/admin/models"
+# /admin/ha of an activator that runs alone: answered (not a 404), so that a script or a
+# person asking "who decides here" learns that this one does, and why.
+SINGLE_REPLICA: dict[str, Any] = {
+    "leader_election": False,
+    "role": "single",
+    "deciding": True,
+    "message": "leader election is off (leader_election.enabled: false): this activator "
+    "runs alone and decides every start, stop and swap itself",
+}
 
 
 class ReplicaStatus(Protocol):
@@ -127,7 +136,9 @@ def admin_routes(
         return resp
 
     async def ha(request: web.Request) -> web.Response:
-        return web.json_response(replicas.describe() if replicas is not None else {})
+        if replicas is None:
+            return web.json_response(SINGLE_REPLICA)
+        return web.json_response({"leader_election": True, **replicas.describe()})
 
     routes = [
         web.get(ADMIN_MODELS_PATH, list_models),
@@ -142,8 +153,7 @@ def admin_routes(
         web.get("/readyz", readyz),
         web.get("/metrics", metrics_view),
     ]
-    if replicas is not None:
-        routes.append(web.get("/admin/ha", ha))
+    routes.append(web.get("/admin/ha", ha))
     return routes
 
 

@@ -44,6 +44,15 @@ PICK_ANOTHER_PORT = "pick another port with --port N or server.port in the confi
 HANDLER_EXIT_TIMEOUT = 2.0
 
 
+# Said at start-up when `serve` runs the embedded demo: editing config/local.yaml (the file
+# a user sees in the repository) and reloading would otherwise change nothing, silently.
+EMBEDDED_NOTE = (
+    "this is the embedded demo config, a packaged copy of config/local.yaml: edits to "
+    "config/local.yaml do not reach it; to serve a file you can edit and reload, run "
+    "`activator serve --config config/local.yaml` (or a copy of it)"
+)
+
+
 def embedded_config() -> Path:
     """The demo config shipped inside the package (a copy of config/local.yaml)."""
     return Path(str(resources.files("activator") / "data" / "local.yaml"))
@@ -57,12 +66,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="YAML config (default: the embedded local demo)")
     serve.add_argument("--host", help="address to listen on (overrides server.host)")
     serve.add_argument("--port", type=_port, help="port to listen on (overrides server.port)")
+    serve.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the config whenever the file changes (sets server.watch_config)",
+    )
     serve.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     status = sub.add_parser("status", help="show models from a running activator")
     status.add_argument("model", nargs="?", help="one model, by name or alias (default: all)")
-    status.add_argument("--url", default=DEFAULT_URL)
+    status.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help=f"the running activator's address (default {DEFAULT_URL})",
+    )
     status.add_argument(
         "--admin-key",
         default=None,
@@ -86,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             getattr(args, "log_level", "INFO"),
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),
+            watch=getattr(args, "watch", False),
         )
     except OSError as error:
         # _serve checks the address before it starts anything; this is the rare case of a
@@ -145,7 +164,9 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _serve(config: str | None, log_level: str, *, host: str | None, port: int | None) -> int:
+def _serve(
+    config: str | None, log_level: str, *, host: str | None, port: int | None, watch: bool = False
+) -> int:
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -155,7 +176,7 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
     settings = _load(path)
     if settings is None:
         return 2
-    settings = _listen_on(settings, host=host, port=port)
+    settings = _listen_on(settings, host=host, port=port, watch=watch)
     lock, problem = _single_activator(settings, path)
     if problem is None:
         problem = _cannot_listen(settings.server.host, settings.server.port, config=config)
@@ -181,15 +202,19 @@ def _serve(config: str | None, log_level: str, *, host: str | None, port: int | 
         loop = asyncio.new_event_loop()
     server = settings.server
     logger.info(
-        "activator %s serving %d models on http://%s:%d (config %s)",
+        "activator %s serving %s on http://%s:%d (config %s)",
         __version__,
-        len(settings.models),
+        _plural(len(settings.models), "model"),
         server.host,
         server.port,
         path,
     )
+    if config is None:
+        logger.info("%s", EMBEDDED_NOTE)
     # The file is read again on a reload, with the same command-line overrides.
-    config_file = ConfigFile(path, adjust=lambda new: _listen_on(new, host=host, port=port))
+    config_file = ConfigFile(
+        path, adjust=lambda new: _listen_on(new, host=host, port=port, watch=watch)
+    )
     app = build_app(settings, config=config_file)
     app.on_startup.append(_reload_on_sighup)
     web.run_app(
@@ -261,16 +286,22 @@ def _single_activator(settings: Settings, config: str) -> tuple[int | None, str 
         pid = f" (pid {holder})" if holder.isdigit() else ""
         return None, (
             f"another activator{pid} already serves {config} on this host: its local "
-            "engines belong to it; stop it first (one activator per config)"
+            "engines belong to it; stop it first, or run the second one on its own copy of "
+            "the file (--config COPY --port N; one activator per config file)"
         )
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd, None
 
 
-def _listen_on(settings: Settings, *, host: str | None, port: int | None) -> Settings:
-    """The settings with --host/--port, where given, in place of server.host/server.port."""
+def _listen_on(
+    settings: Settings, *, host: str | None, port: int | None, watch: bool = False
+) -> Settings:
+    """The settings with --host/--port, where given, in place of server.host/server.port,
+    and --watch, where given, as server.watch_config: true (a reload keeps all three)."""
     changes: dict[str, Any] = {}
+    if watch:
+        changes["watch_config"] = True
     if host is not None:
         changes["host"] = host
     if port is not None:
@@ -329,23 +360,41 @@ def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool
             message = _error_message(error.read(ERROR_BODY_BYTES))
         print(_admin_error(endpoint, error.code, message, key_source=key_source), file=sys.stderr)
         return 1
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
+        print(_unreachable(url, exc), file=sys.stderr)
+        return 1
+    except ValueError as exc:  # not JSON: something else answers there
         print(f"cannot read {endpoint}: {exc}", file=sys.stderr)
         return 1
     if as_json:
         print(json.dumps(body, indent=2))
         return 0
     models = [body] if model is not None else body.get("models", [])
-    rows = [("MODEL", "STATE", "IN FLIGHT", "QUEUED", "LAST WAKE", "POOL", "LAST ERROR")]
+    rows = [
+        (
+            "MODEL",
+            "STATE",
+            "IN FLIGHT",
+            "QUEUED",
+            "LAST WAKE",
+            "GPU-H",
+            "COST",
+            "POOL",
+            "LAST ERROR",
+        )
+    ]
     for m in models:
         wake = m.get("last_wake_seconds")
+        cost = m.get("cost") or {}
         rows.append(
             (
                 str(m.get("name")),
-                str(m.get("state")),
+                _state_text(m),
                 str(m.get("in_flight")),
                 str(m.get("queued")),
                 "-" if wake is None else f"{wake:.2f}s",
+                _number_text(cost.get("gpu_hours")),
+                _money_text(cost.get("dollars")),
                 str(m.get("pool") or "-"),
                 (m.get("last_error") or "")[:60],
             )
@@ -354,6 +403,51 @@ def _status(url: str, model: str | None, admin_key: str | None, *, as_json: bool
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return 0
+
+
+def _unreachable(url: str, error: BaseException) -> str:
+    """One line for a server that does not answer: the URL, and the socket's reason."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, TimeoutError):
+        why = "no answer within 10 s"
+    elif isinstance(reason, OSError) and reason.strerror:
+        why = reason.strerror.lower()
+    else:
+        why = str(reason)
+    return (
+        f"activator status: nothing answers at {url} ({why}); is `activator serve` "
+        "running there? (another address: --url URL)"
+    )
+
+
+def _state_text(model: dict[str, Any]) -> str:
+    """The state, and what a reload left pending: `ready (restart pending)` when changed
+    keys wait for the next start, `(removing)` when the model drains to go."""
+    notes = [
+        note
+        for note, on in (
+            ("restart pending", model.get("restart_pending")),
+            ("removing", model.get("removing")),
+        )
+        if on
+    ]
+    state = str(model.get("state"))
+    return f"{state} ({', '.join(notes)})" if notes else state
+
+
+def _number_text(value: object) -> str:
+    """A figure as the admin API rounded it (0.01; below 0.1, two significant digits)."""
+    return "-" if not isinstance(value, int | float) else f"{value:g}"
+
+
+def _money_text(dollars: object) -> str:
+    """Dollars to the cent; `< $0.01` for less than a cent but more than nothing (a
+    short run would otherwise read as free); `-` for a model without prices."""
+    if not isinstance(dollars, int | float):
+        return "-"
+    if 0 < dollars < 0.01:
+        return "< $0.01"
+    return f"${dollars:.2f}"
 
 
 def _admin_error(endpoint: str, status: int, message: str | None, *, key_source: str | None) -> str:

@@ -27,6 +27,7 @@ only.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,8 +186,7 @@ class CostMeter:
     def report(self, model: str) -> dict[str, Any]:
         """Since activator started, up to now: GPU-hours awake (every holding state but
         sleeping) and of them idle, GPU-hours asleep, dollars (None when not priced) and
-        tokens. Rounded to 0.01 (36 GPU-seconds, a cent), so the status page, which
-        sends a snapshot whenever one changes, is not sent one every tick."""
+        tokens. Each figure rounded by `figure`."""
         meter = self._meter(model)
         seconds = dict(meter.seconds)
         dollars = meter.dollars
@@ -201,7 +201,7 @@ class CostMeter:
             "gpu_hours": _hours(awake),
             "idle_gpu_hours": _hours(seconds.get(IDLE, 0.0)),
             "sleeping_gpu_hours": _hours(asleep),
-            "dollars": None if meter.prices is None else round(dollars, 2),
+            "dollars": None if meter.prices is None else figure(dollars),
             "tokens": {kind: meter.tokens.get(kind, 0) for kind in TOKEN_KINDS}
             | {k: n for k, n in meter.tokens.items() if k not in TOKEN_KINDS},
         }
@@ -255,4 +255,15 @@ class CostMeter:
 
 
 def _hours(gpu_seconds: float) -> float:
-    return round(gpu_seconds / SECONDS_PER_HOUR, 2)
+    return figure(gpu_seconds / SECONDS_PER_HOUR)
+
+
+def figure(value: float) -> float:
+    """`value` to 0.01 (36 GPU-seconds, a cent), and below 0.1 to two significant
+    digits. Rounded at all so that the status page, which is sent a snapshot whenever one
+    changes, is not sent one every tick (from 0.1 on, one per 36 GPU-seconds or cent at
+    most); two significant digits below it so that a short run's 0.00093 GPU-hours is not
+    shown as 0.0 (a change every 1-10 % of the figure, the first GPU-minutes only)."""
+    if value == 0 or not math.isfinite(value) or abs(value) >= 0.1:
+        return round(value, 2)
+    return round(value, 1 - math.floor(math.log10(abs(value))))

@@ -58,7 +58,7 @@ from activator.routing import PodLease
 from activator.scaleout import ScaleOut, ScaleTarget
 from activator.settings import ModelSettings
 from activator.tasks import TaskGroup
-from activator.transitions import Effect, Event, move
+from activator.transitions import Effect, Event, cause_of, move
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ class Model(ModelTasks, ModelReload):
         self._pending: PendingEngine | None = None
         self.retiring: str | None = None
         self._gone = asyncio.Event()
+        self._cause = "start-up"  # why the model is in its state (the log says it)
         self._effects: dict[Effect, Callable[..., None]] = {
             "none": self._effect_none,
             "start": self._effect_start,
@@ -386,7 +387,7 @@ class Model(ModelTasks, ModelReload):
         if self._closing or self.retiring is not None or not self._decides():
             return False
         waking = self.state == "sleeping"
-        if not self._fire("start"):
+        if not self._fire("start", reason=reason):
             return False
         self._wake_requested_at = None
         self._metrics.scale_events.labels(
@@ -395,14 +396,21 @@ class Model(ModelTasks, ModelReload):
         return True
 
     def begin_stop(
-        self, *, reason: str, drain_timeout: float | None = None, sleep: bool = False
+        self,
+        *,
+        reason: str,
+        drain_timeout: float | None = None,
+        sleep: bool = False,
+        for_model: str | None = None,
     ) -> bool:
         """Stop admitting, drain in-flight requests (bounded), then stop the engine or put
-        it to sleep. A sleeping model is stopped at once (nothing is in flight)."""
+        it to sleep. A sleeping model is stopped at once (nothing is in flight).
+        `for_model`: the model this one makes room for (a swap), for the log."""
         if (sleep and self.settings.sleep is None) or not self._decides():
             return False
         drain = self.settings.drain_timeout if drain_timeout is None else drain_timeout
-        if not self._fire("sleep" if sleep else "stop", reason=reason, drain_timeout=drain):
+        event: Event = "sleep" if sleep else "stop"
+        if not self._fire(event, reason=reason, drain_timeout=drain, for_model=for_model):
             return False
         direction = "sleep" if sleep else "down"
         self._metrics.scale_events.labels(model=self.name, direction=direction, reason=reason).inc()
@@ -484,7 +492,8 @@ class Model(ModelTasks, ModelReload):
         if step is None:
             logger.debug("model=%s %s ignored in state %s", self.name, event, self.state)
             return False
-        self._set_state(step.next)
+        why = cause_of(event, reason=context.get("reason", ""), for_model=context.get("for_model"))
+        self._set_state(step.next, cause=why)
         effect = self._effects[step.effect]
         effect(**context)
         self._after_move()
@@ -619,9 +628,14 @@ class Model(ModelTasks, ModelReload):
         self._update_held()
         return failed
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: str, *, cause: str | None = None) -> None:
+        """The one place a model's state changes: logged with its cause (the move that
+        began this step, when `cause` is None: `stopping -> stopped` of an idle stop
+        says idle), and counted."""
+        if cause is not None:
+            self._cause = cause
         if state != self.state:
-            logger.info("model=%s state %s -> %s", self.name, self.state, state)
+            logger.info("model=%s state %s -> %s (%s)", self.name, self.state, state, self._cause)
         self.state = state
         self._metrics.set_state(self.name, "unknown" if self.unknown else state)
         self._update_held()
@@ -789,7 +803,7 @@ class Model(ModelTasks, ModelReload):
                 model=self.name, direction="down", reason="shutdown"
             ).inc()
         await self._stop_backend()
-        self._set_state("stopped")
+        self._set_state("stopped", cause="shutdown")
 
     def describe(self) -> dict[str, Any]:
         s = self.settings

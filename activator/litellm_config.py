@@ -104,7 +104,7 @@ def per_token(per_million: float) -> float:
 def model_list(settings: Settings, *, url: str, key_env: str = DEFAULT_KEY_ENV) -> list[Any]:
     """One entry per model name and alias, in config order. Not the served names: those
     are the engine-facing names (activator accepts them too), while LiteLLM's model_name
-    is what tenants see; the seeds keep the two apart."""
+    is what tenants see; the reference platform keeps the two apart."""
     api_base = url.rstrip("/") + "/v1"
     api_key = f"os.environ/{key_env}" if settings.server.api_keys else NO_KEY
     entries: list[Any] = []

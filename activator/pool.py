@@ -147,7 +147,7 @@ class PoolScheduler:
         self.last_decision = decision
         for stop in decision.stop:
             model = self._by_name[stop.model]
-            began = model.begin_stop(reason=stop.reason, sleep=stop.sleep)
+            began = model.begin_stop(reason=stop.reason, sleep=stop.sleep, for_model=stop.for_model)
             if began and model.scale is not None:
                 model.scale.rest()  # no write of this step's size may follow the stop
             if began and stop.for_model is not None:

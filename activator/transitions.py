@@ -186,3 +186,54 @@ TABLE = _table()
 def move(state: State, event: Event) -> Move | None:
     """The move for `event` in `state`, or None when the event does not apply there."""
     return TABLE.get((state, event))
+
+
+# Why a model leaves the GPU, as its log lines say it: the pool's policy reasons
+# (activator.policy.Stop), the admin API's, a reload's and shutdown's.
+STOP_CAUSES: Mapping[str, str] = MappingProxyType(
+    {
+        "idle": "idle",
+        "capacity": "over the pool's GPUs",
+        "host_memory": "over the pool's host memory",
+        "unschedulable": "its GPU given to a start that cannot be placed",
+        "admin": "admin",
+        "removed": "reload: removed from the config",
+        "shutdown": "shutdown",
+    }
+)
+# Events that begin a move of their own and carry no reason.
+EVENT_CAUSES: Mapping[Event, str] = MappingProxyType(
+    {
+        "adopt": "adopted: found running",
+        "found_running": "found running",
+        "found_stopped": "found stopped",
+        "found_asleep": "found asleep",
+        "sleep_failed": "failed: the engine did not sleep",
+        "wake_failed": "failed: the engine did not wake",
+        "probe": "the leader's engine is ready",
+        "probe_failed": "failed: probe",
+        "demoted": "no longer the leader",
+    }
+)
+
+
+def cause_of(event: Event, *, reason: str = "", for_model: str | None = None) -> str | None:
+    """Why `event` moves a model, as the transition's log line says it: idle, evicted
+    for X, admin, reload, failed: ..., request. None for an event that ends a step
+    already under way (a drain that ends, a stop that is done): the move keeps the
+    cause of the move that began it, so `stopping -> stopped` still says idle."""
+    if event in ("stop", "sleep"):
+        if for_model is not None:
+            return f"evicted for {for_model}"
+        return STOP_CAUSES.get(reason, reason or event)
+    if event == "start":
+        return reason or "request"
+    if event in ("died", "start_failed"):
+        return f"failed: {reason}" if reason else "failed"
+    if event == "lost":
+        return f"lost: {reason}" if reason else "lost"
+    if event in EVENT_CAUSES:
+        return EVENT_CAUSES[event]
+    if event.startswith("leader_"):
+        return f"leader: {reason}" if reason else "leader"
+    return None

@@ -127,6 +127,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
+# A smoke run (seconds, for CI, on a shared machine) shows that a script works; its
+# figures are too noisy to hold against a target, so its report never says MISSED.
+NOT_JUDGED = "smoke: not judged"
+
+
+def verdict(met: bool | None, *, smoke: bool) -> str:
+    """A target's verdict in a report: met, MISSED, n/a (nothing measured), or for a
+    smoke run `smoke: not judged`."""
+    if smoke:
+        return NOT_JUDGED
+    return {True: "met", False: "MISSED", None: "n/a"}[met]
+
+
 def write_results(name: str, data: dict[str, Any], *, out_dir: Path | None = None) -> Path:
     """Write `<name>.json` into the results folder; returns its path."""
     folder = out_dir or RESULTS_DIR

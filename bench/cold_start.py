@@ -198,7 +198,7 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return summary
 
 
-def report(summary: dict[str, Any]) -> str:
+def report(summary: dict[str, Any], *, smoke: bool = False) -> str:
     rows = []
     for model, by_key in summary.items():
         if model == "target":
@@ -209,7 +209,7 @@ def report(summary: dict[str, Any]) -> str:
             p90 = None if s["p90"] is None else s["p90"] * 1000
             rows.append([model, label, bl.fmt(p50, 2), bl.fmt(p90, 2), str(s["n"])])
     t = summary["target"]
-    verdict = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+    verdict = bl.verdict(t["met"], smoke=smoke)
     return (
         bl.table(["model", "ms", "p50", "p90", "n"], rows)
         + f"\n\ntarget: {t['target']} {bl.fmt(t['measured'], 2)} (goal {t['goal']}): {verdict}"
@@ -302,7 +302,11 @@ def main() -> int:
         "trials": results,
     }
     bl.publish(
-        name, data, out_dir=args.out, draw=lambda png: plot(results, png), report=report(summary)
+        name,
+        data,
+        out_dir=args.out,
+        draw=lambda png: plot(results, png),
+        report=report(summary, smoke=args.smoke),
     )
     return 0
 

@@ -377,7 +377,12 @@ def main() -> int:
         "results": results,
     }
     verdicts = [
-        [c["target"], bl.fmt(c["measured"], 2) + "x", c["goal"], "met" if c["met"] else "MISSED"]
+        [
+            c["target"],
+            bl.fmt(c["measured"], 2) + "x",
+            c["goal"],
+            bl.verdict(c["met"], smoke=args.smoke),
+        ]
         for c in checks
     ]
     bl.publish(

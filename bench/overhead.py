@@ -409,6 +409,12 @@ async def streaming(plan: Plan, peers: list[Peer]) -> tuple[dict[str, Any], dict
     return throughput, latency
 
 
+NO_WRK = (
+    "requests/s and latency: not measured, wrk is not installed "
+    "(apt-get install wrk, or brew install wrk; then run this again)"
+)
+
+
 # ---- summary ------------------------------------------------------------------------------
 
 
@@ -492,7 +498,7 @@ def targets(
     return out
 
 
-def report(summary: dict[str, Any]) -> str:
+def report(summary: dict[str, Any], *, smoke: bool = False) -> str:
     peers = ["direct", "nginx", "activator", "litellm"]
     rows = []
     for conc, by_peer in summary["wrk"].items():
@@ -515,8 +521,11 @@ def report(summary: dict[str, Any]) -> str:
                     str(r["errors"]),
                 ]
             )
+    # Without wrk there is nothing to show but an empty table: say why, and how to fix it.
     out = [
-        bl.table(
+        NO_WRK
+        if not rows
+        else bl.table(
             [
                 "conc",
                 "peer",
@@ -558,17 +567,17 @@ def report(summary: dict[str, Any]) -> str:
         if peer in lat
     ]
     out.append(bl.table(["peer", "chunk delay p50 ms", "p99 ms", "added p50 ms"], lrows))
-    out.append(targets_table(summary["targets"]))
+    out.append(targets_table(summary["targets"], smoke=smoke))
     return "\n\n".join(out)
 
 
-def targets_table(checks: list[dict[str, Any]]) -> str:
+def targets_table(checks: list[dict[str, Any]], *, smoke: bool = False) -> str:
     rows = [
         [
             c["target"],
             bl.fmt(c["measured"], 3),
             c["goal"],
-            {True: "met", False: "MISSED", None: "n/a"}[c["met"]],
+            bl.verdict(c["met"], smoke=smoke),
         ]
         for c in checks
     ]
@@ -655,7 +664,11 @@ def main() -> int:
         "raw": raw,
     }
     bl.publish(
-        name, data, out_dir=args.out, draw=lambda png: plot(summary, png), report=report(summary)
+        name,
+        data,
+        out_dir=args.out,
+        draw=lambda png: plot(summary, png),
+        report=report(summary, smoke=args.smoke),
     )
     return 0
 

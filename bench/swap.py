@@ -10,9 +10,10 @@ Sleep mode (vLLM's sleep API; bench/swap_sleep.py has the details):
       # the GPU stand-in (bench/gpu_engine.py) with real weights: sleep swaps against stop +
       # cold start of the same engines, and activator's overhead over the engines' own wake
 
-The seeds' scenario: coder-chat and coder-fim on one L4 (`pools: {l4: {gpus: 1}}`), here
-on stand-in engines that keep their port closed for --startup-delay seconds, as vLLM
-does while it loads. Activator runs as a subprocess (`activator serve`, uvloop).
+The reference platform: coder-chat and coder-fim on one L4 (`pools: {l4: {gpus: 1}}`)
+behind LiteLLM, here on stand-in engines that keep their port closed for --startup-delay
+seconds, as vLLM does while it loads. Activator runs as a subprocess (`activator serve`,
+uvloop).
 
 Swap overhead, per trial: A is ready and idle; one streaming request for B is sent.
     overhead = (B's first byte - B's request) - (A's stop time + B's start time)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +12,21 @@ from activator.testing.fake_kube import FakeKube
 from tests.harness import Running, start_activator
 
 ActivatorFactory = Callable[[dict[str, Any]], Awaitable[Running]]
+
+# The runtime dir of the user who runs the suite, before the suite takes its own: where a
+# demo they run (`activator serve`) holds its lock.
+USER_RUNTIME_DIR = os.environ.get("XDG_RUNTIME_DIR")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite's own runtime dir, where `activator serve` keeps its one-activator-per-
+    config locks (activator.cli.runtime_dir): the suite passes beside a running demo (the
+    README's first command holds the embedded config's lock in the user's runtime dir).
+    Subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+        yield
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@ gets the clients' 404 envelope listing every name, and a 401 says which key it w
 
 from __future__ import annotations
 
+import pytest
+
+from activator.backends.process import probe_access_line
 from tests.conftest import ActivatorFactory
-from tests.harness import engine_pids, error_of, model_config, unique, wait_for
+from tests.harness import chat, engine_pids, error_of, model_config, post, unique, wait_for
 
 
 async def test_every_admin_route_accepts_a_models_alias(activator: ActivatorFactory) -> None:
@@ -78,3 +81,63 @@ async def test_admin_401_names_the_admin_key_not_the_client_key(
         assert resp.status == 401
         client_error = error_of(await resp.json())
     assert "admin" not in client_error["message"]
+
+
+async def test_admin_ha_on_a_single_replica_says_leader_election_is_off(
+    activator: ActivatorFactory,
+) -> None:
+    running = await activator(
+        {"server": {"admin_api_key": "adm"}, "models": {"m": model_config(unique("admin-ha"))}}
+    )
+    async with running.session.get(running.url + "/admin/ha") as resp:
+        assert resp.status == 401  # as every /admin route
+    headers = {"Authorization": "Bearer adm"}
+    async with running.session.get(running.url + "/admin/ha", headers=headers) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["leader_election"] is False
+    assert (body["role"], body["deciding"]) == ("single", True)
+    assert "leader election is off" in body["message"]
+
+
+async def test_the_engine_log_tail_leaves_out_the_probes_lines(
+    activator: ActivatorFactory,
+) -> None:
+    config = model_config(unique("admin-tail"))
+    config["process"]["command"].remove("--disable-access-log")  # the access log is the point
+    running = await activator({"models": {"m": config}})
+    assert (await post(running, "/v1/chat/completions", chat("m")))[0] == 200
+    engine = running.model("m").url
+    assert engine is not None
+    for _ in range(5):  # as the readiness probe asks, and Kubernetes' probes would
+        async with running.session.get(engine + "/health") as resp:
+            assert resp.status == 200
+    assert (await post(running, "/v1/chat/completions", chat("m")))[0] == 200
+
+    async def tail() -> list[str]:
+        async with running.session.get(running.url + "/admin/models/m/logs") as resp:
+            lines: list[str] = (await resp.json())["lines"]
+            return lines
+
+    async def both_posts() -> bool:
+        # The engine prints an access line once it has answered: wait for the second's.
+        return sum('"POST /v1/chat/completions' in line for line in await tail()) == 2
+
+    await wait_for(both_posts, what="both requests' access lines")
+    assert not [line for line in await tail() if "GET /health" in line]
+
+
+@pytest.mark.parametrize(
+    ("line", "probe"),
+    [
+        ('INFO:     127.0.0.1:40112 - "GET /health HTTP/1.1" 200 OK', True),  # vLLM
+        ('127.0.0.1 "GET /health HTTP/1.1" 200 0 0.000151', True),  # the stand-in
+        ('INFO:     127.0.0.1:40112 - "GET /v1/models HTTP/1.1" 200 OK', True),
+        ('127.0.0.1 "GET /is_sleeping HTTP/1.1" 200 21 0.000151', True),
+        ('INFO:     127.0.0.1:40112 - "GET /health HTTP/1.1" 503 Service Unavailable', False),
+        ('INFO:     127.0.0.1:40112 - "POST /v1/chat/completions HTTP/1.1" 200 OK', False),
+        ("INFO: loading weights took 12.3 s (GET /health)", False),
+    ],
+)
+def test_probe_lines_are_told_from_the_rest(line: str, probe: bool) -> None:
+    assert bool(probe_access_line("/health").search(line)) is probe

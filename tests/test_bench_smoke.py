@@ -7,11 +7,14 @@ are skipped by the script with a message, never a failure.
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -89,6 +92,7 @@ def test_a_script_without_matplotlib_skips_its_plot_with_a_message(tmp_path: Pat
     assert "matplotlib: not importable" in stdout
     assert "burst-smoke.png skipped" in stdout
     assert "| burst" in stdout  # the report is printed all the same
+    assert "smoke: not judged" in stdout and "MISSED" not in stdout
     assert not (out / "burst-smoke.png").exists()
     result = json.loads((out / "burst-smoke.json").read_text())["result"]
     assert result["lost"] == 0
@@ -161,3 +165,44 @@ def test_scale_out_smoke_reports_throughput_per_replica_count_and_the_load_step(
     assert step["routed_before_ready"] == 0  # a correctness check, not a timing one
     assert [d["to"] for d in step["decisions"]][:1] == [4]
     assert "| replicas" in stdout and "Ready -> routed" in stdout
+
+
+def ignored_by_git(path: str) -> bool:
+    """Whether the repository's .gitignore ignores `path` (its patterns are globs)."""
+    patterns = (BENCH.parent / ".gitignore").read_text().splitlines()
+    return any(p and not p.startswith("#") and fnmatch.fnmatch(path, p) for p in patterns)
+
+
+@pytest.mark.timeout(120)
+def test_usage_scan_smoke_writes_only_an_ignored_file(tmp_path: Path) -> None:
+    run_smoke("usage_scan.py", out=tmp_path, timeout=100)
+    assert [p.name for p in tmp_path.iterdir()] == ["usage_scan-smoke.json"]
+    assert ignored_by_git("bench/results/usage_scan-smoke.json")
+    assert not ignored_by_git("bench/results/usage_scan.json")  # the committed figures
+
+
+def bench_module(name: str) -> ModuleType:
+    """A bench script as a module (they import benchlib as a sibling)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_overhead_report_without_wrk_says_how_to_install_it_and_a_smoke_run_judges_nothing() -> (
+    None
+):
+    overhead = bench_module("overhead")
+    missed = [{"target": "req/s vs nginx, c=32", "measured": 0.1, "goal": ">= 0.25", "met": False}]
+    summary = {"wrk": {}, "stream_chunks_per_s": {}, "chunk_latency": {}, "targets": missed}
+    text = overhead.report(summary, smoke=True)
+    assert "wrk is not installed (apt-get install wrk" in text
+    assert "| conc" not in text  # no empty table
+    assert "smoke: not judged" in text and "MISSED" not in text
+    assert "MISSED" in overhead.report(summary, smoke=False)  # a full run is judged

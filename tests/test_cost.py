@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from activator.config import ConfigError, parse_config
-from activator.cost import HOLDING, IDLE, gpu_label
+from activator.cost import HOLDING, IDLE, figure, gpu_label
 from activator.metrics import Metrics
 from activator.settings import ModelSettings
 from activator.usage import Usage
@@ -142,9 +142,9 @@ async def test_sleep_is_counted_under_sleeping_and_not_billed() -> None:
     awake = 20 + 40 + 30 + 10 + 20 + 20
     assert t.sample("activator_cost_dollars_total") == pytest.approx(awake / 1000)
     report = t.metrics.cost.report("coder")
-    assert report["gpu_hours"] == round(awake / 3600, 2)
-    assert report["sleeping_gpu_hours"] == round(2000 / 3600, 2)
-    assert report["dollars"] == round(awake / 1000, 2)
+    assert report["gpu_hours"] == 0.039  # 140 GPU-seconds: two significant digits
+    assert report["sleeping_gpu_hours"] == 0.56
+    assert report["dollars"] == 0.14
 
 
 async def test_an_engine_out_of_sight_is_counted_as_last_seen() -> None:
@@ -181,6 +181,35 @@ async def test_a_scrape_shows_the_running_interval_and_the_admin_report_now() ->
     text = await t.scrape()
     assert 'activator_gpu_seconds_total{model="coder",pool="l4",state="idle"} 3600.0' in text
     assert 'activator_cost_dollars_total{model="coder"} 7.2' in text
+
+
+async def test_a_short_run_costs_more_than_zero_in_the_admin_report() -> None:
+    # 2 GPUs for 1.67 s at $1 a GPU-hour: /metrics has 0.00093 dollars; to the cent,
+    # the admin report said 0.0 GPU-hours and 0.0 dollars.
+    t = Timeline(cost={"gpu_hour": 1.0})
+    t.at(0).state("starting")
+    t.at(1.67).state("stopped")
+    report = t.metrics.cost.report("coder")
+    assert report["gpu_hours"] == 0.00093
+    assert report["dollars"] == 0.00093
+    assert t.sample("activator_cost_dollars_total") == pytest.approx(0.000928, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0.0, 0.0),
+        (0.000928, 0.00093),
+        (0.03889, 0.039),
+        (0.0999, 0.1),
+        (0.1, 0.1),
+        (0.123456, 0.12),
+        (3.4567, 3.46),
+        (1234.5678, 1234.57),
+    ],
+)
+def test_figures_keep_two_decimals_and_two_significant_digits(value: float, shown: float) -> None:
+    assert figure(value) == shown
 
 
 async def test_series_appear_at_zero_when_the_model_first_holds_a_gpu() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from activator.cost import figure
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, model_config, post, unique, wait_for
 
@@ -96,7 +97,7 @@ async def test_tokens_are_the_usage_the_client_got_answers_and_streams(
     assert dollars == pytest.approx(expected[0] * 2e-6 + expected[1] * 8e-6)
     report = (await running.admin("m"))["cost"]
     assert report["tokens"] == {"input": expected[0], "output": expected[1]}
-    assert report["dollars"] == round(dollars, 2)
+    assert report["dollars"] == figure(dollars)
 
 
 async def test_an_engine_error_counts_no_tokens(activator: ActivatorFactory) -> None:
@@ -139,6 +140,6 @@ async def test_gpu_time_by_state_in_metrics_and_the_admin_api(
     assert dollars == pytest.approx(sum(final.values()) / 100)
     report = (await running.admin("m"))["cost"]
     assert report["gpus"] == 2
-    assert report["gpu_hours"] == round(sum(final.values()) / 3600, 2)
-    assert report["dollars"] == round(dollars, 2)
+    assert report["gpu_hours"] == figure(sum(final.values()) / 3600)
+    assert report["dollars"] == figure(dollars)
     assert report["sleeping_gpu_hours"] == 0

@@ -26,6 +26,7 @@ async def test_a_second_activator_on_the_same_config_refuses_to_start(tmp_path: 
         assert len(lines) == 1, err
         assert lines[0].startswith(f"activator: another activator (pid {first.process.pid})")
         assert str(path) in lines[0]
+        assert "--config COPY --port N" in lines[0]  # how to run a second one (README)
         # Another spelling of the same file is the same config.
         alias = tmp_path / "alias.yaml"
         alias.symlink_to(path)
@@ -36,6 +37,24 @@ async def test_a_second_activator_on_the_same_config_refuses_to_start(tmp_path: 
         await first.process.wait()
     async with serving(config, workdir=tmp_path, engines=[served]) as second:
         assert second.process.returncode is None  # it started: /readyz answered
+
+
+async def test_a_second_activator_on_a_copy_of_the_config_runs_beside_the_first(
+    tmp_path: Path,
+) -> None:
+    # The README's way to run a second demo: its own copy of the file, another port. The
+    # lock is per config file, not per port: the same file on another port would share
+    # engines and GPUs with the first (the per-config test above).
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    one, two = unique("lock-one"), unique("lock-two")
+    async with (
+        serving({"models": {"m": model_config(one)}}, workdir=first_dir, engines=[one]) as first,
+        serving({"models": {"m": model_config(two)}}, workdir=second_dir, engines=[two]) as second,
+    ):
+        assert first.process.returncode is None and second.process.returncode is None
+        assert first.url != second.url
 
 
 def test_kubernetes_models_take_no_lock_several_replicas_share_them(tmp_path: Path) -> None:

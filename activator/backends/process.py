@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -83,6 +84,7 @@ class ProcessBackend:
         self._target: ProcessTarget = model.process
         self._listener = listener
         self._log: collections.deque[str] = collections.deque(maxlen=self._target.log_lines)
+        self._probe_line = probe_access_line(model.health_path)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._tasks = TaskGroup()
@@ -156,7 +158,8 @@ class ProcessBackend:
                 pending = b""
             for raw in lines:
                 line = raw[:MAX_LINE].decode("utf-8", "replace").rstrip()
-                self._log.append(line)
+                if not self._probe_line.search(line):
+                    self._log.append(line)
                 logger.debug("model=%s engine: %s", self._model.name, line)
             self._listener.backend_progress()
         if pending:
@@ -215,6 +218,15 @@ class ProcessBackend:
 
     async def aclose(self) -> None:
         await self._tasks.aclose()
+
+
+def probe_access_line(health_path: str) -> re.Pattern[str]:
+    """The engine's access-log lines of activator's own successful probes (its health
+    path, /v1/models, /is_sleeping), as uvicorn (vLLM) and aiohttp write them: left out
+    of the tail kept for /admin and error bodies, where they would push out the lines that
+    say something (a probe that fails is kept). Still logged at DEBUG."""
+    paths = "|".join(re.escape(p) for p in (health_path, "/v1/models", "/is_sleeping"))
+    return re.compile(rf'"GET (?:{paths})(?:\?[^" ]*)? HTTP/[0-9.]+"\s+200\b')
 
 
 def _address(host: str, port: int) -> str:

@@ -198,9 +198,9 @@ class FakeKube:
         port: int | None = None,
         plan: PodPlan | None = None,
     ) -> Workload:
-        """Create a Deployment/StatefulSet (seed style: Recreate, selector app=name) and
-        its Service (`port`, default a free one: the returned Workload's url).
-        engine=False: pods run no process (for tests of the API alone)."""
+        """Create a Deployment/StatefulSet (as the reference platform writes them:
+        Recreate, selector app=name) and its Service (`port`, default a free one: the
+        returned Workload's url). engine=False: pods run no process (for tests of the API alone)."""
         resource = RESOURCES[kind]
         labels = {"app": name}
         spec: Obj = {

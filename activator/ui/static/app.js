@@ -100,8 +100,14 @@
   }
 
   function decimals(value) {
-    // 1.20 -> "1.2", 3 -> "3": GPU-hours come rounded to 0.01.
+    // 1.20 -> "1.2", 3 -> "3": GPU-hours come to 0.01 (below 0.1, two significant digits).
+    if (value > 0 && value < 0.01) return "< 0.01";
     return value.toFixed(2).replace(/\.?0+$/, "");
+  }
+
+  function money(dollars) {
+    // Under a cent but not nothing: "$0.00" would read as free.
+    return dollars > 0 && dollars < 0.01 ? "< $0.01" : `$${dollars.toFixed(2)}`;
   }
 
   function fact(label, value) {
@@ -304,7 +310,7 @@
 
   function costText(cost) {
     if (!cost || typeof cost !== "object" || !isNumber(cost.gpu_hours)) return null;
-    if (isNumber(cost.dollars)) return `${decimals(cost.gpu_hours)} GPU-h · $${cost.dollars.toFixed(2)}`;
+    if (isNumber(cost.dollars)) return `${decimals(cost.gpu_hours)} GPU-h · ${money(cost.dollars)}`;
     return cost.gpu_hours > 0 ? `${decimals(cost.gpu_hours)} GPU-h` : null;
   }
 
