@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from activator.errors import ConfigInvalid, Conflict, ReloadRefused
+from activator.core.errors import ConfigInvalid, Conflict, ReloadRefused
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.registry import ModelRegistry

@@ -12,8 +12,9 @@ from aiohttp.typedefs import Handler
 
 from activator.admin import ReadyFlag, admin_routes
 from activator.backends.base import Backend
+from activator.core.errors import NotFound, Unauthorized
+from activator.core.tasks import TaskGroup
 from activator.credentials import Credentials
-from activator.errors import NotFound, Unauthorized
 from activator.http_client import HttpClient
 from activator.http_errors import error_response, errors_middleware
 from activator.http_rejections import ParserRejections
@@ -26,7 +27,6 @@ from activator.registry import ModelRegistry
 from activator.reload import ConfigFile, Reloader
 from activator.request_body import BodyReads, unread_bodies_middleware
 from activator.settings import ModelSettings, ServerSettings, Settings
-from activator.tasks import TaskGroup
 from activator.ui import EventStreams, ui_routes
 from activator.ui.summary import snapshot
 

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from activator.errors import (
+from activator.core.errors import (
     ActivatorError,
     BadRequest,
     BodyTooLarge,

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 
-from activator.errors import BadRequest
+from activator.core.errors import BadRequest
 from activator.http_errors import error_headers
 from activator.proxy import write_access_line
 

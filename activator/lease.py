@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from activator.errors import ActivatorError
+from activator.core.errors import ActivatorError
 
 if TYPE_CHECKING:
     from activator.lifecycle import Model

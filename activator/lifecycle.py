@@ -40,7 +40,7 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Protocol
 
 from activator.backends.base import Backend
-from activator.errors import (
+from activator.core.errors import (
     ActivatorError,
     HoldTimeout,
     ModelUnavailable,
@@ -48,6 +48,7 @@ from activator.errors import (
     ShuttingDown,
     StartFailed,
 )
+from activator.core.tasks import TaskGroup
 from activator.http_client import HttpClient
 from activator.lease import HoldCounter, Lease, Waiters
 from activator.metrics import Metrics
@@ -57,7 +58,6 @@ from activator.policy import ModelView
 from activator.routing import PodLease
 from activator.scaleout import ScaleOut, ScaleTarget
 from activator.settings import ModelSettings
-from activator.tasks import TaskGroup
 from activator.transitions import Effect, Event, cause_of, move
 
 logger = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
+from activator.core.states import STATES
 from activator.cost import CostMeter
 from activator.exposition import Exposition
 from activator.settings import ModelSettings
-from activator.states import STATES
 from activator.usage import Usage
 
 UNKNOWN_MODEL = "__unknown__"
@@ -40,7 +40,7 @@ REQUEST_BUCKETS = (
 HELD_REASONS = ("starting", "waiting_for_gpu", "draining", "saturated")
 REPLICA_KINDS = ("desired", "actual")
 RELOAD_OUTCOMES = ("ok", "invalid", "refused")
-# The lifecycle's states (named in activator.states, moved between by the one table in
+# The lifecycle's states (named in activator.core.states, moved between by the one table in
 # activator.transitions), plus "unknown": shown while the backend cannot observe the
 # engine.
 MODEL_STATES = (*STATES, "unknown")

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from activator.errors import ModelRemoved, ModelUnavailable
+from activator.core.errors import ModelRemoved, ModelUnavailable
+from activator.core.tasks import TaskGroup
 from activator.metrics import Metrics
 from activator.settings import ModelSettings
-from activator.tasks import TaskGroup
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend

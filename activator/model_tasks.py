@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from activator import engine_sleep
-from activator.errors import ActivatorError, StartFailed
+from activator.core.errors import ActivatorError, StartFailed
 from activator.http_client import HttpClient
 from activator.lease import Lease
 from activator.metrics import Metrics

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
-from activator.errors import BadRequest, InternalError
+from activator.core.errors import BadRequest, InternalError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from activator.errors import (
+from activator.core.errors import (
     ActivatorError,
     InternalError,
     MethodNotAllowed,

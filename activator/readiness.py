@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from activator.errors import StartFailed
+from activator.core.errors import StartFailed
 
 logger = logging.getLogger(__name__)
 

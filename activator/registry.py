@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from activator.errors import ModelNotFound
+from activator.core.errors import ModelNotFound
 from activator.lifecycle import Model
 from activator.pool import PoolScheduler
 

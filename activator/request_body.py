@@ -31,7 +31,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from multidict import MultiDict
 
-from activator.errors import (
+from activator.core.errors import (
     BadRequest,
     BodyTooLarge,
     RequestTimeout,

@@ -40,7 +40,7 @@ from typing import Any
 
 import aiohttp
 
-from activator.tasks import TaskGroup
+from activator.core.tasks import TaskGroup
 
 logger = logging.getLogger(__name__)
 

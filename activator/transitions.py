@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-# The states' names live in activator.states (metrics labels by them); this table is
+# The states' names live in activator.core.states (metrics labels by them); this table is
 # still the one place that says how a model moves between them.
-from activator.states import STATES as STATES
-from activator.states import State as State
+from activator.core.states import STATES as STATES
+from activator.core.states import State as State
 
 Event = Literal[
     "start",  # the pool: make it ready (a cold start, or a wake when it sleeps)

@@ -30,11 +30,11 @@ PACKAGE = "activator"
 LAYERS: dict[str, int] = {
     # 0 core: typed errors, guarded tasks
     "activator": 0,  # the package itself: its docstring and version
-    "activator.errors": 0,
-    "activator.tasks": 0,
+    "activator.core.errors": 0,
+    "activator.core.tasks": 0,
     # The names of a model's states: a vocabulary that imports nothing, here rather than
     # with the model (activator.transitions) so that metrics may label by it.
-    "activator.states": 0,
+    "activator.core.states": 0,
     # 1 configuration
     "activator.settings": 1,
     "activator.config": 1,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Re-exported while callers move to activator.errors (issue 19); placement code below
+# Re-exported while callers move to activator.core.errors (issue 19); placement code below
 # the backends raises and catches it too, so it is defined there.
-from activator.errors import BackendError as BackendError
+from activator.core.errors import BackendError as BackendError
 
 
 class BackendListener(Protocol):

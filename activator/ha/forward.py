@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from activator.errors import ActivatorError
+from activator.core.errors import ActivatorError
 from activator.ui.auth import SESSION_COOKIE, UI_HEADER
 
 log = logging.getLogger(__name__)

@@ -48,7 +48,8 @@ from aiohttp import web
 from activator.admin import ReadyFlag
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kubernetes import KubernetesBackend
-from activator.errors import Conflict
+from activator.core.errors import Conflict
+from activator.core.tasks import TaskGroup
 from activator.ha import forward, status
 from activator.ha.blocks import Blocks
 from activator.ha.changes import Changes
@@ -69,7 +70,6 @@ from activator.metrics import Metrics
 from activator.policy import ModelView
 from activator.registry import ModelRegistry
 from activator.settings import LeaderElectionSettings
-from activator.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from activator.backends.base import Backend
 from activator.config import ConfigError
+from activator.core.tasks import TaskGroup
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.model_reload import PendingEngine
@@ -35,7 +36,6 @@ from activator.registry import ModelRegistry
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
 from activator.reload.source import SHOWN_DIGITS, ConfigFile, Snapshot, settings_digest
 from activator.settings import ModelSettings, ServerSettings, Settings
-from activator.tasks import TaskGroup
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
-from activator.errors import ActivatorError, ShuttingDown
+from activator.core.errors import ActivatorError, ShuttingDown
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from activator.errors import ActivatorError
+from activator.core.errors import ActivatorError
 
 # 10 wrong keys a minute is more than a person mistypes, and it takes guessing from the
 # 1,660 a second a script reached unthrottled to 10 a minute per address.

@@ -27,7 +27,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from activator.errors import BackendError
+from activator.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from activator.backends.kube.calls import ApiFunction, Obj, Op, RetryPolicy, call
 from activator.backends.kube.endpoints import EndpointSliceWatch
 from activator.backends.kube.informer import Informer, WatchPolicy
-from activator.errors import BackendError
+from activator.core.errors import BackendError
 from activator.settings import KubernetesSettings
 
 log = logging.getLogger(__name__)

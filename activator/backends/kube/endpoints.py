@@ -26,7 +26,7 @@ from typing import Protocol
 
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.informer import Informer
-from activator.errors import BackendError
+from activator.core.errors import BackendError
 from activator.routing import PodEndpoint
 
 log = logging.getLogger(__name__)

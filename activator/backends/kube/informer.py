@@ -35,7 +35,7 @@ from activator.backends.kube.calls import (
     describe,
     to_backend_error,
 )
-from activator.errors import BackendError
+from activator.core.errors import BackendError
 
 log = logging.getLogger(__name__)
 
