@@ -12,6 +12,7 @@ from aiohttp.typedefs import Handler
 
 from activator.admin import ReadyFlag, admin_routes
 from activator.backends.base import Backend
+from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.errors import NotFound, Unauthorized
 from activator.core.tasks import TaskGroup
 from activator.credentials import Credentials
@@ -26,7 +27,6 @@ from activator.proxy import ENDPOINTS, Proxy
 from activator.registry import ModelRegistry
 from activator.reload import ConfigFile, Reloader
 from activator.request_body import BodyReads, unread_bodies_middleware
-from activator.settings import ModelSettings, ServerSettings, Settings
 from activator.ui import EventStreams, ui_routes
 from activator.ui.summary import snapshot
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from activator import __version__
-from activator.config import ConfigError, load_config
-from activator.settings import Settings
+from activator.config.load import ConfigError, load_config
+from activator.config.settings import Settings
 
 logger = logging.getLogger("activator")
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from activator.settings import CostSettings
+from activator.config.settings import CostSettings
 from activator.usage import Usage
 
 # The states in which an engine holds its GPUs; each is its own label but ready, which

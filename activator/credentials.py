@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from activator.settings import ServerSettings
+from activator.config.settings import ServerSettings
 from activator.ui.auth import SESSION_COOKIE, cookie_may_authorize
 from activator.ui.sessions import SessionStore
 

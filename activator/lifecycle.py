@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Protocol
 
 from activator.backends.base import Backend
+from activator.config.settings import ModelSettings
 from activator.core.errors import (
     ActivatorError,
     HoldTimeout,
@@ -57,7 +58,6 @@ from activator.model_tasks import ModelTasks
 from activator.policy import ModelView
 from activator.routing import PodLease
 from activator.scaleout import ScaleOut, ScaleTarget
-from activator.settings import ModelSettings
 from activator.transitions import Effect, Event, cause_of, move
 
 logger = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
+from activator.config.settings import ModelSettings
 from activator.core.states import STATES
 from activator.cost import CostMeter
 from activator.exposition import Exposition
-from activator.settings import ModelSettings
 from activator.usage import Usage
 
 UNKNOWN_MODEL = "__unknown__"

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+from activator.config.settings import ModelSettings
 from activator.core.errors import ModelRemoved, ModelUnavailable
 from activator.core.tasks import TaskGroup
 from activator.metrics import Metrics
-from activator.settings import ModelSettings
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from activator import engine_sleep
+from activator.config.settings import ModelSettings
 from activator.core.errors import ActivatorError, StartFailed
 from activator.http_client import HttpClient
 from activator.lease import Lease
 from activator.metrics import Metrics
 from activator.readiness import wait_ready
-from activator.settings import ModelSettings
 from activator.transitions import Event
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from activator.config.settings import ServerSettings
 from activator.core.errors import (
     ActivatorError,
     InternalError,
@@ -37,7 +38,6 @@ from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
 from activator.request_body import BodyReads, read_body
 from activator.routing import sent_nothing
-from activator.settings import ServerSettings
 from activator.usage import StreamTail, Usage, find_usage
 
 logger = logging.getLogger(__name__)

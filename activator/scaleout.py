@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from activator.config.settings import ModelSettings
 from activator.core.errors import BackendError
 from activator.core.tasks import TaskGroup
 from activator.http_client import HttpClient
@@ -35,7 +36,6 @@ from activator.metrics import Metrics
 from activator.readiness import wait_ready
 from activator.routing import PodEndpoint, PodLease, PodRouter, RouterSettings
 from activator.scaling import ReplicaPolicy, Sample, ScaleDecision, ScaleView, decide
-from activator.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import benchlib as bl
 from aiohttp import web
 
 from activator.app import build_app
-from activator.config import parse_config
+from activator.config.load import parse_config
 from activator.testing.fake_kube import FakeKube
 
 

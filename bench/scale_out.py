@@ -58,7 +58,7 @@ import benchlib as bl
 from aiohttp import web
 
 from activator.app import METRICS, build_app
-from activator.config import parse_config
+from activator.config.load import parse_config
 from activator.testing.fake_kube import FakeKube, PodPlan
 from activator.testing.fakekube.store import Change
 from activator.testing.polling import poll

@@ -10,9 +10,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 from activator.backends.kube.cluster import KubeCluster
+from activator.config.ha import HaSettings
+from activator.config.settings import KubernetesSettings
 from activator.ha.election import LeaderElector, Leadership
-from activator.ha.settings import HaSettings
-from activator.settings import KubernetesSettings
 from activator.testing.fake_kube import FakeKube
 
 NS = "activator"

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from activator.app import METRICS, REGISTRY, build_app
-from activator.config import parse_config
+from activator.config.load import parse_config
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.testing.polling import poll

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from activator import settings as settings_module
-from activator.config import (
+from activator.config import settings as settings_module
+from activator.config.load import (
     ConfigError,
     file_keys,
     load_config,
@@ -22,7 +22,7 @@ from activator.config import (
     parse_duration,
     parse_size,
 )
-from activator.settings import (
+from activator.config.settings import (
     CostSettings,
     KubernetesSettings,
     KubernetesTarget,
@@ -705,7 +705,7 @@ def test_numbers_and_booleans_are_not_read_from_yaml_strings(
     cls: type[BaseModel], key: str
 ) -> None:
     # pydantic's plain int/float/bool would turn "1" into a number; a YAML string in a
-    # numeric field is a mistake worth reporting (activator.config_types).
+    # numeric field is a mistake worth reporting (activator.config.types).
     with pytest.raises(ValidationError) as caught:
         cls.model_validate({key: "1"})
     assert (key,) in [error["loc"] for error in caught.value.errors()]

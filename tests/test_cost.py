@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from activator.config import ConfigError, parse_config
+from activator.config.load import ConfigError, parse_config
+from activator.config.settings import ModelSettings
 from activator.cost import HOLDING, IDLE, figure, gpu_label
 from activator.metrics import Metrics
-from activator.settings import ModelSettings
 from activator.usage import Usage
 from tests.harness import model_config
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from activator.config import load_config
+from activator.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from activator.cli import embedded_config
-from activator.config import load_config
+from activator.config.load import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

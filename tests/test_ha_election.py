@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from activator.config.ha import HaSettings, default_identity, pod_owner_from_env
 from activator.ha import records
 from activator.ha.election import LeaderElector
-from activator.ha.settings import HaSettings, default_identity, pod_owner_from_env
 from activator.testing.fake_kube import FakeKube
 from tests.ha_support import (
     LEASE,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from activator.config.settings import LeaderElectionSettings
 from activator.ha import demand as wire
 from activator.ha import wiring
 from activator.ha.demand import ModelDemand, ReplicaReport, Reported
@@ -21,7 +22,6 @@ from activator.ha.follow import (
 from activator.ha.intent import ModelIntent, decode, encode
 from activator.ha.wiring import ha_settings
 from activator.policy import ModelView, decide
-from activator.settings import LeaderElectionSettings
 
 NOW = 1000.0
 LEASE = 15.0

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
+from activator.config.ha import HaSettings
 from activator.ha.election import LeaderElector
 from activator.ha.intent import (
     ANNOTATION,
@@ -19,7 +20,6 @@ from activator.ha.intent import (
     encode,
     intent_of,
 )
-from activator.ha.settings import HaSettings
 from activator.testing.fake_kube import FakeKube
 from tests.ha_support import LEASE, NS, Recorder, connect, electors, leaders
 from tests.harness import wait_for

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from activator.cli import _single_activator, lock_path
-from activator.config import parse_config
+from activator.config.load import parse_config
 from tests.harness import model_config, unique
 from tests.serve_process import free_port, run_cli, serving
 

@@ -15,7 +15,7 @@ from activator.backends.base import BackendError
 from activator.backends.kube.calls import RetryPolicy
 from activator.backends.kube.status import SchedulingSignals, scheduling_failure, view_pod
 from activator.backends.kubernetes import KubeCluster, KubernetesBackend, KubeTuning
-from activator.settings import KubernetesSettings, KubernetesTarget, ModelSettings
+from activator.config.settings import KubernetesSettings, KubernetesTarget, ModelSettings
 from activator.testing.fake_kube import FakeKube
 
 FAST = KubeTuning(

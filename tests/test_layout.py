@@ -8,7 +8,7 @@ for the reader. `from package import name` is an edge to `package.name` when tha
 module, else to the package.
 
 LAYERS maps module prefixes to layer numbers, lowest first; the longest prefix wins
-(`activator.ha.settings` is configuration, the rest of `activator.ha` is HA). A module
+(`activator.config.ha` is configuration, the rest of `activator.ha` is HA). A module
 may import its own layer or lower ones, never higher; within a layer, never in a cycle.
 A new module falls under its package's prefix; a new top-level module needs a row.
 """
@@ -36,10 +36,10 @@ LAYERS: dict[str, int] = {
     # with the model (activator.transitions) so that metrics may label by it.
     "activator.core.states": 0,
     # 1 configuration
-    "activator.settings": 1,
-    "activator.config": 1,
-    "activator.config_types": 1,
-    "activator.ha.settings": 1,
+    "activator.config.settings": 1,
+    "activator.config.load": 1,
+    "activator.config.types": 1,
+    "activator.config.ha": 1,
     # 2 observability
     "activator.metrics": 2,
     "activator.exposition": 2,

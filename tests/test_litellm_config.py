@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from activator.config import parse_config
+from activator.config.load import parse_config
 from activator.litellm_config import litellm_config, render, server_url
 from tests.conftest import ActivatorFactory
 from tests.harness import model_config

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from activator.backends.kube.calls import LastingApiError, RetryPolicy
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.endpoints import EndpointSliceWatch, pod_endpoints
+from activator.config.settings import KubernetesSettings
 from activator.readiness import wait_ready
 from activator.routing import (
     PodEndpoint,
@@ -36,7 +37,6 @@ from activator.routing import (
     RouterSettings,
     sent_nothing,
 )
-from activator.settings import KubernetesSettings
 from activator.testing.fake_engine import STATS, EngineOptions, build_app
 from activator.testing.fake_kube import FakeKube, PodPlan
 from tests.harness import wait_for

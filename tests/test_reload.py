@@ -21,7 +21,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from activator.app import build_app
-from activator.config import load_config
+from activator.config.load import load_config
 from activator.reload import ConfigFile
 from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE

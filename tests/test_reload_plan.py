@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from activator.config import parse_config
+from activator.config.load import parse_config
+from activator.config.settings import Settings
 from activator.policy import ModelView
 from activator.pool import over_host_memory
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
-from activator.settings import Settings
 
 ENGINE = ["python", "-m", "engine", "--port", "{port}"]
 KUBE = {"namespace": "ml", "deployment": "k", "url": "http://k.ml:8000"}

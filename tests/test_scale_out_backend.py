@@ -20,13 +20,13 @@ from activator.backends.kubernetes import (
     KubeTuning,
     NotLeader,
 )
-from activator.routing import PodEndpoint
-from activator.settings import (
+from activator.config.settings import (
     KubernetesSettings,
     KubernetesTarget,
     ModelSettings,
     ReplicasSettings,
 )
+from activator.routing import PodEndpoint
 from activator.testing.fake_kube import FakeKube, PodPlan
 from tests.harness import wait_for
 from tests.test_kubernetes_backend import Recorder

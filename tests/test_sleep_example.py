@@ -10,7 +10,7 @@ import openai
 import pytest
 import yaml
 
-from activator.config import load_config
+from activator.config.load import load_config
 from tests.conftest import ActivatorFactory
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "sleep-mode.yaml"

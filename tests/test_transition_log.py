@@ -15,7 +15,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from activator.app import build_app
-from activator.config import load_config
+from activator.config.load import load_config
 from activator.reload import ConfigFile
 from activator.transitions import EVENTS, cause_of
 from tests.conftest import ActivatorFactory

@@ -43,9 +43,9 @@ from activator.backends.kube.pods import WorkloadPods
 from activator.backends.kube.scale import DELETION_COST, NotLeader, ScaleWriter
 from activator.backends.kube.status import event_line, owns_pod_name
 from activator.backends.kube.wake import WakeTracker
+from activator.config.settings import KubernetesTarget, ModelSettings
 from activator.core.errors import BackendError
 from activator.routing import PodEndpoint
-from activator.settings import KubernetesTarget, ModelSettings
 
 __all__ = ["DELETION_COST", "KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
 

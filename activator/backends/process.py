@@ -18,9 +18,9 @@ import socket
 import sys
 
 from activator.backends.base import BackendListener
+from activator.config.settings import ModelSettings, ProcessTarget
 from activator.core.errors import BackendError
 from activator.core.tasks import TaskGroup
-from activator.settings import ModelSettings, ProcessTarget
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 from activator.backends.kube.cluster import KubeCluster
+from activator.config.ha import HaSettings
+from activator.config.settings import KubernetesSettings
 from activator.ha.election import LeaderElector, Leadership
-from activator.ha.settings import HaSettings
-from activator.settings import KubernetesSettings
 
 
 def emit(event: str, **fields: Any) -> None:

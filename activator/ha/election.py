@@ -54,6 +54,7 @@ from typing import Any
 
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster
+from activator.config.ha import HaSettings, default_identity
 from activator.ha import records
 from activator.ha.changes import Changes
 from activator.ha.leases import (
@@ -65,7 +66,6 @@ from activator.ha.leases import (
     holder_of,
     micro_time,
 )
-from activator.ha.settings import HaSettings, default_identity
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kube.informer import Informer
+from activator.config.ha import HaSettings
 from activator.ha.changes import Changes
 from activator.ha.election import LeaderElector, Leadership
 from activator.ha.leases import LeaseClient, annotations_of, holder_of, lease_informer, spec_of
-from activator.ha.settings import HaSettings
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from activator.backends.kube.calls import ApiFunction, Obj, describe, read_json
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kube.informer import Informer, WatchPolicy
-from activator.ha.settings import HaSettings
+from activator.config.ha import HaSettings
 
 GROUP = "coordination.k8s.io"
 MERGE_PATCH = "application/merge-patch+json"

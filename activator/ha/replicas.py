@@ -37,6 +37,13 @@ from collections.abc import Callable, Mapping
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kube.informer import Informer
+from activator.config.ha import (
+    REPLICA_LEASE_PREFIX,
+    HaSettings,
+    PodOwner,
+    default_identity,
+    replica_lease_name,
+)
 from activator.ha import demand as wire
 from activator.ha.changes import Changes
 from activator.ha.demand import ClusterView, Demand, Freshness, ReplicaReport, Reported
@@ -50,13 +57,6 @@ from activator.ha.leases import (
     lease_informer,
     micro_time,
     spec_of,
-)
-from activator.ha.settings import (
-    REPLICA_LEASE_PREFIX,
-    HaSettings,
-    PodOwner,
-    default_identity,
-    replica_lease_name,
 )
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+from activator.config.ha import HaSettings
 from activator.ha.blocks import Blocks
 from activator.ha.election import snapshot
-from activator.ha.settings import HaSettings
 from activator.lifecycle import Model
 
 

@@ -48,6 +48,8 @@ from aiohttp import web
 from activator.admin import ReadyFlag
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kubernetes import KubernetesBackend
+from activator.config.ha import HaSettings, default_identity, pod_owner_from_env
+from activator.config.settings import LeaderElectionSettings
 from activator.core.errors import Conflict
 from activator.core.tasks import TaskGroup
 from activator.ha import forward, status
@@ -64,12 +66,10 @@ from activator.ha.follow import (
 )
 from activator.ha.intent import IntentPublisher, IntentWatcher, ModelIntent
 from activator.ha.replicas import ClusterDemand, DemandPublisher
-from activator.ha.settings import HaSettings, default_identity, pod_owner_from_env
 from activator.lifecycle import Model
 from activator.metrics import Metrics
 from activator.policy import ModelView
 from activator.registry import ModelRegistry
-from activator.settings import LeaderElectionSettings
 
 log = logging.getLogger(__name__)
 

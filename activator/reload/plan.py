@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from activator.settings import ModelSettings, PoolSettings, ServerSettings, Settings
+from activator.config.settings import ModelSettings, PoolSettings, ServerSettings, Settings
 
 S = TypeVar("S", bound=BaseModel)
 

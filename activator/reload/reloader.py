@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from activator.backends.base import Backend
-from activator.config import ConfigError
+from activator.config.load import ConfigError
+from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.tasks import TaskGroup
 from activator.lifecycle import Model
 from activator.metrics import Metrics
@@ -35,7 +36,6 @@ from activator.pool import PoolScheduler
 from activator.registry import ModelRegistry
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
 from activator.reload.source import SHOWN_DIGITS, ConfigFile, Snapshot, settings_digest
-from activator.settings import ModelSettings, ServerSettings, Settings
 
 logger = logging.getLogger(__name__)
 

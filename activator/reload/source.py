@@ -15,8 +15,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from activator.config import ConfigError, load_config_bytes
-from activator.settings import Settings
+from activator.config.load import ConfigError, load_config_bytes
+from activator.config.settings import Settings
 
 # A config file is kilobytes; reading it for its digest is bounded all the same.
 MAX_READ = 16 * 1024 * 1024

@@ -19,8 +19,8 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from activator.backends.kube.calls import ApiFunction, Obj, Op, RetryPolicy, call
 from activator.backends.kube.endpoints import EndpointSliceWatch
 from activator.backends.kube.informer import Informer, WatchPolicy
+from activator.config.settings import KubernetesSettings
 from activator.core.errors import BackendError
-from activator.settings import KubernetesSettings
 
 log = logging.getLogger(__name__)
 

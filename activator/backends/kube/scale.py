@@ -12,7 +12,7 @@ write, and every scale write is conditional: the PATCH carries the resourceVersi
 the scale it read, a 409 means another writer came first, and the scale is read and
 decided again (never a lost update); a write that would change nothing is not made.
 
-It may import activator.core.errors, activator.settings and the kube machinery below the
+It may import activator.core.errors, activator.config.settings and the kube machinery below the
 backend (calls, cluster); never activator.backends.kubernetes, which uses it.
 """
 
@@ -24,8 +24,8 @@ from typing import Any
 
 from activator.backends.kube.calls import ApiFunction, ConflictError, Obj, Op
 from activator.backends.kube.cluster import KubeCluster
+from activator.config.settings import KubernetesTarget
 from activator.core.errors import BackendError
-from activator.settings import KubernetesTarget
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Load a YAML config into the frozen settings of `activator.settings`.
+"""Load a YAML config into the frozen settings of `activator.config.settings`.
 
 pydantic checks every value against the settings classes; this module adds what belongs
 to a file: `${VAR}` substitution, the places where a file's shape differs from the
@@ -21,21 +21,21 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from activator.config_types import (
-    SECRET,
-    EnvStr,
-    WrongType,
-    kind_of,
-    parse_duration,
-    parse_size,
-)
-from activator.settings import (
+from activator.config.settings import (
     KubernetesTarget,
     ModelDefaults,
     ModelSettings,
     PoolSettings,
     Settings,
     WorkloadKind,
+)
+from activator.config.types import (
+    SECRET,
+    EnvStr,
+    WrongType,
+    kind_of,
+    parse_duration,
+    parse_size,
 )
 
 __all__ = ["ConfigError", "load_config", "parse_config", "parse_duration", "parse_size"]

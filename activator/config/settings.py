@@ -1,12 +1,12 @@
-"""Typed, frozen settings. `activator.config` builds these from YAML; nothing else parses config.
+"""Typed, frozen settings. `activator.config.load` builds these from YAML; nothing else parses config.
 
 Each class is a pydantic model and the single description of its config section: a field
-is a key of the same name (except where activator.config says otherwise: a model's name is
-its key under `models:`), its type says what values are valid (activator.config_types),
+is a key of the same name (except where activator.config.load says otherwise: a model's name is
+its key under `models:`), its type says what values are valid (activator.config.types),
 its default says why it is what it is. Unknown keys are errors. Durations are seconds.
 
-A new section is a small class here plus a field that holds it; activator.config needs
-no change. Types come from activator.config_types (not plain int/float/bool, which would
+A new section is a small class here plus a field that holds it; activator.config.load needs
+no change. Types come from activator.config.types (not plain int/float/bool, which would
 read YAML text as numbers), secrets are marked SECRET, and a check within one object is a
 validator of its class (see ProcessTarget).
 """
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from activator.config_types import (
+from activator.config.types import (
     SECRET,
     UNQUOTED_OFF,
     Command,
@@ -124,9 +124,9 @@ class LeaderElectionSettings(Section):
 
     @model_validator(mode="after")
     def _consistent_timings(self) -> LeaderElectionSettings:
-        from activator.ha.settings import HaSettings
+        from activator.config.ha import HaSettings
 
-        try:  # the rules client-go applies (activator.ha.settings.validate)
+        try:  # the rules client-go applies (activator.config.ha.validate)
             HaSettings(
                 namespace=self.namespace or "default",
                 lease_name=self.lease_name,
@@ -228,7 +228,7 @@ class PoolSettings(Section):
     name: str  # its key under `pools:`
     gpus: Count
     # Host RAM that the pool's sleeping (level 1) models may hold together; None = no
-    # model of the pool sleeps at level 1 (activator.config requires it when one does).
+    # model of the pool sleeps at level 1 (activator.config.load requires it when one does).
     host_memory: Size | None = None
 
 

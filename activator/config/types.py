@@ -1,7 +1,7 @@
 """The value types of the settings: what a config may write for a duration, a size, a port.
 
 Each is an `Annotated` type whose validator turns what YAML gives into the settings' value,
-or raises ValueError saying what is wrong (activator.config adds the key path and the
+or raises ValueError saying what is wrong (activator.config.load adds the key path and the
 value). Numeric and boolean fields use these rather than plain int/float/bool, which
 pydantic would coerce from text: a YAML string "8080" is a mistake worth reporting. Text
 from an environment variable (`EnvStr`) is the exception: variables are always text.
@@ -71,7 +71,7 @@ def problem_at(key: str, message: str, value: object) -> ValidationError:
     return ValidationError.from_exception_data("settings", details)
 
 
-# --- durations and sizes (also public: activator.config re-exports them) ---------------
+# --- durations and sizes (also public: activator.config.load re-exports them) ---------------
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
