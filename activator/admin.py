@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from activator.core.errors import ConfigInvalid, Conflict, ReloadRefused
 from activator.lifecycle import Model
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.registry import ModelRegistry
 from activator.reload import ReloadResult
 

@@ -21,7 +21,7 @@ from activator.http_errors import error_response, errors_middleware
 from activator.http_rejections import ParserRejections
 from activator.lease import HoldCounter
 from activator.lifecycle import Model
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.pool import PoolScheduler
 from activator.proxy import ENDPOINTS, Proxy
 from activator.registry import ModelRegistry

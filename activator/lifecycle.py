@@ -52,9 +52,9 @@ from activator.core.errors import (
 from activator.core.tasks import TaskGroup
 from activator.http_client import HttpClient
 from activator.lease import HoldCounter, Lease, Waiters
-from activator.metrics import Metrics
 from activator.model_reload import ModelReload, PendingEngine
 from activator.model_tasks import ModelTasks
+from activator.observability.metrics import Metrics
 from activator.policy import ModelView
 from activator.routing import PodLease
 from activator.scaleout import ScaleOut, ScaleTarget

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 from activator.config.settings import ModelSettings
 from activator.core.errors import ModelRemoved, ModelUnavailable
 from activator.core.tasks import TaskGroup
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend

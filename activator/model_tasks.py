@@ -22,7 +22,7 @@ from activator.config.settings import ModelSettings
 from activator.core.errors import ActivatorError, StartFailed
 from activator.http_client import HttpClient
 from activator.lease import Lease
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.readiness import wait_ready
 from activator.transitions import Event
 

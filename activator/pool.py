@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from activator.lifecycle import Model
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.policy import Decision, ModelView, decide, gpus_in_use, host_in_use, plan_sleeps
 from activator.scaling import pool_room
 

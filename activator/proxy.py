@@ -33,12 +33,12 @@ from activator.http_client import HttpClient
 from activator.http_errors import engine_error_body, error_response, sse_error_event
 from activator.lease import Lease
 from activator.lifecycle import Model
-from activator.metrics import UNKNOWN_MODEL, Metrics
+from activator.observability.metrics import UNKNOWN_MODEL, Metrics
+from activator.observability.usage import StreamTail, Usage, find_usage
 from activator.payload import PayloadParser
 from activator.registry import ModelRegistry
 from activator.request_body import BodyReads, read_body
 from activator.routing import sent_nothing
-from activator.usage import StreamTail, Usage, find_usage
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("activator.access")
@@ -322,7 +322,7 @@ class Proxy:
             )
         ex.status = upstream.status
         chunks = upstream.content.iter_any()
-        # Only the last reads are kept, for the usage at the end (activator.usage).
+        # Only the last reads are kept, for the usage at the end (activator.observability.usage).
         tail = StreamTail()
         keep = tail.append
         while True:

@@ -32,7 +32,7 @@ from activator.config.settings import ModelSettings
 from activator.core.errors import BackendError
 from activator.core.tasks import TaskGroup
 from activator.http_client import HttpClient
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.readiness import wait_ready
 from activator.routing import PodEndpoint, PodLease, PodRouter, RouterSettings
 from activator.scaling import ReplicaPolicy, Sample, ScaleDecision, ScaleView, decide
@@ -352,7 +352,7 @@ class ScaleOut:
         m.labels(model=self.name, kind="actual").set(self.router.routable)
         gpus = self._settings.gpus * self.replicas
         if gpus != self._counted_gpus:
-            # GPU time and cost count every replica asked for (activator.cost).
+            # GPU time and cost count every replica asked for (activator.observability.cost).
             self._counted_gpus = gpus
             s = self._settings
             self._metrics.cost.add_model(self.name, pool=s.pool, gpus=gpus, prices=s.cost)

@@ -1,4 +1,4 @@
-"""What counting tokens costs the proxy: the work activator.usage adds per relayed chunk,
+"""What counting tokens costs the proxy: the work activator.observability.usage adds per relayed chunk,
 per stream and per non-streamed answer, against parsing the JSON instead.
 
   python bench/usage_scan.py            # about a minute
@@ -27,7 +27,7 @@ from typing import Any
 
 import benchlib as bl
 
-from activator.usage import StreamTail, find_usage
+from activator.observability.usage import StreamTail, find_usage
 
 USAGE = {"prompt_tokens": 812, "completion_tokens": 256, "total_tokens": 1068}
 HEAD = {

@@ -1,4 +1,4 @@
-"""GPU time and cost per model (activator.cost), against a scripted timeline and a fake
+"""GPU time and cost per model (activator.observability.cost), against a scripted timeline and a fake
 clock: what each state counts, what is billed, that scrapes in between change nothing
 but the time they see, and which series exist when. Fed as the app feeds it, through
 Metrics (set_state, request_started / request_ended, count_tokens, render).
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from activator.config.load import ConfigError, parse_config
 from activator.config.settings import ModelSettings
-from activator.cost import HOLDING, IDLE, figure, gpu_label
-from activator.metrics import Metrics
-from activator.usage import Usage
+from activator.observability.cost import HOLDING, IDLE, figure, gpu_label
+from activator.observability.metrics import Metrics
+from activator.observability.usage import Usage
 from tests.harness import model_config
 
 # 2 GPUs at $3.60 an hour: a tenth of a cent per GPU-second, so dollars read as

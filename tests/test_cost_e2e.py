@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from activator.cost import figure
+from activator.observability.cost import figure
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, model_config, post, unique, wait_for
 

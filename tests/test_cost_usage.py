@@ -1,4 +1,4 @@
-"""Finding the engines' `usage` (activator.usage): in every answer shape vLLM and the
+"""Finding the engines' `usage` (activator.observability.usage): in every answer shape vLLM and the
 OpenAI API use, from the end, without being fooled by the word elsewhere, and bounded."""
 
 from __future__ import annotations
@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from activator.usage import MAX_USAGE_BYTES, TAIL_CHUNKS, StreamTail, Usage, find_usage
+from activator.observability.usage import (
+    MAX_USAGE_BYTES,
+    TAIL_CHUNKS,
+    StreamTail,
+    Usage,
+    find_usage,
+)
 from tests.test_bench_smoke import run_smoke
 
 CHAT_USAGE = {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}

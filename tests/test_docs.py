@@ -19,7 +19,7 @@ def test_embedded_default_config_loads() -> None:
 
 
 def test_readme_lists_every_metric() -> None:
-    from activator.metrics import Metrics
+    from activator.observability.metrics import Metrics
 
     readme = (ROOT / "README.md").read_text()
     names = {metric.name for metric in Metrics().registry.collect()}

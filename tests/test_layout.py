@@ -41,10 +41,10 @@ LAYERS: dict[str, int] = {
     "activator.config.types": 1,
     "activator.config.ha": 1,
     # 2 observability
-    "activator.metrics": 2,
-    "activator.exposition": 2,
-    "activator.cost": 2,
-    "activator.usage": 2,
+    "activator.observability.metrics": 2,
+    "activator.observability.exposition": 2,
+    "activator.observability.cost": 2,
+    "activator.observability.usage": 2,
     # 3 talking to an engine
     "activator.http_client": 3,
     "activator.readiness": 3,

@@ -17,8 +17,8 @@ from prometheus_client import generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
 from activator import __version__
-from activator.exposition import Exposition, _Family
-from activator.metrics import MODEL_STATES, UNKNOWN_MODEL, Metrics
+from activator.observability.exposition import Exposition, _Family
+from activator.observability.metrics import MODEL_STATES, UNKNOWN_MODEL, Metrics
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, engine_pids, model_config, post, unique, wait_for
 

@@ -28,7 +28,7 @@ import openai
 import pytest
 import yaml
 
-from activator.metrics import WAKE_BUCKETS
+from activator.observability.metrics import WAKE_BUCKETS
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, model_config, wait_for
 from tests.tools import on_path

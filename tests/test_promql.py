@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from tests.tools import on_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_every_activator_metric_referenced_is_exported() -> None:
         for name in METRIC_NAME.findall(query.expr)
         if name not in exported
     }
-    assert not unknown, f"not in activator.metrics: {sorted(unknown)}"
+    assert not unknown, f"not in activator.observability.metrics: {sorted(unknown)}"
 
 
 def test_dashboard_uses_only_declared_variables() -> None:

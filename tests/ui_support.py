@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.request_body import BodyReads
 from activator.ui import EventStreams, ui_routes
 

@@ -258,7 +258,7 @@ class SleepSettings(Section):
 
 class CostSettings(Section):
     """What a model costs, in dollars (any one currency will do): for
-    activator_cost_dollars_total (activator.cost) and LiteLLM's per-token prices
+    activator_cost_dollars_total (activator.observability.cost) and LiteLLM's per-token prices
     (activator.litellm_config). Every price is optional; None = not priced."""
 
     # Per GPU and hour the engine holds its GPUs (x the model's `gpus`), in every state
@@ -322,7 +322,7 @@ class ModelDefaults(Section):
     # Scale-out by load (Kubernetes models only when max > 1); under `defaults:` and a
     # model both, a model's keys win key by key.
     replicas: ReplicasSettings = Field(default_factory=ReplicasSettings)
-    # Prices (activator.cost); under `defaults:` and a model both, a model's keys win
+    # Prices (activator.observability.cost); under `defaults:` and a model both, a model's keys win
     # key by key. None = no activator_cost_dollars_total for the model.
     cost: CostSettings | None = None
 

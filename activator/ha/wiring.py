@@ -67,7 +67,7 @@ from activator.ha.follow import (
 from activator.ha.intent import IntentPublisher, IntentWatcher, ModelIntent
 from activator.ha.replicas import ClusterDemand, DemandPublisher
 from activator.lifecycle import Model
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.policy import ModelView
 from activator.registry import ModelRegistry
 

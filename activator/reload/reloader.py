@@ -30,8 +30,8 @@ from activator.config.load import ConfigError
 from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.tasks import TaskGroup
 from activator.lifecycle import Model
-from activator.metrics import Metrics
 from activator.model_reload import PendingEngine
+from activator.observability.metrics import Metrics
 from activator.pool import PoolScheduler
 from activator.registry import ModelRegistry
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals

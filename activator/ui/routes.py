@@ -16,7 +16,7 @@ from importlib import resources
 from aiohttp import web
 
 from activator.core.errors import NotFound
-from activator.metrics import Metrics
+from activator.observability.metrics import Metrics
 from activator.request_body import BodyReads, read_form
 from activator.ui.auth import SESSION_COOKIE, clear_session, set_session
 from activator.ui.events import EventStreams

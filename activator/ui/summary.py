@@ -7,7 +7,7 @@ from typing import Any
 
 from activator.admin import ReplicaStatus, model_view
 from activator.lifecycle import Model
-from activator.metrics import WAKE_BUCKETS, Metrics
+from activator.observability.metrics import WAKE_BUCKETS, Metrics
 from activator.registry import ModelRegistry
 
 # Fields of a model's `cluster` entry that change on every look (a clock's reading): the

@@ -20,9 +20,9 @@ from prometheus_client.metrics import MetricWrapperBase
 from activator import __version__
 from activator.config.settings import ModelSettings
 from activator.core.states import STATES
-from activator.cost import CostMeter
-from activator.exposition import Exposition
-from activator.usage import Usage
+from activator.observability.cost import CostMeter
+from activator.observability.exposition import Exposition
+from activator.observability.usage import Usage
 
 UNKNOWN_MODEL = "__unknown__"
 
@@ -265,7 +265,7 @@ class Metrics:
         self.build_info = Info("activator_build", "activator build information.", registry=r)
         self.build_info.info({"version": __version__})
 
-        # Cost (activator.cost owns these: GPU time, tokens, dollars).
+        # Cost (activator.observability.cost owns these: GPU time, tokens, dollars).
         self.gpu_seconds = Counter(
             "activator_gpu_seconds",
             "GPU-seconds held by the model's engine (its gpus x seconds), by state: "
@@ -323,7 +323,7 @@ class Metrics:
         settings: ModelSettings | None = None,
     ) -> None:
         """Note a configured model. It gets no wake series yet: see `set_state`. Its
-        `settings` (GPUs, pool, prices) are what activator.cost counts with."""
+        `settings` (GPUs, pool, prices) are what activator.observability.cost counts with."""
         self._backends[model] = backend
         if settings is not None:
             self.cost.add_model(model, pool=settings.pool, gpus=settings.gpus, prices=settings.cost)
@@ -362,7 +362,7 @@ class Metrics:
         never wake never carry the 28 series of a histogram."""
         previous = self._states.get(model)
         if previous is not None and previous != state:
-            # A render in progress skips it too (activator.exposition): one scrape never
+            # A render in progress skips it too (activator.observability.exposition): one scrape never
             # shows a model in two states.
             self.model_state.remove(model, previous)
         self.model_state.labels(model=model, state=state).set(1)
@@ -410,7 +410,7 @@ class Metrics:
         """The /metrics body: every metric above, in the Prometheus text format, without
         `_created` series (prometheus_client adds one to every counter and histogram
         series; nothing reads them). Rendered in slices between which the event loop
-        serves requests (activator.exposition). Concurrent calls share one render.
-        GPU time is counted up to now first (activator.cost)."""
+        serves requests (activator.observability.exposition). Concurrent calls share one render.
+        GPU time is counted up to now first (activator.observability.cost)."""
         self.cost.settle()
         return await self._exposition.render()

@@ -36,7 +36,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from activator.config.settings import CostSettings
-from activator.usage import Usage
+from activator.observability.usage import Usage
 
 # The states in which an engine holds its GPUs; each is its own label but ready, which
 # splits into ready (requests in flight) and idle (none).
