@@ -16,7 +16,7 @@ from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.errors import NotFound, Unauthorized
 from activator.core.tasks import TaskGroup
 from activator.credentials import Credentials
-from activator.http_client import HttpClient
+from activator.engine.http_client import HttpClient
 from activator.http_errors import error_response, errors_middleware
 from activator.http_rejections import ParserRejections
 from activator.lease import HoldCounter

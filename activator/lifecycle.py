@@ -50,7 +50,7 @@ from activator.core.errors import (
     StartFailed,
 )
 from activator.core.tasks import TaskGroup
-from activator.http_client import HttpClient
+from activator.engine.http_client import HttpClient
 from activator.lease import HoldCounter, Lease, Waiters
 from activator.model_reload import ModelReload, PendingEngine
 from activator.model_tasks import ModelTasks

@@ -17,13 +17,13 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from activator import engine_sleep
 from activator.config.settings import ModelSettings
 from activator.core.errors import ActivatorError, StartFailed
-from activator.http_client import HttpClient
+from activator.engine import sleep as engine_sleep
+from activator.engine.http_client import HttpClient
+from activator.engine.readiness import wait_ready
 from activator.lease import Lease
 from activator.observability.metrics import Metrics
-from activator.readiness import wait_ready
 from activator.transitions import Event
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ from activator.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from activator.engine.http_client import HttpClient
 from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
-from activator.http_client import HttpClient
 from activator.http_errors import engine_error_body, error_response, sse_error_event
 from activator.lease import Lease
 from activator.lifecycle import Model

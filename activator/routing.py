@@ -44,7 +44,7 @@ from activator.core.tasks import TaskGroup
 
 logger = logging.getLogger(__name__)
 
-# Probe of one pod: return once `url` serves the model (activator.readiness.wait_ready
+# Probe of one pod: return once `url` serves the model (activator.engine.readiness.wait_ready
 # with the model's session, health path, served name and key); raise if it never will.
 # `nudge` is set when the pod's conditions change, so a poll runs at once.
 Probe = Callable[[str, asyncio.Event], Awaitable[None]]

@@ -31,9 +31,9 @@ from typing import Any, Protocol, runtime_checkable
 from activator.config.settings import ModelSettings
 from activator.core.errors import BackendError
 from activator.core.tasks import TaskGroup
-from activator.http_client import HttpClient
+from activator.engine.http_client import HttpClient
+from activator.engine.readiness import wait_ready
 from activator.observability.metrics import Metrics
-from activator.readiness import wait_ready
 from activator.routing import PodEndpoint, PodLease, PodRouter, RouterSettings
 from activator.scaling import ReplicaPolicy, Sample, ScaleDecision, ScaleView, decide
 

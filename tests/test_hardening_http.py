@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from activator.http_client import HttpClient
+from activator.engine.http_client import HttpClient
 from activator.http_errors import errors_middleware
 from activator.lifecycle import Model
 from activator.observability.metrics import UNKNOWN_MODEL, Metrics

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from activator.app import HTTP
-from activator.http_client import HttpClient
+from activator.engine.http_client import HttpClient
 from activator.routing import sent_nothing
 from tests.conftest import ActivatorFactory
 from tests.harness import model_config, unique, wait_for

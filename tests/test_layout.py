@@ -46,9 +46,9 @@ LAYERS: dict[str, int] = {
     "activator.observability.cost": 2,
     "activator.observability.usage": 2,
     # 3 talking to an engine
-    "activator.http_client": 3,
-    "activator.readiness": 3,
-    "activator.engine_sleep": 3,
+    "activator.engine.http_client": 3,
+    "activator.engine.readiness": 3,
+    "activator.engine.sleep": 3,
     # 4 placement
     "activator.policy": 4,
     "activator.scaling": 4,

@@ -27,7 +27,7 @@ from activator.backends.kube.calls import LastingApiError, RetryPolicy
 from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.endpoints import EndpointSliceWatch, pod_endpoints
 from activator.config.settings import KubernetesSettings
-from activator.readiness import wait_ready
+from activator.engine.readiness import wait_ready
 from activator.routing import (
     PodEndpoint,
     PodLease,
