@@ -18,7 +18,7 @@ from activator.core.errors import ActivatorError
 
 if TYPE_CHECKING:
     from activator.lifecycle import Model
-    from activator.routing import PodLease
+    from activator.placement.routing import PodLease
 
 
 class HoldCounter:
@@ -42,7 +42,7 @@ class Lease:
     # error's response; a stream under way: this error as its last event). None: an
     # upstream error carrying `cut_reason`.
     cut_error: ActivatorError | None = None
-    # A scaled-out model's request: its claim on one pod (activator.routing), whose url
+    # A scaled-out model's request: its claim on one pod (activator.placement.routing), whose url
     # is this lease's; released with it, and a pod that disappears cuts it.
     pod_lease: PodLease | None = None
     _on_cut: list[Callable[[], None]] = field(default_factory=list)

@@ -55,9 +55,9 @@ from activator.lease import HoldCounter, Lease, Waiters
 from activator.model_reload import ModelReload, PendingEngine
 from activator.model_tasks import ModelTasks
 from activator.observability.metrics import Metrics
-from activator.policy import ModelView
-from activator.routing import PodLease
-from activator.scaleout import ScaleOut, ScaleTarget
+from activator.placement.policy import ModelView
+from activator.placement.routing import PodLease
+from activator.placement.scaleout import ScaleOut, ScaleTarget
 from activator.transitions import Effect, Event, cause_of, move
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Model(ModelTasks, ModelReload):
         self.scheduler: Scheduler | None = None
         self.replicas: Replicas | None = None
         # replicas.max > 1 on a backend that can: its pods, routing and replica count
-        # (activator.scaleout), set up with the backend.
+        # (activator.placement.scaleout), set up with the backend.
         self.scale: ScaleOut | None = None
         self._granting = False
         self.state = "stopped"

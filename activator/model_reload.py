@@ -23,7 +23,7 @@ from activator.observability.metrics import Metrics
 if TYPE_CHECKING:
     from activator.backends.base import Backend
     from activator.lifecycle import Model
-    from activator.scaleout import ScaleOut
+    from activator.placement.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.lifecycle")
 

@@ -29,7 +29,7 @@ from activator.transitions import Event
 if TYPE_CHECKING:
     from activator.backends.base import Backend
     from activator.lifecycle import Model, Replicas
-    from activator.scaleout import ScaleOut
+    from activator.placement.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.lifecycle")
 

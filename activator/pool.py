@@ -2,14 +2,14 @@
 
 Every model belongs to exactly one scheduler: a configured pool, or a pool of its own
 with no capacity limit (an unconstrained model). The scheduler runs one loop: gather the
-models' views, ask the pure policy (`activator.policy.decide`), carry out the decision,
+models' views, ask the pure policy (`activator.placement.policy.decide`), carry out the decision,
 then sleep until kicked (a request was held, a start or stop finished, a stream ended)
 or until the policy's next deadline (idle timeout, end of a min_residency). Decisions
 within a pool are therefore made by one task, in order.
 
-Scaled-out models (replicas.max > 1, activator.scaleout) are sized in the same step, before
+Scaled-out models (replicas.max > 1, activator.placement.scaleout) are sized in the same step, before
 the policy's starts and swaps: each ready one gets the replicas its demand asks for, within
-the GPUs its pool can give without evicting anything (activator.scaling.pool_room), and a
+the GPUs its pool can give without evicting anything (activator.placement.scaling.pool_room), and a
 pool whose waiting model lacks GPUs takes them back from extra replicas first. A model's
 view counts every replica it asked for.
 
@@ -30,8 +30,15 @@ from typing import Any, Protocol
 
 from activator.lifecycle import Model
 from activator.observability.metrics import Metrics
-from activator.policy import Decision, ModelView, decide, gpus_in_use, host_in_use, plan_sleeps
-from activator.scaling import pool_room
+from activator.placement.policy import (
+    Decision,
+    ModelView,
+    decide,
+    gpus_in_use,
+    host_in_use,
+    plan_sleeps,
+)
+from activator.placement.scaling import pool_room
 
 logger = logging.getLogger(__name__)
 

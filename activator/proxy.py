@@ -36,9 +36,9 @@ from activator.lifecycle import Model
 from activator.observability.metrics import UNKNOWN_MODEL, Metrics
 from activator.observability.usage import StreamTail, Usage, find_usage
 from activator.payload import PayloadParser
+from activator.placement.routing import sent_nothing
 from activator.registry import ModelRegistry
 from activator.request_body import BodyReads, read_body
-from activator.routing import sent_nothing
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("activator.access")

@@ -5,7 +5,7 @@ says which moves exist, so the whole machine can be read (and tested) in one pla
 event that has no row for the current state is not a move: the model ignores it (a stop
 asked of a model that is already stopping, a wake of one that is awake).
 
-States (the GPU column is what `activator.policy` counts):
+States (the GPU column is what `activator.placement.policy` counts):
 
     state           GPU   the engine
     stopped         -     does not run
@@ -189,7 +189,7 @@ def move(state: State, event: Event) -> Move | None:
 
 
 # Why a model leaves the GPU, as its log lines say it: the pool's policy reasons
-# (activator.policy.Stop), the admin API's, a reload's and shutdown's.
+# (activator.placement.policy.Stop), the admin API's, a reload's and shutdown's.
 STOP_CAUSES: Mapping[str, str] = MappingProxyType(
     {
         "idle": "idle",

@@ -113,7 +113,7 @@ class Logs(logging.Handler):
             if line["model"] != MODEL:
                 return
             self.served.append(Served(line["pod"], line["status"], now))
-        elif record.name == "activator.routing":
+        elif record.name == "activator.placement.routing":
             if (routed := ROUTED.match(message)) is not None and routed.group(1) == MODEL:
                 self.routed.append(Routed(routed.group(2), now))
         elif (found := DECISION.search(message)) is not None:
@@ -135,9 +135,9 @@ class Logs(logging.Handler):
     def attached(self) -> Any:
         levels = {
             "activator.access": logging.INFO,
-            "activator.scaleout": logging.INFO,
+            "activator.placement.scaleout": logging.INFO,
             "activator.proxy": logging.INFO,
-            "activator.routing": logging.DEBUG,
+            "activator.placement.routing": logging.DEBUG,
         }
         loggers = [logging.getLogger(n) for n in levels]
         saved = [(lg, lg.level, lg.propagate) for lg in loggers]

@@ -21,7 +21,7 @@ from activator.ha.follow import (
 )
 from activator.ha.intent import ModelIntent, decode, encode
 from activator.ha.wiring import ha_settings
-from activator.policy import ModelView, decide
+from activator.placement.policy import ModelView, decide
 
 NOW = 1000.0
 LEASE = 15.0

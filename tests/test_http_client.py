@@ -8,7 +8,7 @@ import pytest
 
 from activator.app import HTTP
 from activator.engine.http_client import HttpClient
-from activator.routing import sent_nothing
+from activator.placement.routing import sent_nothing
 from tests.conftest import ActivatorFactory
 from tests.harness import model_config, unique, wait_for
 

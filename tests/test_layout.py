@@ -50,10 +50,10 @@ LAYERS: dict[str, int] = {
     "activator.engine.readiness": 3,
     "activator.engine.sleep": 3,
     # 4 placement
-    "activator.policy": 4,
-    "activator.scaling": 4,
-    "activator.routing": 4,
-    "activator.scaleout": 4,
+    "activator.placement.policy": 4,
+    "activator.placement.scaling": 4,
+    "activator.placement.routing": 4,
+    "activator.placement.scaleout": 4,
     # 5 backends
     "activator.backends": 5,
     # 6 a model

@@ -1,4 +1,4 @@
-"""Routing to a model's pods (activator.routing.PodRouter), fed by the shared EndpointSlice
+"""Routing to a model's pods (activator.placement.routing.PodRouter), fed by the shared EndpointSlice
 watch (activator.backends.kube.endpoints) of the fake cluster, whose pods run real
 stand-in engines on their own loopback IPs: least in-flight first; unready, terminating
 and not-yet-probed pods get no new request; a pod that dies loses only its own requests;
@@ -28,7 +28,7 @@ from activator.backends.kube.cluster import KubeCluster, KubeTuning
 from activator.backends.kube.endpoints import EndpointSliceWatch, pod_endpoints
 from activator.config.settings import KubernetesSettings
 from activator.engine.readiness import wait_ready
-from activator.routing import (
+from activator.placement.routing import (
     PodEndpoint,
     PodLease,
     PodRouter,

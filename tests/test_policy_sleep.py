@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from activator.policy import (
+from activator.placement.policy import (
     STARTABLE_STATES,
     Decision,
     ModelView,

@@ -10,7 +10,7 @@ import pytest
 
 from activator.config.load import parse_config
 from activator.config.settings import Settings
-from activator.policy import ModelView
+from activator.placement.policy import ModelView
 from activator.pool import over_host_memory
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
 

@@ -26,7 +26,7 @@ from activator.config.settings import (
     ModelSettings,
     ReplicasSettings,
 )
-from activator.routing import PodEndpoint
+from activator.placement.routing import PodEndpoint
 from activator.testing.fake_kube import FakeKube, PodPlan
 from tests.harness import wait_for
 from tests.test_kubernetes_backend import Recorder

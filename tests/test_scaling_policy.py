@@ -1,4 +1,4 @@
-"""The pure scale-out policy (activator.scaling), pinned with tables: demand sizing, max,
+"""The pure scale-out policy (activator.placement.scaling), pinned with tables: demand sizing, max,
 one-step scale-up, the scale-down window, the pool bound and reclaim; then scenarios from
 issue 14 (max 4, target_concurrency 16) and randomized invariants against a brute-force
 window.
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from activator.policy import ModelView
-from activator.scaling import (
+from activator.placement.policy import ModelView
+from activator.placement.scaling import (
     PoolRoom,
     ReplicaPolicy,
     Sample,

@@ -10,8 +10,8 @@ from collections import deque
 
 import pytest
 
-from activator import policy
 from activator.ha.follow import follow_event
+from activator.placement import policy
 from activator.transitions import EVENTS, STATES, TABLE, Move, move
 
 # A follower's events: it mirrors the leader's intent. Its GPU accounting does not count

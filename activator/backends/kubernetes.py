@@ -1,6 +1,6 @@
 """Kubernetes backend: a Deployment or StatefulSet scaled 0 <-> 1 through its scale
 subresource, observed through shared watches; with replicas.max > 1 also 1 <-> N
-(`scale_to`, decided by activator.scaleout) and the pods behind its Service (`watch_pods`).
+(`scale_to`, decided by activator.placement.scaleout) and the pods behind its Service (`watch_pods`).
 
 What it does and does not own: it scales (never edits the whole workload), reports wake
 phases and failure reasons from pods and events, notices other actors (a GitOps revert,
@@ -45,7 +45,7 @@ from activator.backends.kube.status import event_line, owns_pod_name
 from activator.backends.kube.wake import WakeTracker
 from activator.config.settings import KubernetesTarget, ModelSettings
 from activator.core.errors import BackendError
-from activator.routing import PodEndpoint
+from activator.placement.routing import PodEndpoint
 
 __all__ = ["DELETION_COST", "KubeCluster", "KubeTuning", "KubernetesBackend", "NotLeader"]
 
@@ -178,7 +178,7 @@ class KubernetesBackend:
             unsubscribe()
         self._unsubscribe.clear()
 
-    # -- scale-out (replicas.max > 1; activator.scaleout decides) ----------------------------
+    # -- scale-out (replicas.max > 1; activator.placement.scaleout decides) ----------------------------
 
     @property
     def replicas(self) -> int | None:

@@ -314,7 +314,7 @@ class ModelDefaults(Section):
     stream_keepalive: Keepalive = None
     # Longest silence allowed while reading an upstream response (the SDK's own default).
     upstream_read_timeout: Duration = 600.0
-    # Pool swap policy (see activator.policy). 0 min_residency: no protected time.
+    # Pool swap policy (see activator.placement.policy). 0 min_residency: no protected time.
     min_residency: DurationOrZero = 30.0
     drain_timeout: Duration = 120.0
     max_wait: Duration = 300.0

@@ -2,7 +2,7 @@
 functions of plain data, tested with tables.
 
 The design (docs/kubernetes.md, "Several replicas (HA)"): every replica runs the same
-Models and the same pool loops. On the leader the pool decides (activator.policy) from
+Models and the same pool loops. On the leader the pool decides (activator.placement.policy) from
 views whose demand is the whole cluster's (`merge_views`). On a follower the same loop
 calls `follow_event` for each model instead, and feeds the event it returns to the model:
 an event of the one transition table (activator.transitions), whose effects on a
@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 from activator.ha.demand import ModelDemand, ReplicaReport, freshness
-from activator.policy import ModelView
+from activator.placement.policy import ModelView
 from activator.transitions import Event
 
 # Intent states in which the leader no longer serves from the engine and is releasing

@@ -16,7 +16,7 @@ and forwards to the ready ones. Around it, one `Replica` owns:
 
 Roles, with the same Models and pool loops everywhere:
 
-- the leader's pools decide (activator.policy), and only once the leader has reconciled
+- the leader's pools decide (activator.placement.policy), and only once the leader has reconciled
   every model from the API after taking the Lease (running -> adopted, asleep ->
   sleeping, not running -> made sure stopped), so a swap or wake an old leader left
   half-done is finished or redone and nothing runs on unnoticed;
@@ -68,7 +68,7 @@ from activator.ha.intent import IntentPublisher, IntentWatcher, ModelIntent
 from activator.ha.replicas import ClusterDemand, DemandPublisher
 from activator.lifecycle import Model
 from activator.observability.metrics import Metrics
-from activator.policy import ModelView
+from activator.placement.policy import ModelView
 from activator.registry import ModelRegistry
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Protocol
 from activator.backends.kube.calls import Obj
 from activator.backends.kube.informer import Informer
 from activator.core.errors import BackendError
-from activator.routing import PodEndpoint
+from activator.placement.routing import PodEndpoint
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ the shared pod informer and, scaled out (replicas.max > 1), the Service's Endpoi
 (activator.backends.kube.endpoints, through the cluster). What the changes mean (a wake's
 phases, a lost engine, a failure) stays with the backend (activator.backends.kubernetes).
 
-It may import activator.core.errors, activator.routing, activator.config.settings and the kube
+It may import activator.core.errors, activator.placement.routing, activator.config.settings and the kube
 machinery below the backend (calls, cluster, informer, status); never
 activator.backends.kubernetes, which uses it. Called on the event loop, no locks.
 """
@@ -24,7 +24,7 @@ from activator.backends.kube.informer import Informer
 from activator.backends.kube.status import PodView, labels_match, view_pod
 from activator.config.settings import KubernetesTarget
 from activator.core.errors import BackendError
-from activator.routing import PodEndpoint
+from activator.placement.routing import PodEndpoint
 
 
 class WorkloadPods:

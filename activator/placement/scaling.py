@@ -15,7 +15,7 @@ The rules, in the order `decide` applies them:
    `scale_down_delay` (Knative's stable-window maximum), so a dip shorter than the delay
    never sheds a replica, and a replica goes only once demand stayed below it that long.
 3. Never below 1: a model the caller asks about is wanted; 0 is the idle rule's
-   business (activator.policy), not this one's.
+   business (activator.placement.policy), not this one's.
 4. The pool bounds growth: each replica takes the model's `gpus`, and the model may add
    only as many replicas as `gpus_free` (GPUs the pool can give it now: `pool_room`)
    allows. Growth evicts nothing: it takes free GPUs only, never ones a waiting model
@@ -32,7 +32,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from activator.policy import STARTABLE_STATES, ModelView, gpus_in_use
+from activator.placement.policy import STARTABLE_STATES, ModelView, gpus_in_use
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,12 +3,12 @@ asks for, and the writes that get them.
 
 `ScaleOut` belongs to its model (activator.lifecycle.Model) and is the one owner of:
 
-- the model's `PodRouter` (activator.routing), fed by the backend's watch of the pods
+- the model's `PodRouter` (activator.placement.routing), fed by the backend's watch of the pods
   behind the model's Service and probing each pod itself with the model's readiness
   probe: a ready model forwards each request to the least loaded routable pod;
 - the replicas decided: the pool scheduler (activator.pool) calls `decide` on every step
   for a ready model, with the demand (in flight + held; with several activator replicas,
-  summed over all of them by the leader) and the room its pool has; `activator.scaling`
+  summed over all of them by the leader) and the room its pool has; `activator.placement.scaling`
   is the pure rule, this object keeps its window between calls;
 - the scale writes: one at a time, the latest decision wins; a scale-down first writes the
   pods' deletion costs (their requests in flight) so the least loaded pods go. A write
@@ -34,8 +34,8 @@ from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
 from activator.engine.readiness import wait_ready
 from activator.observability.metrics import Metrics
-from activator.routing import PodEndpoint, PodLease, PodRouter, RouterSettings
-from activator.scaling import ReplicaPolicy, Sample, ScaleDecision, ScaleView, decide
+from activator.placement.routing import PodEndpoint, PodLease, PodRouter, RouterSettings
+from activator.placement.scaling import ReplicaPolicy, Sample, ScaleDecision, ScaleView, decide
 
 logger = logging.getLogger(__name__)
 
