@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from activator.core.errors import ConfigInvalid, Conflict, ReloadRefused
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
 from activator.registry import ModelRegistry
 from activator.reload import ReloadResult

@@ -19,8 +19,8 @@ from activator.credentials import Credentials
 from activator.engine.http_client import HttpClient
 from activator.http_errors import error_response, errors_middleware
 from activator.http_rejections import ParserRejections
-from activator.lease import HoldCounter
-from activator.lifecycle import Model
+from activator.model.lease import HoldCounter
+from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
 from activator.pool import PoolScheduler
 from activator.proxy import ENDPOINTS, Proxy

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from activator.config.settings import ModelSettings, Settings
-from activator.lifecycle import HOLD_MARGIN
+from activator.model.lifecycle import HOLD_MARGIN
 
 # The environment variable LiteLLM reads activator's API key from (`os.environ/NAME`: a
 # reference, never the key). The same name config/example.yaml substitutes into

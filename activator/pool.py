@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
 from activator.placement.policy import (
     Decision,

@@ -31,8 +31,8 @@ from activator.core.errors import (
 from activator.engine.http_client import HttpClient
 from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
 from activator.http_errors import engine_error_body, error_response, sse_error_event
-from activator.lease import Lease
-from activator.lifecycle import Model
+from activator.model.lease import Lease
+from activator.model.lifecycle import Model
 from activator.observability.metrics import UNKNOWN_MODEL, Metrics
 from activator.observability.usage import StreamTail, Usage, find_usage
 from activator.payload import PayloadParser

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from activator.core.errors import ModelNotFound
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.pool import PoolScheduler
 
 

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from activator.app import METRICS, REGISTRY, build_app
 from activator.config.load import parse_config
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
 from activator.testing.polling import poll
 

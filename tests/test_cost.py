@@ -40,7 +40,7 @@ def model_settings(name: str = "coder", **keys: Any) -> ModelSettings:
 
 
 class Timeline:
-    """One model fed as activator.lifecycle feeds Metrics, at times the test sets."""
+    """One model fed as activator.model.lifecycle feeds Metrics, at times the test sets."""
 
     def __init__(self, **keys: Any) -> None:
         self.clock = Clock()

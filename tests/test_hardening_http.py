@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 
 from activator.engine.http_client import HttpClient
 from activator.http_errors import errors_middleware
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import UNKNOWN_MODEL, Metrics
 from activator.payload import OFFLOAD_BYTES
 from activator.proxy import Proxy

@@ -16,12 +16,12 @@ from aiohttp.test_utils import TestServer
 
 from activator.app import build_app
 from activator.config.load import load_config
+from activator.model.transitions import EVENTS, cause_of
 from activator.reload import ConfigFile
-from activator.transitions import EVENTS, cause_of
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, engine_pids, model_config, post, unique, wait_for
 
-LOGGER = "activator.lifecycle"
+LOGGER = "activator.model.lifecycle"
 
 
 def moves(caplog: pytest.LogCaptureFixture, model: str) -> list[str]:

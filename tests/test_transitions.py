@@ -1,4 +1,4 @@
-"""The lifecycle table (activator.transitions), checked as a whole: every state is
+"""The lifecycle table (activator.model.transitions), checked as a whole: every state is
 reachable and can get back to stopped, the pool's decisions apply exactly where the
 policy expects them to, and every task that can fail has a way out. With several
 replicas: a follower's moves never touch the engine, every event the follower rule
@@ -11,8 +11,8 @@ from collections import deque
 import pytest
 
 from activator.ha.follow import follow_event
+from activator.model.transitions import EVENTS, STATES, TABLE, Move, move
 from activator.placement import policy
-from activator.transitions import EVENTS, STATES, TABLE, Move, move
 
 # A follower's events: it mirrors the leader's intent. Its GPU accounting does not count
 # (it decides nothing), and a replica that becomes leader reconciles every model from

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from activator.app import REGISTRY
 from activator.http_errors import errors_middleware
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import WAKE_BUCKETS, Metrics
 from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams

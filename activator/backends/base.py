@@ -2,7 +2,7 @@
 
 A backend owns one model's engine (a local process, or a Kubernetes workload) and nothing
 else: it does not decide when to start or stop, it does not probe readiness through the
-proxy path and it never sees a client request. `activator.lifecycle.Model` owns those
+proxy path and it never sees a client request. `activator.model.lifecycle.Model` owns those
 decisions and drives the backend through this interface; the backend reports what it
 sees on its own (the engine died, someone scaled it by hand, the API is unreachable)
 through a `BackendListener` given to it at construction.
@@ -67,7 +67,7 @@ class BackendListener(Protocol):
 
 
 class Backend(Protocol):
-    """One model's engine. Only `activator.lifecycle.Model` calls these, one at a time."""
+    """One model's engine. Only `activator.model.lifecycle.Model` calls these, one at a time."""
 
     kind: str  # "process" or "kubernetes": a metrics label
 

@@ -5,7 +5,7 @@ The design (docs/kubernetes.md, "Several replicas (HA)"): every replica runs the
 Models and the same pool loops. On the leader the pool decides (activator.placement.policy) from
 views whose demand is the whole cluster's (`merge_views`). On a follower the same loop
 calls `follow_event` for each model instead, and feeds the event it returns to the model:
-an event of the one transition table (activator.transitions), whose effects on a
+an event of the one transition table (activator.model.transitions), whose effects on a
 follower never touch the engine. So a follower:
 
 - serves only an engine the leader says is ready, once it has probed it itself
@@ -26,8 +26,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 from activator.ha.demand import ModelDemand, ReplicaReport, freshness
+from activator.model.transitions import Event
 from activator.placement.policy import ModelView
-from activator.transitions import Event
 
 # Intent states in which the leader no longer serves from the engine and is releasing
 # it (or has): a follower cuts what it has in flight.

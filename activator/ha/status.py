@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from activator.config.ha import HaSettings
 from activator.ha.blocks import Blocks
 from activator.ha.election import snapshot
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 
 
 class ReplicaFacts(Protocol):

@@ -66,7 +66,7 @@ from activator.ha.follow import (
 )
 from activator.ha.intent import IntentPublisher, IntentWatcher, ModelIntent
 from activator.ha.replicas import ClusterDemand, DemandPublisher
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
 from activator.placement.policy import ModelView
 from activator.registry import ModelRegistry
@@ -228,7 +228,7 @@ class Replica:
             await self._http.close()
             self._http = None
 
-    # -- what the models see (activator.lifecycle.Replicas) --------------------------------
+    # -- what the models see (activator.model.lifecycle.Replicas) --------------------------------
 
     def leading(self) -> bool:
         return self._blocks is not None and self._blocks.elector.is_leader

@@ -41,7 +41,7 @@ HELD_REASONS = ("starting", "waiting_for_gpu", "draining", "saturated")
 REPLICA_KINDS = ("desired", "actual")
 RELOAD_OUTCOMES = ("ok", "invalid", "refused")
 # The lifecycle's states (named in activator.core.states, moved between by the one table in
-# activator.transitions), plus "unknown": shown while the backend cannot observe the
+# activator.model.transitions), plus "unknown": shown while the backend cannot observe the
 # engine.
 MODEL_STATES = (*STATES, "unknown")
 

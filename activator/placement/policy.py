@@ -51,7 +51,7 @@ MAX_VICTIM_CANDIDATES = 12
 @dataclass(frozen=True, kw_only=True)
 class ModelView:
     name: str
-    state: str  # one of activator.transitions.STATES
+    state: str  # one of activator.model.transitions.STATES
     gpus: int = 1
     in_flight: int = 0
     queued: int = 0  # requests held for this model (plus an admin wake)

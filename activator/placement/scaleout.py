@@ -1,7 +1,7 @@
 """One scaled-out model's replicas (replicas.max > 1): the pods it routes to, how many it
 asks for, and the writes that get them.
 
-`ScaleOut` belongs to its model (activator.lifecycle.Model) and is the one owner of:
+`ScaleOut` belongs to its model (activator.model.lifecycle.Model) and is the one owner of:
 
 - the model's `PodRouter` (activator.placement.routing), fed by the backend's watch of the pods
   behind the model's Service and probing each pod itself with the model's readiness

@@ -29,8 +29,8 @@ from activator.backends.base import Backend
 from activator.config.load import ConfigError
 from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.tasks import TaskGroup
-from activator.lifecycle import Model
-from activator.model_reload import PendingEngine
+from activator.model.lifecycle import Model
+from activator.model.reload import PendingEngine
 from activator.observability.metrics import Metrics
 from activator.pool import PoolScheduler
 from activator.registry import ModelRegistry

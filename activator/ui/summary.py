@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from activator.admin import ReplicaStatus, model_view
-from activator.lifecycle import Model
+from activator.model.lifecycle import Model
 from activator.observability.metrics import WAKE_BUCKETS, Metrics
 from activator.registry import ModelRegistry
 

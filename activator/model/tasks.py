@@ -1,5 +1,5 @@
 """The transition tasks of a model: what is done to its engine, each ending by firing
-the event that says how it ended (activator.transitions).
+the event that says how it ended (activator.model.transitions).
 
 A start probes the engine until it is ready (and warms it up once when it has sleep
 mode), a drain waits for in-flight requests (bounded), a sleep and a wake drive vLLM's
@@ -22,20 +22,20 @@ from activator.core.errors import ActivatorError, StartFailed
 from activator.engine import sleep as engine_sleep
 from activator.engine.http_client import HttpClient
 from activator.engine.readiness import wait_ready
-from activator.lease import Lease
+from activator.model.lease import Lease
+from activator.model.transitions import Event
 from activator.observability.metrics import Metrics
-from activator.transitions import Event
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend
-    from activator.lifecycle import Model, Replicas
+    from activator.model.lifecycle import Model, Replicas
     from activator.placement.scaleout import ScaleOut
 
-logger = logging.getLogger("activator.lifecycle")
+logger = logging.getLogger("activator.model.lifecycle")
 
 
 class ModelTasks:
-    """The engine side of activator.lifecycle.Model (which sets every field below)."""
+    """The engine side of activator.model.lifecycle.Model (which sets every field below)."""
 
     name: str
     settings: ModelSettings

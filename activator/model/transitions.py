@@ -1,6 +1,6 @@
 """A model's lifecycle as one table: (state, event) -> (next state, effect).
 
-`activator.lifecycle.Model` owns the state and carries out the effects; this module only
+`activator.model.lifecycle.Model` owns the state and carries out the effects; this module only
 says which moves exist, so the whole machine can be read (and tested) in one place. An
 event that has no row for the current state is not a move: the model ignores it (a stop
 asked of a model that is already stopping, a wake of one that is awake).

@@ -3,7 +3,7 @@
 Settings that can change live are in force at once; those that need a new engine wait
 (`restart_pending`) until the engine that runs is gone, then a new backend takes over. A
 removed model retires: it takes no new work, serves or fails (503, never 404) what it
-holds, and is gone once stopped. A part of activator.lifecycle.Model (a mixin), split out
+holds, and is gone once stopped. A part of activator.model.lifecycle.Model (a mixin), split out
 so each file keeps one subject; every state change still goes through Model's table.
 """
 
@@ -22,10 +22,10 @@ from activator.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend
-    from activator.lifecycle import Model
+    from activator.model.lifecycle import Model
     from activator.placement.scaleout import ScaleOut
 
-logger = logging.getLogger("activator.lifecycle")
+logger = logging.getLogger("activator.model.lifecycle")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class PendingEngine:
 
 
 class ModelReload:
-    """The reload side of activator.lifecycle.Model (which sets every field below)."""
+    """The reload side of activator.model.lifecycle.Model (which sets every field below)."""
 
     name: str
     settings: ModelSettings

@@ -5,7 +5,7 @@ and never looks at the state itself. Starting, stopping and sleeping are decided
 model's `PoolScheduler` (activator.pool), which calls `begin_start` / `begin_stop`; the
 model carries them out as named tasks it owns.
 
-The moves are one table, `activator.transitions`: every event (a pool decision, a task
+The moves are one table, `activator.model.transitions`: every event (a pool decision, a task
 reporting how it ended, the backend reporting the engine died or was lost) goes through
 `_fire`, which looks the move up, changes the state through `_set_state` (which logs it
 and updates the metric) and runs the row's effect. Requests are forwarded only in
@@ -26,9 +26,9 @@ rows of the same table) and never touches the engine itself.
 
 The class is split by subject over three files: this one (state, held requests and
 leases, the table's dispatcher and effects, the backend's reports, shutdown),
-activator.model_tasks (the transition tasks: what is done to the engine) and
-activator.model_reload (what a config reload changes). Requests' leases and the held
-queue's bookkeeping are activator.lease.
+activator.model.tasks (the transition tasks: what is done to the engine) and
+activator.model.reload (what a config reload changes). Requests' leases and the held
+queue's bookkeeping are activator.model.lease.
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ from activator.core.errors import (
 )
 from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
-from activator.lease import HoldCounter, Lease, Waiters
-from activator.model_reload import ModelReload, PendingEngine
-from activator.model_tasks import ModelTasks
+from activator.model.lease import HoldCounter, Lease, Waiters
+from activator.model.reload import ModelReload, PendingEngine
+from activator.model.tasks import ModelTasks
+from activator.model.transitions import Effect, Event, cause_of, move
 from activator.observability.metrics import Metrics
 from activator.placement.policy import ModelView
 from activator.placement.routing import PodLease
 from activator.placement.scaleout import ScaleOut, ScaleTarget
-from activator.transitions import Effect, Event, cause_of, move
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +486,7 @@ class Model(ModelTasks, ModelReload):
     # ----- the state machine: one table, one dispatcher ------------------------------
 
     def _fire(self, event: Event, **context: Any) -> bool:
-        """Apply `event` through the table (activator.transitions): change the state,
+        """Apply `event` through the table (activator.model.transitions): change the state,
         then run the row's effect. An event with no row for the state is not a move."""
         step = move(self.state, event)  # type: ignore[arg-type]
         if step is None:

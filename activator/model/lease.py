@@ -1,7 +1,7 @@
 """A request's claim on a ready engine (Lease), and the queue of requests held for one
 (Waiters), with the count over all models that bounds it (HoldCounter).
 
-The model (activator.lifecycle.Model) owns its Waiters and its leases; these classes
+The model (activator.model.lifecycle.Model) owns its Waiters and its leases; these classes
 only keep the bookkeeping in one place: a held request is counted once, on the model and
 in the app-wide HoldCounter, from the moment it is queued until it is granted a lease,
 failed, or leaves (timeout, disconnect).
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from activator.core.errors import ActivatorError
 
 if TYPE_CHECKING:
-    from activator.lifecycle import Model
+    from activator.model.lifecycle import Model
     from activator.placement.routing import PodLease
 
 
