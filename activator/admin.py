@@ -9,9 +9,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from activator.core.errors import ConfigInvalid, Conflict, ReloadRefused
+from activator.fleet.registry import ModelRegistry
 from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
-from activator.registry import ModelRegistry
 from activator.reload import ReloadResult
 
 ADMIN_MODELS_PATH = "/admin/models"

@@ -17,14 +17,14 @@ from activator.core.errors import NotFound, Unauthorized
 from activator.core.tasks import TaskGroup
 from activator.credentials import Credentials
 from activator.engine.http_client import HttpClient
+from activator.fleet.pool import PoolScheduler
+from activator.fleet.registry import ModelRegistry
 from activator.http_errors import error_response, errors_middleware
 from activator.http_rejections import ParserRejections
 from activator.model.lease import HoldCounter
 from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
-from activator.pool import PoolScheduler
 from activator.proxy import ENDPOINTS, Proxy
-from activator.registry import ModelRegistry
 from activator.reload import ConfigFile, Reloader
 from activator.request_body import BodyReads, unread_bodies_middleware
 from activator.ui import EventStreams, ui_routes

@@ -29,6 +29,7 @@ from activator.core.errors import (
     UpstreamTimeout,
 )
 from activator.engine.http_client import HttpClient
+from activator.fleet.registry import ModelRegistry
 from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
 from activator.http_errors import engine_error_body, error_response, sse_error_event
 from activator.model.lease import Lease
@@ -37,7 +38,6 @@ from activator.observability.metrics import UNKNOWN_MODEL, Metrics
 from activator.observability.usage import StreamTail, Usage, find_usage
 from activator.payload import PayloadParser
 from activator.placement.routing import sent_nothing
-from activator.registry import ModelRegistry
 from activator.request_body import BodyReads, read_body
 
 logger = logging.getLogger(__name__)

@@ -63,8 +63,8 @@ LAYERS: dict[str, int] = {
     "activator.model.reload": 6,
     "activator.model.transitions": 6,
     # 7 the fleet
-    "activator.pool": 7,
-    "activator.registry": 7,
+    "activator.fleet.pool": 7,
+    "activator.fleet.registry": 7,
     # 8 config reload
     "activator.reload": 8,
     # 9 the request edge

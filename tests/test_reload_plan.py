@@ -10,8 +10,8 @@ import pytest
 
 from activator.config.load import parse_config
 from activator.config.settings import Settings
+from activator.fleet.pool import over_host_memory
 from activator.placement.policy import ModelView
-from activator.pool import over_host_memory
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
 
 ENGINE = ["python", "-m", "engine", "--port", "{port}"]

@@ -52,6 +52,7 @@ from activator.config.ha import HaSettings, default_identity, pod_owner_from_env
 from activator.config.settings import LeaderElectionSettings
 from activator.core.errors import Conflict
 from activator.core.tasks import TaskGroup
+from activator.fleet.registry import ModelRegistry
 from activator.ha import forward, status
 from activator.ha.blocks import Blocks
 from activator.ha.changes import Changes
@@ -69,7 +70,6 @@ from activator.ha.replicas import ClusterDemand, DemandPublisher
 from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
 from activator.placement.policy import ModelView
-from activator.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Replica:
                 return
             await changes.wait(seen)
 
-    # -- what the pools see (activator.pool.Coordinator) ---------------------------------
+    # -- what the pools see (activator.fleet.pool.Coordinator) ---------------------------------
 
     def deciding(self) -> bool:
         return self.leading() and self._reconciled_term == self._b.elector.term

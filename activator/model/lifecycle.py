@@ -2,7 +2,7 @@
 
 The proxy asks for an outcome (`await model.acquire(...)` -> a Lease on a ready upstream)
 and never looks at the state itself. Starting, stopping and sleeping are decided by the
-model's `PoolScheduler` (activator.pool), which calls `begin_start` / `begin_stop`; the
+model's `PoolScheduler` (activator.fleet.pool), which calls `begin_start` / `begin_stop`; the
 model carries them out as named tasks it owns.
 
 The moves are one table, `activator.model.transitions`: every event (a pool decision, a task

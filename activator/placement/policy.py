@@ -1,7 +1,7 @@
 """Pure scheduling policy: which models start, which stop or sleep, and when to look again.
 
 Everything here is a function of plain data (`ModelView`s and a clock reading), so it is
-tested with tables. `activator.pool.PoolScheduler` gathers the views, calls `decide` and
+tested with tables. `activator.fleet.pool.PoolScheduler` gathers the views, calls `decide` and
 carries out the decision; it is the only caller.
 
 The rules, in the order `decide` applies them:

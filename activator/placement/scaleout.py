@@ -6,7 +6,7 @@ asks for, and the writes that get them.
 - the model's `PodRouter` (activator.placement.routing), fed by the backend's watch of the pods
   behind the model's Service and probing each pod itself with the model's readiness
   probe: a ready model forwards each request to the least loaded routable pod;
-- the replicas decided: the pool scheduler (activator.pool) calls `decide` on every step
+- the replicas decided: the pool scheduler (activator.fleet.pool) calls `decide` on every step
   for a ready model, with the demand (in flight + held; with several activator replicas,
   summed over all of them by the leader) and the room its pool has; `activator.placement.scaling`
   is the pure rule, this object keeps its window between calls;

@@ -29,11 +29,11 @@ from activator.backends.base import Backend
 from activator.config.load import ConfigError
 from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.tasks import TaskGroup
+from activator.fleet.pool import PoolScheduler
+from activator.fleet.registry import ModelRegistry
 from activator.model.lifecycle import Model
 from activator.model.reload import PendingEngine
 from activator.observability.metrics import Metrics
-from activator.pool import PoolScheduler
-from activator.registry import ModelRegistry
 from activator.reload.plan import Plan, describe, plan, summary, watch_refusals
 from activator.reload.source import SHOWN_DIGITS, ConfigFile, Snapshot, settings_digest
 

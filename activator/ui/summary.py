@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from activator.admin import ReplicaStatus, model_view
+from activator.fleet.registry import ModelRegistry
 from activator.model.lifecycle import Model
 from activator.observability.metrics import WAKE_BUCKETS, Metrics
-from activator.registry import ModelRegistry
 
 # Fields of a model's `cluster` entry that change on every look (a clock's reading): the
 # stream sends a snapshot whenever its JSON changes, so with them it would send one per

@@ -9,8 +9,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from activator.core.errors import ModelNotFound
+from activator.fleet.pool import PoolScheduler
 from activator.model.lifecycle import Model
-from activator.pool import PoolScheduler
 
 
 class ModelRegistry:
