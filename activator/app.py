@@ -10,23 +10,23 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from activator.admin import ReadyFlag, admin_routes
 from activator.backends.base import Backend
 from activator.config.settings import ModelSettings, ServerSettings, Settings
 from activator.core.errors import NotFound, Unauthorized
 from activator.core.tasks import TaskGroup
-from activator.credentials import Credentials
+from activator.edge.admin import ReadyFlag, admin_routes
+from activator.edge.body import BodyReads, unread_bodies_middleware
+from activator.edge.credentials import Credentials
+from activator.edge.proxy import ENDPOINTS, Proxy
+from activator.edge.rejections import ParserRejections
+from activator.edge.responses import error_response, errors_middleware
 from activator.engine.http_client import HttpClient
 from activator.fleet.pool import PoolScheduler
 from activator.fleet.registry import ModelRegistry
-from activator.http_errors import error_response, errors_middleware
-from activator.http_rejections import ParserRejections
 from activator.model.lease import HoldCounter
 from activator.model.lifecycle import Model
 from activator.observability.metrics import Metrics
-from activator.proxy import ENDPOINTS, Proxy
 from activator.reload import ConfigFile, Reloader
-from activator.request_body import BodyReads, unread_bodies_middleware
 from activator.ui import EventStreams, ui_routes
 from activator.ui.summary import snapshot
 
@@ -133,8 +133,8 @@ def build_app(
             errors_middleware,
             _auth_middleware(credentials),
         ],
-        # Bodies are decoded by activator.request_body, where a bad one gets an answer;
-        # requests the parser rejects are logged and answered by activator.http_rejections.
+        # Bodies are decoded by activator.edge.body, where a bad one gets an answer;
+        # requests the parser rejects are logged and answered by activator.edge.rejections.
         handler_args={
             "auto_decompress": False,
             "logger": rejections,

@@ -136,7 +136,7 @@ class Logs(logging.Handler):
         levels = {
             "activator.access": logging.INFO,
             "activator.placement.scaleout": logging.INFO,
-            "activator.proxy": logging.INFO,
+            "activator.edge.proxy": logging.INFO,
             "activator.placement.routing": logging.DEBUG,
         }
         loggers = [logging.getLogger(n) for n in levels]

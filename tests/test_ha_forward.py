@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from activator.edge.responses import errors_middleware
 from activator.ha.forward import (
     FORWARDED_BY,
     FORWARDED_TO,
@@ -25,7 +26,6 @@ from activator.ha.forward import (
     parse_admin_url,
     relay,
 )
-from activator.http_errors import errors_middleware
 
 KEY = "sk-admin-secret"
 

@@ -23,14 +23,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from activator.edge.body import BodyReads
+from activator.edge.payload import OFFLOAD_BYTES
+from activator.edge.proxy import Proxy
+from activator.edge.responses import errors_middleware
 from activator.engine.http_client import HttpClient
 from activator.fleet.registry import ModelRegistry
-from activator.http_errors import errors_middleware
 from activator.model.lifecycle import Model
 from activator.observability.metrics import UNKNOWN_MODEL, Metrics
-from activator.payload import OFFLOAD_BYTES
-from activator.proxy import Proxy
-from activator.request_body import BodyReads
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, chat, error_of, model_config, unique
 

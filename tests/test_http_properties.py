@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from activator.app import EVENT_STREAMS
-from activator.proxy import ENDPOINTS
+from activator.edge.proxy import ENDPOINTS
 from activator.ui.routes import EVENTS_PATH
 from tests.harness import Running, chat, model_config, start_activator, unique, wait_for
 

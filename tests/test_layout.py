@@ -68,13 +68,13 @@ LAYERS: dict[str, int] = {
     # 8 config reload
     "activator.reload": 8,
     # 9 the request edge
-    "activator.proxy": 9,
-    "activator.request_body": 9,
-    "activator.payload": 9,
-    "activator.headers": 9,
-    "activator.http_errors": 9,
-    "activator.credentials": 9,
-    "activator.admin": 9,
+    "activator.edge.proxy": 9,
+    "activator.edge.body": 9,
+    "activator.edge.payload": 9,
+    "activator.edge.headers": 9,
+    "activator.edge.responses": 9,
+    "activator.edge.credentials": 9,
+    "activator.edge.admin": 9,
     # 10 the status page
     "activator.ui": 10,
     # 11 several replicas
@@ -107,7 +107,7 @@ KNOWN_TO_FIX: dict[tuple[str, str], str] = {
     ): "cycle: Model's parts import Model back",
     # The edge's credential check reads the status page's session cookie (one login for
     # both): the session rules belong below both, or the check with the page.
-    ("activator.credentials", "activator.ui.auth"): "upward: edge (9) imports ui (10)",
+    ("activator.edge.credentials", "activator.edge.auth"): "upward: edge (9) imports ui (10)",
 }
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from activator.app import REGISTRY
-from activator.http_errors import errors_middleware
+from activator.edge.responses import errors_middleware
 from activator.model.lifecycle import Model
 from activator.observability.metrics import WAKE_BUCKETS, Metrics
 from activator.testing.fake_kube import FakeKube

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from activator.config.settings import ServerSettings
-from activator.credentials import Credentials
-from activator.ui.sessions import SessionStore
+from activator.edge.credentials import Credentials
+from activator.edge.sessions import SessionStore
 from activator.ui.throttle import LoginThrottle, client_of
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from activator.edge.body import BodyReads
 from activator.observability.metrics import Metrics
-from activator.request_body import BodyReads
 from activator.ui import EventStreams, ui_routes
 
 

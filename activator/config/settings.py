@@ -81,7 +81,7 @@ class ServerSettings(Section):
     # Longest time a request body may take to arrive once the headers are in (a client
     # that sends a byte every few seconds would otherwise hold a slot forever) -> 408.
     body_timeout: Duration = 60.0
-    # How long a status-page login lasts (activator.ui.sessions): a working day, so an
+    # How long a status-page login lasts (activator.edge.sessions): a working day, so an
     # operator logs in about once a day, and a cookie that leaked is dead by the next.
     ui_session_ttl: Duration = 12 * 3600.0
     # Bodies one client address may have arriving at once, on any route (429 past it):

@@ -1,6 +1,6 @@
 """Typed errors. Each carries its HTTP status, OpenAI error type/code and retry advice.
 
-They are turned into responses in exactly one place (`activator.http_errors`).
+They are turned into responses in exactly one place (`activator.edge.responses`).
 `BackendError` is the exception: it never reaches a client as such (a model turns a
 failed start into StartFailed); it lives here so that every layer can name it.
 """

@@ -13,7 +13,7 @@ again: a request crosses at most one hop, whatever the replicas believe about wh
 during a leader change.
 
 The credentials travel, they are never logged: the Authorization header as given. A status
-page session is this replica's own (activator.ui.sessions: the leader does not know its
+page session is this replica's own (activator.edge.sessions: the leader does not know its
 id), so a request that only its session cookie authorised here travels with the admin
 key as a Bearer token instead: the follower has checked the session, and the leader
 checks the key.
@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from activator.core.errors import ActivatorError
-from activator.ui.auth import SESSION_COOKIE, UI_HEADER
+from activator.edge.auth import SESSION_COOKIE, UI_HEADER
 
 log = logging.getLogger(__name__)
 

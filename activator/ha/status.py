@@ -1,5 +1,5 @@
 """What a replica shows of the cluster: /admin/ha and each model's `cluster` entry in
-/admin/models (activator.admin renders them; activator.ha.wiring owns the state).
+/admin/models (activator.edge.admin renders them; activator.ha.wiring owns the state).
 
 wiring calls this module, so this module does not import wiring: it sees the replica
 through `ReplicaFacts` and the blocks as activator.ha.blocks.Blocks."""

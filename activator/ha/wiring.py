@@ -45,13 +45,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from activator.admin import ReadyFlag
 from activator.backends.kube.cluster import KubeCluster
 from activator.backends.kubernetes import KubernetesBackend
 from activator.config.ha import HaSettings, default_identity, pod_owner_from_env
 from activator.config.settings import LeaderElectionSettings
 from activator.core.errors import Conflict
 from activator.core.tasks import TaskGroup
+from activator.edge.admin import ReadyFlag
 from activator.fleet.registry import ModelRegistry
 from activator.ha import forward, status
 from activator.ha.blocks import Blocks

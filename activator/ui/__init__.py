@@ -2,7 +2,7 @@
 login that puts an admin session cookie in the browser, and the live data it reads
 (/admin/events, /admin/wake-durations). No build step, nothing fetched from elsewhere."""
 
-from activator.ui.auth import SESSION_COOKIE, UI_HEADER
+from activator.edge.auth import SESSION_COOKIE, UI_HEADER
 from activator.ui.events import EventStreams
 from activator.ui.routes import ui_routes
 

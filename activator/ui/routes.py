@@ -16,9 +16,9 @@ from importlib import resources
 from aiohttp import web
 
 from activator.core.errors import NotFound
+from activator.edge.auth import SESSION_COOKIE, clear_session, set_session
+from activator.edge.body import BodyReads, read_form
 from activator.observability.metrics import Metrics
-from activator.request_body import BodyReads, read_form
-from activator.ui.auth import SESSION_COOKIE, clear_session, set_session
 from activator.ui.events import EventStreams
 from activator.ui.summary import wake_durations
 from activator.ui.throttle import LoginThrottle, LoginThrottled
@@ -62,9 +62,9 @@ def ui_routes(
     """`admin_key` gives the admin key in force (a reload may change it; None: none is
     set); `is_admin` says whether a request carries it (Bearer or the session cookie),
     always true when there is none; `log_in` gives a new session's id for the right key
-    (None for a wrong one) and `log_out` ends a session (activator.credentials).
+    (None for a wrong one) and `log_out` ends a session (activator.edge.credentials).
     `body_reads` bounds the login form's body in time and in bodies per client, as every
-    body (activator.request_body)."""
+    body (activator.edge.body)."""
     files = _load_static()
     throttle = LoginThrottle()
     template = files.pop("index.html")

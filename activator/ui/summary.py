@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from activator.admin import ReplicaStatus, model_view
+from activator.edge.admin import ReplicaStatus, model_view
 from activator.fleet.registry import ModelRegistry
 from activator.model.lifecycle import Model
 from activator.observability.metrics import WAKE_BUCKETS, Metrics

@@ -5,7 +5,7 @@ Nothing captures a key at build time: a reload that changes `server.api_keys` or
 keys (and every status-page session ends when the admin key changes: they were opened
 with the old one). Keys are kept as bytes for `hmac.compare_digest`; every comparison is
 made in constant time, against every key, with no early exit. The status page's sessions
-(activator.ui.sessions) are owned here, with the admin key they stand for.
+(activator.edge.sessions) are owned here, with the admin key they stand for.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from activator.config.settings import ServerSettings
-from activator.ui.auth import SESSION_COOKIE, cookie_may_authorize
-from activator.ui.sessions import SessionStore
+from activator.edge.auth import SESSION_COOKIE, cookie_may_authorize
+from activator.edge.sessions import SessionStore
 
 
 class Credentials:
@@ -75,8 +75,8 @@ def _authorized(
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given, key)
-    # The cookie counts for reads, and for changes only from the page (activator.ui.auth).
-    # A lookup of the id's hash, not a comparison (activator.ui.sessions says why).
+    # The cookie counts for reads, and for changes only from the page (activator.edge.auth).
+    # A lookup of the id's hash, not a comparison (activator.edge.sessions says why).
     if sessions is not None and cookie_may_authorize(request):
         matched |= sessions.is_live(request.cookies.get(SESSION_COOKIE, ""))
     return matched

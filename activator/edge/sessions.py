@@ -4,7 +4,7 @@ The cookie carries only a session's id (`secrets.token_urlsafe`, 256 bits: never
 guessed). The store keeps, per session, when it was issued, keyed by the SHA-256 of its
 id, and answers whether an id is live. A session ends when it expires
 (`server.ui_session_ttl` after login), on logout (`revoke`), when the admin key changes
-(`clear`, called by activator.credentials) and when the store is full and it is the
+(`clear`, called by activator.edge.credentials) and when the store is full and it is the
 oldest.
 
 Why a dict keyed by the id's hash, not a constant-time comparison against every id:
@@ -33,7 +33,7 @@ ID_BYTES = 32
 
 
 class SessionStore:
-    """Owned by activator.credentials.Credentials. Event loop only (no locks); every
+    """Owned by activator.edge.credentials.Credentials. Event loop only (no locks); every
     method is synchronous, so a check never sees half of a change."""
 
     def __init__(

@@ -24,8 +24,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 
 from activator.core.errors import BadRequest
-from activator.http_errors import error_headers
-from activator.proxy import write_access_line
+from activator.edge.proxy import write_access_line
+from activator.edge.responses import error_headers
 
 logger = logging.getLogger(__name__)
 

@@ -28,17 +28,17 @@ from activator.core.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from activator.edge.body import BodyReads, read_body
+from activator.edge.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
+from activator.edge.payload import PayloadParser
+from activator.edge.responses import engine_error_body, error_response, sse_error_event
 from activator.engine.http_client import HttpClient
 from activator.fleet.registry import ModelRegistry
-from activator.headers import REQUEST_ID, relay_headers, request_id, upstream_headers
-from activator.http_errors import engine_error_body, error_response, sse_error_event
 from activator.model.lease import Lease
 from activator.model.lifecycle import Model
 from activator.observability.metrics import UNKNOWN_MODEL, Metrics
 from activator.observability.usage import StreamTail, Usage, find_usage
-from activator.payload import PayloadParser
 from activator.placement.routing import sent_nothing
-from activator.request_body import BodyReads, read_body
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("activator.access")

@@ -1,6 +1,6 @@
 """The status page's session cookie: it stands for the admin key in a browser.
 
-The cookie holds a session's random id (activator.ui.sessions), not the key nor anything
+The cookie holds a session's random id (activator.edge.sessions), not the key nor anything
 derived from it: its value is always cookie-safe, a copied cookie gives nothing away for
 `Authorization: Bearer` use elsewhere, and it stops working on logout, at its expiry and
 when the key changes. It is HttpOnly (page scripts never see it), SameSite=Strict, Path=/
