@@ -3,7 +3,7 @@
   python bench/kube_wake.py            # 10 trials
   python bench/kube_wake.py --smoke    # 2 trials, seconds; CI
 
-In one process: the fake Kubernetes API server (activator/testing/fake_kube.py) with its
+In one process: the fake Kubernetes API server (tests/fakekube/server.py) with its
 simulated kubelet running a stand-in engine per pod, and a real activator on loopback that
 reaches the fake API through kubernetes_asyncio with a generated kubeconfig, as in a
 cluster. Per trial: the model is stopped (scaled to 0, pod deleted), then one streaming
@@ -27,7 +27,7 @@ from aiohttp import web
 
 from activator.app import build_app
 from activator.config.load import parse_config
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 
 
 async def first_byte(session: aiohttp.ClientSession, url: str) -> float:

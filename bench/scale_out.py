@@ -6,7 +6,7 @@ step's time to new pods.
 Options: --service S (seconds per request)  --clients C  --duration D  --rounds R
          --out DIR  --name NAME
 
-In one process: the fake Kubernetes API server (activator/testing/fake_kube.py), whose
+In one process: the fake Kubernetes API server (tests/fakekube/server.py), whose
 simulated kubelet runs each pod's stand-in engine as a real process on its own loopback
 pod IP, with a fixed service time and one request at a time (`--response-delay S
 --max-concurrency 1`: the engine is the bottleneck, as a GPU is); activator itself, the
@@ -59,9 +59,9 @@ from aiohttp import web
 
 from activator.app import METRICS, build_app
 from activator.config.load import parse_config
-from activator.testing.fake_kube import FakeKube, PodPlan
-from activator.testing.fakekube.store import Change
 from activator.testing.polling import poll
+from tests.fakekube.server import FakeKube, PodPlan
+from tests.fakekube.store import Change
 
 NAMESPACE, MODEL, SERVED = "serving", "coder", "coder-served"
 COUNTS = (1, 2, 4)

@@ -8,7 +8,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.config import new_client_from_config
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.harness import Running, start_activator
 
 ActivatorFactory = Callable[[dict[str, Any]], Awaitable[Running]]

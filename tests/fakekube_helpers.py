@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio import client, watch
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 
 # Far longer than any event takes on the loopback fake; a lost event fails, not hangs.
 EVENT_BUDGET_S = 10.0

@@ -23,8 +23,8 @@ import aiohttp
 import yaml
 
 from activator.ha.intent import ModelIntent, intent_of
-from activator.testing.fake_kube import FakeKube, PodPlan
-from activator.testing.fakekube.store import Change
+from tests.fakekube.server import FakeKube, PodPlan
+from tests.fakekube.store import Change
 from tests.harness import chat, wait_for
 from tests.serve_process import Served, free_port, spawn_serve, until_ready
 

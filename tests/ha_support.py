@@ -13,7 +13,7 @@ from activator.backends.kube.cluster import KubeCluster
 from activator.config.ha import HaSettings
 from activator.config.settings import KubernetesSettings
 from activator.ha.election import LeaderElector, Leadership
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 
 NS = "activator"
 LEASE = "activator-leader"

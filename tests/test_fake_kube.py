@@ -17,7 +17,7 @@ import pytest
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.fakekube_helpers import next_event, raw_request, ready, watch_from_list
 
 

@@ -12,7 +12,7 @@ import pytest
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.fakekube_helpers import leases, next_event, watch_from_list
 
 NS = "activator"

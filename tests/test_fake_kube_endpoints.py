@@ -13,9 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from kubernetes_asyncio import client
 
-from activator.testing.fake_kube import Address, FakeKube
-from activator.testing.fakekube.proxy import usable_endpoints
-from activator.testing.fakekube.store import Change
+from tests.fakekube.proxy import usable_endpoints
+from tests.fakekube.server import Address, FakeKube
+from tests.fakekube.store import Change
 from tests.fakekube_helpers import raw_request, ready, watch_from_list
 
 SERVICE_NAME = "kubernetes.io/service-name"

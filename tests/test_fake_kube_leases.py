@@ -18,7 +18,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.leaderelection import electionconfig, leaderelection
 from kubernetes_asyncio.leaderelection.resourcelock.leaselock import LeaseLock
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.fakekube_helpers import leases, next_event, raw_request, watch_from_list
 
 NS = "activator"

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio import client, config
 
-from activator.testing.fake_kube import FakeKube, PodPlan
+from tests.fakekube.server import FakeKube, PodPlan
 from tests.fakekube_helpers import ready
 
 

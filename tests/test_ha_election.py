@@ -13,7 +13,7 @@ import pytest
 from activator.config.ha import HaSettings, default_identity, pod_owner_from_env
 from activator.ha import records
 from activator.ha.election import LeaderElector
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.ha_support import (
     LEASE,
     NS,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.ha_support import LEASE, NS
 from tests.harness import wait_for
 

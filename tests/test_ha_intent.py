@@ -20,7 +20,7 @@ from activator.ha.intent import (
     encode,
     intent_of,
 )
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.ha_support import LEASE, NS, Recorder, connect, electors, leaders
 from tests.harness import wait_for
 

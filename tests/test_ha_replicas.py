@@ -16,7 +16,7 @@ from activator.config.ha import HaSettings, PodOwner, replica_lease_name
 from activator.ha import demand as wire
 from activator.ha.demand import Demand, ModelDemand, ReplicaReport, Reported, merge
 from activator.ha.replicas import REPLICA_SELECTOR, ClusterDemand, DemandPublisher
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.ha_support import NS, connect
 from tests.harness import wait_for
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.ha_cluster import NS, Cluster, cluster_of, kube_model
 from tests.harness import chat, wait_for
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from activator.testing.fake_kube import FakeKube
 from tests import streams
+from tests.fakekube.server import FakeKube
 from tests.ha_cluster import Cluster, cluster_of
 from tests.harness import wait_for
 from tests.streams import Stream

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 from tests.ha_cluster import LEASE, NS, Cluster, cluster_of, kube_model
 from tests.harness import wait_for
 
@@ -217,7 +217,7 @@ async def test_a_model_busy_on_a_follower_is_not_idle_for_the_leader(
 ) -> None:
     """A stream in flight through the follower keeps the model up past its idle timeout
     on the leader, which has no traffic of its own; the model idles once it ends."""
-    from activator.testing.fake_kube import PodPlan
+    from tests.fakekube.server import PodPlan
 
     models = {
         "coder": kube_model(
@@ -272,7 +272,7 @@ async def test_sleep_swaps_decided_by_the_leader_are_followed_and_served_everywh
     """vLLM sleep mode on a shared GPU: the leader puts `a` to sleep for `b` and wakes it
     again; the follower mirrors the sleep, then probes the woken engine (/is_sleeping)
     and serves it, without ever calling the sleep API itself."""
-    from activator.testing.fake_kube import PodPlan
+    from tests.fakekube.server import PodPlan
 
     sleepy = PodPlan(
         engine_args=("--enable-sleep-mode", "--weights-gib", "2"),

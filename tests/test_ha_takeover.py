@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from activator.testing.fake_kube import FakeKube, PodPlan
+from tests.fakekube.server import FakeKube, PodPlan
 from tests.ha_cluster import (
     ISSUE_BOUND,
     LEASE,

@@ -16,7 +16,7 @@ from activator.backends.kube.calls import RetryPolicy
 from activator.backends.kube.status import SchedulingSignals, scheduling_failure, view_pod
 from activator.backends.kubernetes import KubeCluster, KubernetesBackend, KubeTuning
 from activator.config.settings import KubernetesSettings, KubernetesTarget, ModelSettings
-from activator.testing.fake_kube import FakeKube
+from tests.fakekube.server import FakeKube
 
 FAST = KubeTuning(
     retry=RetryPolicy(attempts=4, initial=0.01, max_wait=0.05, total=10.0),

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from activator.testing.fake_kube import FakeKube
 from tests.conftest import ActivatorFactory
+from tests.fakekube.server import FakeKube
 from tests.harness import Running, chat, header, post, wait_for
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from activator.placement.routing import (
     sent_nothing,
 )
 from activator.testing.fake_engine import STATS, EngineOptions, build_app
-from activator.testing.fake_kube import FakeKube, PodPlan
+from tests.fakekube.server import FakeKube, PodPlan
 from tests.harness import wait_for
 
 FAST = KubeTuning(

@@ -23,8 +23,8 @@ from aiohttp.test_utils import TestServer
 from activator.app import build_app
 from activator.config.load import load_config
 from activator.reload import ConfigFile
-from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE
+from tests.fakekube.server import FakeKube
 from tests.harness import (
     Running,
     chat,

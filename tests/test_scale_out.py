@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from activator.testing.fake_kube import FakeKube, PodPlan
-from activator.testing.fakekube.store import Change
 from tests import streams
 from tests.conftest import ActivatorFactory
+from tests.fakekube.server import FakeKube, PodPlan
+from tests.fakekube.store import Change
 from tests.harness import Running, wait_for
 from tests.streams import Stream
 

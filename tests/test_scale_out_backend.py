@@ -27,7 +27,7 @@ from activator.config.settings import (
     ReplicasSettings,
 )
 from activator.placement.routing import PodEndpoint
-from activator.testing.fake_kube import FakeKube, PodPlan
+from tests.fakekube.server import FakeKube, PodPlan
 from tests.harness import wait_for
 from tests.test_kubernetes_backend import Recorder
 

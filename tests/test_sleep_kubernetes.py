@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from activator.testing.fake_kube import FakeKube, PodPlan
 from tests.conftest import ActivatorFactory
+from tests.fakekube.server import FakeKube, PodPlan
 from tests.harness import Running, chat, post, wait_for
 
 SLEEPY = PodPlan(

@@ -21,12 +21,12 @@ from activator.app import REGISTRY
 from activator.edge.responses import errors_middleware
 from activator.model.lifecycle import Model
 from activator.observability.metrics import WAKE_BUCKETS, Metrics
-from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, UI_HEADER, EventStreams
 from activator.ui.events import MAX_STREAMS, MAX_STREAMS_PER_CLIENT
 from activator.ui.summary import snapshot, wake_durations
 from activator.ui.throttle import MAX_FAILURES, WINDOW
 from tests.conftest import ActivatorFactory
+from tests.fakekube.server import FakeKube
 from tests.harness import Running, chat, error_of, model_config, post, unique, wait_for
 from tests.serve_process import serving
 from tests.ui_support import open_ui_routes

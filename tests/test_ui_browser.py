@@ -31,10 +31,10 @@ from aiohttp.test_utils import TestServer
 from activator.app import build_app
 from activator.config.load import load_config
 from activator.reload import ConfigFile
-from activator.testing.fake_kube import FakeKube
 from activator.ui import SESSION_COOKIE, EventStreams
 from activator.ui.routes import EVENTS_PATH
 from tests.conftest import ActivatorFactory
+from tests.fakekube.server import FakeKube
 from tests.harness import Running, chat, model_config, post, unique, wait_for
 from tests.test_scale_out import LONG, open_stream, scaled
 from tests.test_ui import ADMIN_KEY, gated_model

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 
-from activator.testing.fakekube.store import Obj
+from tests.fakekube.store import Obj
 
 
 class GpuPool:

@@ -1,6 +1,6 @@
 """A faithful fake Kubernetes API server for tests, on loopback.
 
-`FakeKube` runs a real HTTP server (activator.testing.fakekube.api) in front of an
+`FakeKube` runs a real HTTP server (tests.fakekube.api) in front of an
 etcd-like store, with simulated cluster components around it:
 
 - workload controllers and a kubelet (fakekube.kubelet): spec.replicas N -> N pods, each
@@ -38,7 +38,7 @@ from typing import Any, Literal
 import yaml
 from aiohttp import web
 
-from activator.testing.fakekube.api import (
+from tests.fakekube.api import (
     DEFAULT_CLIENT,
     ApiState,
     RequestRecord,
@@ -46,19 +46,19 @@ from activator.testing.fakekube.api import (
     reset_streams,
     set_replicas,
 )
-from activator.testing.fakekube.devices import GpuPool, node_object
-from activator.testing.fakekube.endpoints import (
+from tests.fakekube.devices import GpuPool, node_object
+from tests.fakekube.endpoints import (
     SERVICE_NAME,
     Address,
     EndpointsController,
     service_object,
 )
-from activator.testing.fakekube.faults import Faults, PartitionMode, Rule
-from activator.testing.fakekube.ipam import PodNetwork
-from activator.testing.fakekube.kubelet import NODE, Autoscaler, Kubelet, PodPlan, Workload
-from activator.testing.fakekube.leases import LeaseLog, LeaseRecord, Takeover, format_micro_time
-from activator.testing.fakekube.proxy import KubeProxy, usable_endpoints
-from activator.testing.fakekube.store import ABORT, BOOKMARK, CLOSE, Obj, Store
+from tests.fakekube.faults import Faults, PartitionMode, Rule
+from tests.fakekube.ipam import PodNetwork
+from tests.fakekube.kubelet import NODE, Autoscaler, Kubelet, PodPlan, Workload
+from tests.fakekube.leases import LeaseLog, LeaseRecord, Takeover, format_micro_time
+from tests.fakekube.proxy import KubeProxy, usable_endpoints
+from tests.fakekube.store import ABORT, BOOKMARK, CLOSE, Obj, Store
 
 __all__ = [
     "Address",

@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from activator.testing.fakekube.resources import resource
-from activator.testing.fakekube.store import Obj
+from tests.fakekube.resources import resource
+from tests.fakekube.store import Obj
 
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"

@@ -22,8 +22,8 @@ import socket
 import struct
 from collections import Counter
 
-from activator.testing.fakekube.endpoints import SERVICE_NAME
-from activator.testing.fakekube.store import Change, Obj, Store
+from tests.fakekube.endpoints import SERVICE_NAME
+from tests.fakekube.store import Change, Obj, Store
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Any
 
 from aiohttp import web
 
-from activator.testing.fakekube import writes
-from activator.testing.fakekube.faults import Faults
-from activator.testing.fakekube.resources import RESOURCES, resource
-from activator.testing.fakekube.store import ABORT, BOOKMARK, CLOSE, Change, Gone, Obj, Store
-from activator.testing.fakekube.wire import (
+from tests.fakekube import writes
+from tests.fakekube.faults import Faults
+from tests.fakekube.resources import RESOURCES, resource
+from tests.fakekube.store import ABORT, BOOKMARK, CLOSE, Change, Gone, Obj, Store
+from tests.fakekube.wire import (
     PATCH_TYPES,
     conflict,
     json_patch,

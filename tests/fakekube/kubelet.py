@@ -28,14 +28,14 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from activator.testing.fakekube.devices import GpuPool
-from activator.testing.fakekube.ipam import PodNetwork
-from activator.testing.fakekube.replicaset import (
+from tests.fakekube.devices import GpuPool
+from tests.fakekube.ipam import PodNetwork
+from tests.fakekube.replicaset import (
     Candidate,
     replicaset_victims,
     statefulset_victims,
 )
-from activator.testing.fakekube.store import Obj, Store, now_iso
+from tests.fakekube.store import Obj, Store, now_iso
 
 log = logging.getLogger(__name__)
 

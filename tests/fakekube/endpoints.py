@@ -34,8 +34,8 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from activator.testing.fakekube.replicaset import is_ready
-from activator.testing.fakekube.store import Change, Obj, Store, now_iso
+from tests.fakekube.replicaset import is_ready
+from tests.fakekube.store import Change, Obj, Store, now_iso
 
 log = logging.getLogger(__name__)
 

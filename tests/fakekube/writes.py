@@ -29,11 +29,11 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
-from activator.testing.fakekube import leases
-from activator.testing.fakekube.leases import FieldError, Undecodable
-from activator.testing.fakekube.resources import RESOURCES, Resource
-from activator.testing.fakekube.store import Obj, Store
-from activator.testing.fakekube.wire import (
+from tests.fakekube import leases
+from tests.fakekube.leases import FieldError, Undecodable
+from tests.fakekube.resources import RESOURCES, Resource
+from tests.fakekube.store import Obj, Store
+from tests.fakekube.wire import (
     JSON_PATCH,
     PATCH_TYPES,
     already_exists,

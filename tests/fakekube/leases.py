@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from activator.testing.fakekube.store import Change, Obj, Store
+from tests.fakekube.store import Change, Obj, Store
 
 MICRO_LAYOUT = "2006-01-02T15:04:05.000000Z07:00"
 _MICRO = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})\Z")

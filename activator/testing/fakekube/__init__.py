@@ -1,1 +1,0 @@
-"""Internals of the fake Kubernetes API server; use `activator.testing.fake_kube.FakeKube`."""

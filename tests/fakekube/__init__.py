@@ -1,0 +1,1 @@
+"""Internals of the fake Kubernetes API server; use `tests.fakekube.server.FakeKube`."""
