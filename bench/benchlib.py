@@ -30,6 +30,11 @@ import aiohttp
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
+# The benches that run a fake Kubernetes API server import it from the tests' package
+# (tests/fakekube: a test double, kept out of the wheel), so the checkout's root goes on
+# the path of a script run as `python bench/NAME.py`.
+if str(BENCH_DIR.parent) not in sys.path:
+    sys.path.append(str(BENCH_DIR.parent))
 RESULTS_DIR = BENCH_DIR / "results"
 PACKAGES = ("activator", "aiohttp", "uvloop", "yarl", "multidict", "openai", "matplotlib")
 

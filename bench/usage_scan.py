@@ -1,5 +1,5 @@
-"""What counting tokens costs the proxy: the work activator.observability.usage adds per relayed chunk,
-per stream and per non-streamed answer, against parsing the JSON instead.
+"""What counting tokens costs the proxy: the work activator.observability.usage adds per
+relayed chunk, per stream and per non-streamed answer, against parsing the JSON instead.
 
   python bench/usage_scan.py            # about a minute
   python bench/usage_scan.py --smoke    # seconds; CI

@@ -1,5 +1,5 @@
-"""GPU time and cost per model (activator.observability.cost), against a scripted timeline and a fake
-clock: what each state counts, what is billed, that scrapes in between change nothing
+"""GPU time and cost per model (activator.observability.cost), against a scripted timeline
+and a fake clock: what each state counts, what is billed, that scrapes in between change nothing
 but the time they see, and which series exist when. Fed as the app feeds it, through
 Metrics (set_state, request_started / request_ended, count_tokens, render).
 

@@ -1,5 +1,5 @@
-"""Routing to a model's pods (activator.placement.routing.PodRouter), fed by the shared EndpointSlice
-watch (activator.backends.kube.endpoints) of the fake cluster, whose pods run real
+"""Routing to a model's pods (activator.placement.routing.PodRouter), fed by the shared
+EndpointSlice watch (activator.backends.kube.endpoints) of the fake cluster, whose pods run real
 stand-in engines on their own loopback IPs: least in-flight first; unready, terminating
 and not-yet-probed pods get no new request; a pod that dies loses only its own requests;
 a refused connection is retried on another pod; requests wait in activator, not on a

@@ -1,6 +1,7 @@
 """Kubernetes backend: a Deployment or StatefulSet scaled 0 <-> 1 through its scale
 subresource, observed through shared watches; with replicas.max > 1 also 1 <-> N
-(`scale_to`, decided by activator.placement.scaleout) and the pods behind its Service (`watch_pods`).
+(`scale_to`, decided by activator.placement.scaleout) and the pods behind its Service
+(`watch_pods`).
 
 What it does and does not own: it scales (never edits the whole workload), reports wake
 phases and failure reasons from pods and events, notices other actors (a GitOps revert,
@@ -178,7 +179,7 @@ class KubernetesBackend:
             unsubscribe()
         self._unsubscribe.clear()
 
-    # -- scale-out (replicas.max > 1; activator.placement.scaleout decides) ----------------------------
+    # -- scale-out (replicas.max > 1; activator.placement.scaleout decides) -----------
 
     @property
     def replicas(self) -> int | None:

@@ -1,8 +1,9 @@
-"""Typed, frozen settings. `activator.config.load` builds these from YAML; nothing else parses config.
+"""Typed, frozen settings. `activator.config.load` builds these from YAML; nothing else
+parses config.
 
 Each class is a pydantic model and the single description of its config section: a field
-is a key of the same name (except where activator.config.load says otherwise: a model's name is
-its key under `models:`), its type says what values are valid (activator.config.types),
+is a key of the same name (except where activator.config.load says otherwise: a model's
+name is its key under `models:`), its type says what values are valid (activator.config.types),
 its default says why it is what it is. Unknown keys are errors. Durations are seconds.
 
 A new section is a small class here plus a field that holds it; activator.config.load needs

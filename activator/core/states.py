@@ -2,8 +2,8 @@
 
 activator.model.transitions is the one table of a model's moves and documents what each state
 means; it takes the names from here. They live apart so that a layer below the model
-(activator.observability.metrics labels its state gauge by them) can name the states without importing
-the model's lifecycle. Imports nothing from activator.
+(activator.observability.metrics labels its state gauge by them) can name the states
+without importing the model's lifecycle. Imports nothing from activator.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ then sleep until kicked (a request was held, a start or stop finished, a stream 
 or until the policy's next deadline (idle timeout, end of a min_residency). Decisions
 within a pool are therefore made by one task, in order.
 
-Scaled-out models (replicas.max > 1, activator.placement.scaleout) are sized in the same step, before
-the policy's starts and swaps: each ready one gets the replicas its demand asks for, within
-the GPUs its pool can give without evicting anything (activator.placement.scaling.pool_room), and a
-pool whose waiting model lacks GPUs takes them back from extra replicas first. A model's
+Scaled-out models (replicas.max > 1, activator.placement.scaleout) are sized in the same
+step, before the policy's starts and swaps: each ready one gets the replicas its demand
+asks for, within the GPUs its pool can give without evicting anything
+(activator.placement.scaling.pool_room), and a pool whose waiting model lacks GPUs takes
+them back from extra replicas first. A model's
 view counts every replica it asked for.
 
 With several activator replicas (activator.ha) only the leader's loops decide, from views

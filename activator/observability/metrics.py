@@ -362,8 +362,8 @@ class Metrics:
         never wake never carry the 28 series of a histogram."""
         previous = self._states.get(model)
         if previous is not None and previous != state:
-            # A render in progress skips it too (activator.observability.exposition): one scrape never
-            # shows a model in two states.
+            # A render in progress skips it too (activator.observability.exposition): one
+            # scrape never shows a model in two states.
             self.model_state.remove(model, previous)
         self.model_state.labels(model=model, state=state).set(1)
         self._states[model] = state

@@ -7,8 +7,8 @@ the shared pod informer and, scaled out (replicas.max > 1), the Service's Endpoi
 (activator.backends.kube.endpoints, through the cluster). What the changes mean (a wake's
 phases, a lost engine, a failure) stays with the backend (activator.backends.kubernetes).
 
-It may import activator.core.errors, activator.placement.routing, activator.config.settings and the kube
-machinery below the backend (calls, cluster, informer, status); never
+It may import activator.core.errors, activator.placement.routing, activator.config.settings
+and the kube machinery below the backend (calls, cluster, informer, status); never
 activator.backends.kubernetes, which uses it. Called on the event loop, no locks.
 """
 
