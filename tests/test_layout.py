@@ -272,7 +272,6 @@ def test_wheel_packages_are_found() -> None:
     assert not any(p.startswith("tests") for p in packages)
 
 
-@pytest.mark.xfail(reason="fake API server still in the wheel (issue 19 step 4)", strict=True)
 def test_wheel_carries_no_fake_api_server() -> None:
     """The fake Kubernetes API server and its kubelet are test doubles, not product: no
     package of the wheel holds them (the stand-in engine stays: the demo runs it)."""
