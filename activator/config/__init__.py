@@ -1,1 +1,6 @@
-"""config: see docs/architecture.md."""
+"""Configuration: the YAML loader (`load`: parsing, ${VAR} substitution, cross-section
+checks, one line per problem naming the key), the frozen typed settings (`settings`,
+their value types in `types`, leader election's in `ha`).
+
+Layer 1: may import activator.core.
+"""

@@ -15,4 +15,6 @@ Replicas agree through the Kubernetes API only, the way controllers do:
 in an app (kubernetes.leader_election): the leader's pools decide from every replica's
 demand, the followers' pools follow the leader's intent (`follow`, pure rules), and a new
 leader reconciles the models from the API before it decides.
+
+Layer 11: may import every layer up to activator.ui.
 """

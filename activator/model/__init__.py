@@ -1,1 +1,6 @@
-"""model: see docs/architecture.md."""
+"""A model: the one owner of a model's state, its held requests and its engine.
+`transitions` is the table of its moves; `lifecycle.Model` carries them out, with its
+parts split by subject (the transition tasks, reload, leases and held requests).
+
+Layer 6: may import every layer up to activator.backends.
+"""
