@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from activator.config import ConfigError, parse_config
-from activator.config_types import GpuMemory
-from activator.gpu_memory import DEFAULT_GPU_RESIDUE, DEFAULT_GPU_RESIDUE_SHARE
-from activator.settings import ModelSettings, ProcessTarget
+from activator.config.gpu_memory import DEFAULT_GPU_RESIDUE, DEFAULT_GPU_RESIDUE_SHARE
+from activator.config.load import ConfigError, parse_config
+from activator.config.settings import ModelSettings, ProcessTarget
+from activator.config.types import GpuMemory
 from tests.serve_process import run_cli
 
 GIB = 2**30
