@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from activator.config.gpu_memory import resolve
 from activator.config.settings import (
     KubernetesTarget,
     ModelDefaults,
@@ -54,9 +55,10 @@ class ConfigError(Exception):
 
 # --- the file's shape, where it differs from the settings ------------------------------
 
-# Fields that a file gives by its structure (a model's name is its key under `models:`)...
+# Fields that a file gives by its structure (a model's name is its key under `models:`),
+# or that are resolved from other keys (activator.config.gpu_memory)...
 FROM_STRUCTURE: Mapping[type[BaseModel], frozenset[str]] = {
-    ModelSettings: frozenset({"name"}),
+    ModelSettings: frozenset({"name", "memory_fraction", "residue_fraction"}),
     PoolSettings: frozenset({"name"}),
     KubernetesTarget: frozenset({"name", "kind"}),
 }
@@ -266,6 +268,7 @@ def parse_config(
     models = _models(sections["models"], _defaults(sections["defaults"], problems), problems)
     _check_names(models, problems)
     _check_pools(models, pools, problems)
+    _resolve_gpu_memory(models, pools, problems)
     if settings is not None:
         _check_replicas(settings, models, problems)
     if problems.lines or settings is None:
@@ -393,6 +396,23 @@ def _check_pools(
                 )
                 problems.add(("models", name, "replicas", "max"), message)
             _check_sleep(name, model, pool, problems)
+
+
+def _resolve_gpu_memory(
+    models: dict[str, ModelSettings | None],
+    pools: Mapping[str, PoolSettings | None],
+    problems: _Problems,
+) -> None:
+    """Each model's shares of its GPUs, now that its pool is known (in place)."""
+    for name, model in models.items():
+        if model is None or (model.pool is not None and pools.get(model.pool) is None):
+            continue  # an invalid model or pool: reported already
+        resolved, found = resolve(model, pools[model.pool] if model.pool is not None else None)
+        for key, message in found:
+            problems.add(("models", name, *key), message)
+        update = {"memory_fraction": resolved.memory_fraction,
+                  "residue_fraction": resolved.residue_fraction}  # fmt: skip
+        models[name] = model.model_copy(update=update)
 
 
 def _check_replicas(

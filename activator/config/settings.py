@@ -15,6 +15,7 @@ validator of its class (see ProcessTarget).
 from __future__ import annotations
 
 import ipaddress
+import shlex
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -35,13 +36,17 @@ from activator.config.types import (
     HealthPath,
     InCluster,
     Keepalive,
+    PerGpu,
     Port,
     Positive,
     Price,
+    Share,
+    ShareOrZero,
     Size,
     Text,
     TextList,
     Url,
+    parse_share,
     problem_at,
 )
 
@@ -49,6 +54,8 @@ AccessLogFormat = Literal["text", "json", "off"]
 WorkloadKind = Literal["Deployment", "StatefulSet"]
 ShutdownAction = Literal["keep", "stop"]
 SleepLevel = Literal[1, 2]
+# vLLM's share of the GPU that the engine may take; vLLM reads `_` as `-` in its flags.
+GPU_MEMORY_FLAGS = ("--gpu-memory-utilization", "--gpu_memory_utilization")
 
 
 def _no_entries() -> Mapping[str, Any]:
@@ -193,7 +200,46 @@ class ProcessTarget(Section):
     def _port_placeholder(self) -> ProcessTarget:
         if self.port == 0 and not any("{port}" in arg for arg in self.command):
             raise problem_at("command", "must contain {port} when port is 0", self.command)
+        try:
+            self.gpu_memory_utilization  # noqa: B018 - raises ValueError on a bad flag
+        except ValueError as error:
+            raise problem_at("command", str(error), None) from None
         return self
+
+    @property
+    def gpu_memory_utilization(self) -> float | None:
+        """The share of each GPU the engine may take, from --gpu-memory-utilization X (or
+        =X, the last one wins as in argparse) in `command`; None when it has no such flag.
+        A `sh -c "..."` argument is read word by word."""
+        words: list[str] = []
+        for arg in self.command:
+            if " " in arg and any(flag in arg for flag in GPU_MEMORY_FLAGS):
+                words += _words(arg)
+            else:
+                words.append(arg)
+        found: tuple[str, str] | None = None
+        for index, word in enumerate(words):
+            flag, equals, value = word.partition("=")
+            if flag not in GPU_MEMORY_FLAGS:
+                continue
+            if not equals and index + 1 == len(words):
+                raise ValueError(f"{flag} has no value")
+            found = (flag, value if equals else words[index + 1])
+        if found is None:
+            return None
+        flag, value = found
+        try:
+            return parse_share(float(value))
+        except ValueError as error:  # float()'s own words name no key: ours do
+            detail = error if "share" in str(error) else "expected a share like 0.45"
+            raise ValueError(f"{flag} {value}: {detail}") from None
+
+
+def _words(arg: str) -> list[str]:
+    try:
+        return shlex.split(arg)
+    except ValueError:  # unbalanced quotes: the shell will complain, not us
+        return arg.split()
 
 
 class KubernetesTarget(Section):
@@ -231,6 +277,10 @@ class PoolSettings(Section):
     # Host RAM that the pool's sleeping (level 1) models may hold together; None = no
     # model of the pool sleeps at level 1 (activator.config.load requires it when one does).
     host_memory: Size | None = None
+    # Memory of each GPU of the pool (80GiB for an H100): what models that declare their
+    # gpu_memory as a size are shares of. None = unknown: models give shares, or take
+    # their GPUs whole.
+    gpu_memory: Size | None = None
 
 
 class SleepSettings(Section):
@@ -244,6 +294,10 @@ class SleepSettings(Section):
     # Bound on one sleep or one wake. A level-1 sleep copies the weights to host memory,
     # and vLLM allocates that pinned memory at the first sleep: seconds per 10 GB.
     timeout: Duration = 120.0
+    # GPU memory the engine keeps while asleep, on each of its GPUs: a size or a share.
+    # Counted for a model with a gpu_memory, so that a wake beside it never over-commits.
+    # None = DEFAULT_GPU_RESIDUE (activator.config.gpu_memory says why).
+    gpu_residue: PerGpu | None = None
 
     @model_validator(mode="after")
     def _host_memory_for_level_one(self) -> SleepSettings:
@@ -338,6 +392,15 @@ class ModelSettings(ModelDefaults):
     sleep: SleepSettings | None = None  # None = stopped, never put to sleep
     process: ProcessTarget | None = None
     kubernetes: KubernetesTarget | None = None
+    # Memory of each of its GPUs the engine takes while awake: a share (0.45) or a size
+    # (36GiB: the pool must give its gpu_memory). None = process.command's
+    # --gpu-memory-utilization, else the model takes its GPUs whole (as without it).
+    gpu_memory: PerGpu | None = None
+    # Resolved by activator.config.load once the pool is known (config.gpu_memory); not
+    # keys of a file. The share of each of its GPUs it takes awake (None = its GPUs whole)
+    # and keeps asleep (0 when it never sleeps or takes its GPUs whole).
+    memory_fraction: Share | None = None
+    residue_fraction: ShareOrZero = 0.0
 
     @model_validator(mode="after")
     def _scale_out_needs_a_kubernetes_service(self) -> ModelSettings:

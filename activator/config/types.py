@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BeforeValidator, PlainValidator, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
@@ -63,11 +64,13 @@ class WrongType(ValueError):
         self.expected = expected
 
 
-def problem_at(key: str, message: str, value: object) -> ValidationError:
-    """For a validator of a whole object: a problem of one of its keys (a plain ValueError
-    would be reported at the object's path)."""
+def problem_at(key: str | tuple[str, ...], message: str, value: object) -> ValidationError:
+    """For a validator of a whole object: a problem of one of its keys, or of a key of one
+    of its sections (a plain ValueError would be reported at the object's path)."""
     error = PydanticCustomError("invalid", message)
-    details = [InitErrorDetails(type=error, loc=(key,), input=value)]
+    details = [
+        InitErrorDetails(type=error, loc=(key,) if isinstance(key, str) else key, input=value)
+    ]
     return ValidationError.from_exception_data("settings", details)
 
 
@@ -113,6 +116,78 @@ def parse_size(value: object) -> int:
     if isinstance(value, str) and (match := _SIZE.fullmatch(value.strip())):
         return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     raise ValueError("expected a size in bytes or like 32MiB, 512KiB, 1GiB, 64Gi or 10MB")
+
+
+def format_size(size: int) -> str:
+    """A size as a config would write it: 36GiB, 1536MiB, or bytes when no unit divides it."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size} bytes"
+
+
+# --- GPU memory: a share of each GPU, or a size -----------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Memory on each GPU: a share of the GPU (`fraction`, in (0, 1]) or a size in bytes
+    (`size`); exactly one is set. A share needs nothing else; a size becomes a share once
+    the pool's gpu_memory (the bytes of each GPU) is known."""
+
+    fraction: float | None = None
+    size: int | None = None
+
+    def share(self, gpu_bytes: int | None) -> float | None:
+        """The share of a GPU of `gpu_bytes`; None for a size when gpu_bytes is unknown."""
+        if self.fraction is not None:
+            return self.fraction
+        assert self.size is not None
+        return None if gpu_bytes is None else self.size / gpu_bytes
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction:g}"
+        assert self.size is not None
+        return format_size(self.size)
+
+
+_GPU_MEMORY = "a share of each GPU like 0.45, or a size like 36GiB"
+
+
+def parse_share(value: object) -> float:
+    """A share of a GPU, in (0, 1] (vLLM's --gpu-memory-utilization)."""
+    value = _from_env(value)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise WrongType("a share of the GPU like 0.45", value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a share of the GPU greater than 0")
+    if value > 1:
+        raise ValueError("is more than a GPU: a share must be 1 or less")
+    return float(value)
+
+
+def _gpu_memory(value: object) -> GpuMemory:
+    if isinstance(value, GpuMemory):  # settings built in code
+        return value
+    value = _from_env(value)
+    if isinstance(value, str):
+        try:
+            size = _positive(parse_size)(value)
+        except ValueError:
+            raise ValueError(f"expected {_GPU_MEMORY}") from None
+        return GpuMemory(size=size)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise WrongType(_GPU_MEMORY, value)
+    if isinstance(value, int) and value > 1:  # bytes without a unit, most likely
+        raise ValueError(
+            "expected a share of each GPU in (0, 1], or a size with its unit like 36GiB"
+        )
+    return GpuMemory(fraction=parse_share(value))
+
+
+def _share_or_zero(value: object) -> float:
+    return 0.0 if value == 0 and not isinstance(value, bool) else parse_share(value)
 
 
 # --- validators: YAML value -> settings value, or ValueError ----------------------------
@@ -245,6 +320,10 @@ DurationOrZero = Annotated[float, BeforeValidator(parse_duration)]
 Keepalive = Annotated[float | None, BeforeValidator(_keepalive)]  # a duration, or null/off
 Size = Annotated[int, BeforeValidator(_positive(parse_size))]
 Positive = Annotated[float, BeforeValidator(_positive(_number))]  # a number > 0
+# Memory on each GPU: a number is a share of the GPU in (0, 1], text a size (36GiB).
+PerGpu = Annotated[GpuMemory, PlainValidator(_gpu_memory)]
+Share = Annotated[float, BeforeValidator(parse_share)]  # a share of a GPU, in (0, 1]
+ShareOrZero = Annotated[float, BeforeValidator(_share_or_zero)]  # a share of a GPU, or 0
 Price = Annotated[float, BeforeValidator(_price)]  # an amount of money, >= 0
 InCluster = Annotated[bool | None, BeforeValidator(_in_cluster)]  # auto (None), true, false
 Flag = Annotated[bool, BeforeValidator(_flag)]  # true or false (YAML's, or a variable's text)
