@@ -64,17 +64,23 @@ class HttpClient:
         connection as the request went out on it, so the engine never took the request.
         Never retried: a failure on a new connection (the engine itself failed, and may
         have seen the request), a refused connect, a timeout, anything after the response
-        began, and a retry. A retry whose connection is refused raises the first
+        began, a retry, and a connection activator closed itself (`reset` or `close`
+        while the request was out: the engine may have taken it; the caller answers with
+        the lease's cut error). A retry whose connection is refused raises the first
         failure: the engine is gone, and the first attempt may have reached it (so a
         caller never takes it for a request that went nowhere).
         """
         attempt = SimpleNamespace(reused=False)
+        session = self.session(model)
         try:
-            return await self.session(model).post(
+            return await session.post(
                 url, data=_body(data), headers=headers, timeout=timeouts, trace_request_ctx=attempt
             )
         except aiohttp.ClientError as exc:
-            if not (attempt.reused and _closed_under_us(exc)):
+            # A session closed under the request was closed by activator (`reset` or
+            # `close`: the cut at the end of the shutdown grace, an engine stopping), not
+            # by the engine: the engine may have taken the request.
+            if session.closed or not (attempt.reused and _closed_under_us(exc)):
                 raise
             logger.info(
                 "model=%s request_id=%s pooled connection closed by the engine before it "
