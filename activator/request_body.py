@@ -11,6 +11,7 @@ plain body; the client's Content-Encoding never travels further.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
 
 from aiohttp import hdrs, web
@@ -30,8 +31,10 @@ async def read_body(request: web.Request, *, limit: int, body_timeout: float) ->
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body over {limit} bytes")
     received = 0
+    # A body that has all arrived (a small one comes with its headers) needs no timer.
+    bound = contextlib.nullcontext() if request.content.is_eof() else asyncio.timeout(body_timeout)
     try:
-        async with asyncio.timeout(body_timeout):
+        async with bound:
             while chunk := await request.content.readany():
                 received += len(chunk)
                 if received > limit:
