@@ -466,13 +466,13 @@ def targets(
             "warm path added p50, c=1 (ms)",
             added(get(1, "activator", "p50_ms"), get(1, "direct", "p50_ms")),
             "<=",
-            1.0,
+            0.5,
         ),
         (
             f"req/s vs nginx, c={mid}",
             ratio(get(mid, "activator", "rps"), get(mid, "nginx", "rps")),
             ">=",
-            0.25,
+            0.3,
         ),
         (
             f"req/s vs LiteLLM, c={mid}",

@@ -10,7 +10,9 @@ Run as ``python -m tests.engine_variants --variant NAME [fake_engine flags]``. V
 - ``drop-all``: every /v1 request is dropped that way, on any connection.
 - ``cut-after-headers``: /v1 answers send their status line and headers, then close.
 
-``GET /test/received`` answers the number of /v1 POSTs that reached the engine.
+``GET /test/received`` answers the number of /v1 POSTs that reached the engine. With
+``--received-log FILE`` each one also appends its X-Request-Id as a line to FILE, a record
+that outlives the engine (a test reads it after activator stopped the engine).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from weakref import WeakKeyDictionary
 
 from aiohttp import web
@@ -29,7 +32,7 @@ from activator.testing import fake_engine
 VARIANTS = ("echo", "drop-reused", "drop-all", "cut-after-headers")
 
 
-def layer(variant: str) -> fake_engine.Handler:
+def layer(variant: str, *, received_log: Path | None = None) -> fake_engine.Handler:
     per_connection: WeakKeyDictionary[object, int] = WeakKeyDictionary()
     received = 0
 
@@ -41,6 +44,9 @@ def layer(variant: str) -> fake_engine.Handler:
         if not (request.path.startswith("/v1/") and request.method == "POST"):
             return await handler(request)
         received += 1
+        if received_log is not None:
+            with received_log.open("a") as log:
+                log.write(request.headers.get("X-Request-Id", "-") + "\n")
         transport = request.transport
         assert transport is not None
         earlier = per_connection.get(transport, 0)
@@ -65,12 +71,13 @@ def layer(variant: str) -> fake_engine.Handler:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--received-log", type=Path, default=None)
     known, rest = parser.parse_known_args(argv)
     plain = fake_engine.build_app
 
     def build_app(options: fake_engine.EngineOptions) -> web.Application:
         app = plain(options)
-        app.middlewares.insert(0, layer(known.variant))
+        app.middlewares.insert(0, layer(known.variant, received_log=known.received_log))
         app.router.add_get("/test/received", fake_engine.health)  # answered by the layer
         return app
 

@@ -15,8 +15,17 @@ import aiohttp
 import pytest
 
 from tests.conftest import ActivatorFactory
-from tests.harness import chat, engine_pids, error_of, model_config, post, unique, wait_for
+from tests.harness import (
+    chat,
+    engine_pids,
+    error_of,
+    model_config,
+    post,
+    unique,
+    wait_for,
+)
 from tests.serve_process import serving
+from tests.test_hardening_http import variant_config
 
 log_test = logging.getLogger(__name__)
 
@@ -241,3 +250,31 @@ async def test_requests_cut_at_the_end_of_the_grace_get_the_shutting_down_code(
     await closing
     assert events[-1]["error"]["code"] == "shutting_down"
     assert (status, error_of(body)["code"]) == (503, "shutting_down")
+
+
+async def test_a_request_cut_at_the_end_of_the_grace_is_not_sent_again(
+    activator: ActivatorFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The cut at the end of the grace closes a pooled connection under a request the
+    engine has taken: activator's own cut, not the keep-alive race, so the request is
+    answered shutting_down and never sent again (the engine sees it once)."""
+    caplog.set_level(logging.INFO, logger="activator")
+    received = tmp_path / "received"  # the engine's record of the POSTs it took
+    # The engine holds every chat answer far longer than the grace; embeddings answer at
+    # once.
+    flags = ("--response-delay", "600", "--received-log", str(received))
+    model = variant_config("echo", unique("held"), *flags, startup_delay=0.1)
+    running = await activator({"server": {"shutdown_grace": "0.2s"}, "models": {"m": model}})
+    status, _, _ = await post(running, "/v1/embeddings", {"model": "m", "input": "warm"})
+    assert status == 200
+    # The chat request goes out on the pooled connection the embedding left idle.
+    held = asyncio.create_task(
+        post(running, "/v1/chat/completions", chat("m"), headers={"X-Request-Id": "held-1"})
+    )
+    await wait_for(lambda: "held-1" in received.read_text().split(), what="engine took it")
+    await running.server.close()  # SIGTERM's sequence: the grace, then the cut
+    status, body, _ = await held
+    assert (status, error_of(body)["code"]) == (503, "shutting_down")
+    assert received.read_text().splitlines().count("held-1") == 1
+    assert running.sample("activator_upstream_retries_total", model="m") == 0
+    assert "retrying once" not in caplog.text

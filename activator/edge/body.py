@@ -198,9 +198,11 @@ async def _receive(
         raise BodyTooLarge(f"request body over {limit} bytes")
     timeout = reads.body_timeout
     received = 0
+    # A body that has all arrived (a small one comes with its headers) needs no timer.
+    bound = contextlib.nullcontext() if request.content.is_eof() else asyncio.timeout(timeout)
     with reads.slot(request):
         try:
-            async with asyncio.timeout(timeout):
+            async with bound:
                 while chunk := await request.content.readany():
                     received += len(chunk)
                     if received > limit:

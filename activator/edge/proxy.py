@@ -392,15 +392,15 @@ class Proxy:
 
     def _finish(self, ex: Exchange) -> None:
         duration = time.monotonic() - ex.started
-        cold = "true" if ex.cold else "false"
-        m = self._metrics
-        m.requests.labels(
-            model=ex.model, endpoint=ex.endpoint, code=str(ex.status), cold=cold
-        ).inc()
-        m.request_duration.labels(model=ex.model, endpoint=ex.endpoint, cold=cold).observe(duration)
-        if ex.ttfb is not None:
-            m.ttfb.labels(model=ex.model, endpoint=ex.endpoint, cold=cold).observe(ex.ttfb)
-        if self._access_log == "off":
+        self._metrics.request_finished(
+            ex.model,
+            endpoint=ex.endpoint,
+            code=ex.status,
+            cold=ex.cold,
+            seconds=duration,
+            ttfb=ex.ttfb,
+        )
+        if self._access_log == "off" or not access_logger.isEnabledFor(logging.INFO):
             return
         record: dict[str, Any] = {
             "model": ex.model,

@@ -11,20 +11,42 @@ stops drops exactly those connections and no others.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import io
 import logging
+import weakref
 from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any
+from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 logger = logging.getLogger(__name__)
 
 # Connections to one engine at once. Thousands of held requests released together queue
 # for a connection here instead of opening thousands of sockets on one engine.
 UPSTREAM_CONNECTIONS = 1024
+# A body up to this size goes out with the request's headers in one write. Larger ones
+# go in chunks, waiting for the socket between them (aiohttp warns about raw bytes over
+# 1 MiB, which it writes at once).
+ONE_WRITE_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One send of `post`: whether its connection came from the pool."""
+
+    reused: bool = False
+
+
+# The send of `post` under way in this task, for the connector to mark (aiohttp connects
+# in the task that awaits the request). A context variable rather than aiohttp's request
+# tracing: a TraceConfig makes aiohttp build and send a dozen trace events per request
+# where only one is wanted, a cost on every warm request.
+_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
+    "activator_upstream_attempt", default=None
+)
 
 
 class HttpClient:
@@ -37,8 +59,6 @@ class HttpClient:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._fresh: dict[str, aiohttp.ClientSession] = {}
         self._open = False
-        self._trace = aiohttp.TraceConfig()
-        self._trace.on_connection_reuseconn.append(_note_reuse)
 
     def session(self, model: str) -> aiohttp.ClientSession:
         """The model's pooled session, made on first use."""
@@ -64,17 +84,22 @@ class HttpClient:
         connection as the request went out on it, so the engine never took the request.
         Never retried: a failure on a new connection (the engine itself failed, and may
         have seen the request), a refused connect, a timeout, anything after the response
-        began, and a retry. A retry whose connection is refused raises the first
+        began, a retry, and a connection activator closed itself (`reset` or `close`
+        while the request was out: the engine may have taken it; the caller answers with
+        the lease's cut error). A retry whose connection is refused raises the first
         failure: the engine is gone, and the first attempt may have reached it (so a
         caller never takes it for a request that went nowhere).
         """
-        attempt = SimpleNamespace(reused=False)
+        attempt = _Attempt()
+        session = self.session(model)
+        token = _ATTEMPT.set(attempt)
         try:
-            return await self.session(model).post(
-                url, data=_body(data), headers=headers, timeout=timeouts, trace_request_ctx=attempt
-            )
+            return await session.post(url, data=_body(data), headers=headers, timeout=timeouts)
         except aiohttp.ClientError as exc:
-            if not (attempt.reused and _closed_under_us(exc)):
+            # A session closed under the request was closed by activator (`reset` or
+            # `close`: the cut at the end of the shutdown grace, an engine stopping), not
+            # by the engine: the engine may have taken the request.
+            if session.closed or not (attempt.reused and _closed_under_us(exc)):
                 raise
             logger.info(
                 "model=%s request_id=%s pooled connection closed by the engine before it "
@@ -84,6 +109,8 @@ class HttpClient:
                 exc,
             )
             first = exc
+        finally:
+            _ATTEMPT.reset(token)
         if self._retried is not None:
             self._retried(model)
         fresh = self._get(self._fresh, model, pooled=False)
@@ -116,27 +143,56 @@ class HttpClient:
             raise RuntimeError("the HTTP client is used before the app started")
         session = sessions.get(model)
         if session is None or session.closed:
+            connector = (
+                _PoolConnector(limit=UPSTREAM_CONNECTIONS)
+                if pooled
+                else aiohttp.TCPConnector(
+                    limit=UPSTREAM_CONNECTIONS, limit_per_host=0, force_close=True
+                )
+            )
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=UPSTREAM_CONNECTIONS, limit_per_host=0, force_close=not pooled
-                ),
+                connector=connector,
                 auto_decompress=False,  # relay bytes as the engine encoded them
+                # An engine's cookies are never kept and sent back: one engine serves many
+                # clients (and no jar to look through on every request).
+                cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                trace_configs=[self._trace] if pooled else None,
             )
             sessions[model] = session
         return session
 
 
-def _body(data: bytes) -> io.BytesIO:
-    """A body aiohttp writes in chunks, waiting for the socket between them (raw bytes
-    over 1 MiB go out in one write, and aiohttp warns about it); a new one per attempt."""
-    return io.BytesIO(data)
+class _PoolConnector(aiohttp.TCPConnector):
+    """Marks `post`'s send (`_ATTEMPT`) reused when its connection carried an earlier
+    exchange: a pooled connection goes back to the pool only after one."""
+
+    def __init__(self, *, limit: int) -> None:
+        super().__init__(limit=limit, limit_per_host=0)
+        self._carried: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's signature
+    ) -> aiohttp.connector.Connection:
+        connection = await super().connect(req, traces, timeout)
+        protocol = connection.protocol
+        if protocol is not None:
+            attempt = _ATTEMPT.get()
+            if protocol in self._carried:
+                if attempt is not None:
+                    attempt.reused = True
+            else:
+                self._carried.add(protocol)
+        return connection
 
 
-async def _note_reuse(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
-    if context.trace_request_ctx is not None:
-        context.trace_request_ctx.reused = True
+def _body(data: bytes) -> bytes | io.BytesIO:
+    """A small body as it is (sent with the headers in one write); a larger one as a
+    BytesIO, which aiohttp writes in chunks, waiting for the socket between them. A new
+    one per attempt."""
+    return data if len(data) <= ONE_WRITE_BYTES else io.BytesIO(data)
 
 
 def _closed_under_us(exc: aiohttp.ClientError) -> bool:

@@ -93,6 +93,7 @@ class _Meter:
     tokens: dict[str, int] = field(default_factory=dict)
     series: bool = False  # its tokens (and dollars) series exist
     counters: dict[str, Any] = field(default_factory=dict)  # label -> its gpu_seconds child
+    token_counters: dict[str, Any] = field(default_factory=dict)  # kind -> its tokens child
 
 
 class CostMeter:
@@ -167,7 +168,12 @@ class CostMeter:
         counts = (("input", usage.input), ("output", usage.output), ("cached", usage.cached))
         for kind, count in counts:
             if count:
-                self._tokens.labels(model=model, kind=kind).inc(count)
+                counter = meter.token_counters.get(kind)
+                if counter is None:  # looked up once: this runs on every answer
+                    counter = meter.token_counters[kind] = self._tokens.labels(
+                        model=model, kind=kind
+                    )
+                counter.inc(count)
                 meter.tokens[kind] = meter.tokens.get(kind, 0) + count
         dollars = token_dollars(meter.prices, usage)
         if dollars:

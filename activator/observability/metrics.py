@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
@@ -311,6 +312,13 @@ class Metrics:
 
         self._backends: dict[str, str] = {}  # model -> backend label, from add_model
         self._states: dict[str, str] = {}  # model -> the state its one series shows
+        # Labelled children of the per-request metrics, looked up once per label set, not
+        # on every request (`labels()` costs a lock and a dict lookup of its own). Bounded:
+        # models come from config, endpoints and codes are few. A gauge's entry goes when
+        # its series is removed (forget_model); counters and histograms are never removed.
+        self._in_flight: dict[str, Any] = {}
+        self._finished: dict[tuple[str, str, int, bool], tuple[Any, Any]] = {}
+        self._ttfb: dict[tuple[str, str, bool], Any] = {}
         self._exposition = Exposition(
             [m for m in vars(self).values() if isinstance(m, MetricWrapperBase)]
         )
@@ -330,12 +338,51 @@ class Metrics:
 
     def request_started(self, model: str) -> None:
         """A request got a lease on the model's engine (it is in flight)."""
-        self.in_flight.labels(model=model).inc()
+        self._in_flight_of(model).inc()
         self.cost.request_started(model)
 
     def request_ended(self, model: str) -> None:
-        self.in_flight.labels(model=model).dec()
+        self._in_flight_of(model).dec()
         self.cost.request_ended(model)
+
+    def _in_flight_of(self, model: str) -> Any:
+        child = self._in_flight.get(model)
+        if child is None:
+            child = self._in_flight[model] = self.in_flight.labels(model=model)
+        return child
+
+    def request_finished(
+        self,
+        model: str,
+        *,
+        endpoint: str,
+        code: int,
+        cold: bool,
+        seconds: float,
+        ttfb: float | None,
+    ) -> None:
+        """A proxied request was answered (or ended): its count, duration and time to
+        first byte (None: no byte of a body came from the engine)."""
+        key = (model, endpoint, code, cold)
+        children = self._finished.get(key)
+        if children is None:
+            labels = {"model": model, "endpoint": endpoint, "cold": "true" if cold else "false"}
+            children = self._finished[key] = (
+                self.requests.labels(**labels, code=str(code)),
+                self.request_duration.labels(**labels),
+            )
+        count, duration = children
+        count.inc()
+        duration.observe(seconds)
+        if ttfb is not None:
+            short = (model, endpoint, cold)
+            child = self._ttfb.get(short)
+            if child is None:
+                cold_label = "true" if cold else "false"
+                child = self._ttfb[short] = self.ttfb.labels(
+                    model=model, endpoint=endpoint, cold=cold_label
+                )
+            child.observe(ttfb)
 
     def count_tokens(self, model: str, usage: Usage) -> None:
         """An engine's answer reported its usage."""
@@ -387,6 +434,7 @@ class Metrics:
         Counters and histograms stay: they are its history, and rate() needs them."""
         state = self._states.pop(model, None)
         self._backends.pop(model, None)
+        self._in_flight.pop(model, None)
         gone = [(self.model_state, (model, state)), (self.queue_capacity, (model,))]
         gone += [(self.in_flight, (model,))]
         gone += [(self.held, (model, reason)) for reason in HELD_REASONS]
