@@ -28,6 +28,8 @@ from weakref import WeakKeyDictionary
 from aiohttp import web
 
 from activator.testing import fake_engine
+from activator.testing.engine_options import EngineOptions
+from activator.testing.engine_routes import health
 
 VARIANTS = ("echo", "drop-reused", "drop-all", "cut-after-headers")
 
@@ -75,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     known, rest = parser.parse_known_args(argv)
     plain = fake_engine.build_app
 
-    def build_app(options: fake_engine.EngineOptions) -> web.Application:
+    def build_app(options: EngineOptions) -> web.Application:
         app = plain(options)
         app.middlewares.insert(0, layer(known.variant, received_log=known.received_log))
-        app.router.add_get("/test/received", fake_engine.health)  # answered by the layer
+        app.router.add_get("/test/received", health)  # answered by the layer
         return app
 
     # serve() builds its app through the module's build_app: this process is the variant.

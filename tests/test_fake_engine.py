@@ -15,7 +15,8 @@ import aiohttp
 import openai
 import pytest
 
-from activator.testing.fake_engine import EngineError, EngineOptions, plan_generation
+from activator.testing.engine_options import EngineError, EngineOptions
+from activator.testing.generation import plan_generation
 
 MODEL = "fake-model"
 # Bounds how long any single wait on the process may take; a healthy run needs far less.

@@ -37,7 +37,8 @@ from activator.placement.routing import (
     RouterSettings,
     sent_nothing,
 )
-from activator.testing.fake_engine import STATS, EngineOptions, build_app
+from activator.testing.engine_options import STATS, EngineOptions
+from activator.testing.fake_engine import build_app
 from tests.fakekube.server import FakeKube, PodPlan
 from tests.harness import wait_for
 

@@ -18,526 +18,61 @@ Output protocol: once ready it prints exactly ``READY port=<port>`` on stdout. W
 ``--never-ready`` it prints ``LISTENING port=<port>`` instead (the port is bound but it
 never becomes ready). Nothing else goes to stdout. Log lines, one per request included,
 go to stderr: a parent must read or redirect it (``--disable-access-log`` under load).
+
+Owns the app (the routes it serves, the gate in front of /v1/*), the process (the
+simulated load, signals, shutdown) and the command line. May import `engine_options`,
+`generation`, `engine_routes` and activator.testing.sleepmode; nothing of the engine
+imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import json
 import logging
 import os
 import signal
 import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 
 from aiohttp import web
 
+from activator.testing.engine_options import (
+    LIMIT,
+    OPTIONS,
+    STATS,
+    EngineError,
+    EngineOptions,
+    EngineStats,
+    JsonObject,
+)
+from activator.testing.engine_routes import (
+    DEV_PATHS,
+    chat_completions,
+    completions,
+    debug_timings,
+    dev_endpoint,
+    embeddings,
+    health,
+    metrics,
+    models,
+    responses,
+)
 from activator.testing.sleepmode import CONTROLLER as SLEEP
-from activator.testing.sleepmode import SleepController, SleepOptions, Ticket, add_sleep_routes
+from activator.testing.sleepmode import SleepController, add_sleep_routes
 from activator.testing.sleepmode import options as sleep_options
 
 logger = logging.getLogger(__name__)
 
-JsonObject = dict[str, Any]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Sent by vLLM's OpenAI server on every 401 (a flat string, unlike its other errors).
 UNAUTHORIZED_BODY: JsonObject = {"error": "Unauthorized"}
-# Always open here (a 200 shows that a proxy let one through); vLLM's sleep routes are
-# in activator.testing.sleepmode and exist only in dev mode, as in vLLM.
-DEV_PATHS = ("/load_lora_adapter", "/unload_lora_adapter")
 STARTUP_PHASES = ("Initializing engine", "Loading weights...", "Capturing CUDA graphs...")
-EMBEDDING_DIM = 8
 # How long shutdown waits for cancelled handlers to unwind before closing their sockets:
 # SIGTERM must end the process promptly even with streams open.
 SHUTDOWN_GRACE_S = 0.1
-# What a model with wiped weights writes: token 0 of Llama-3/GPT-2 vocabularies, the
-# argmax of all-zero logits. Deterministic, so a test tells it from the real answer.
-GARBAGE_TOKEN = "!"
-
-
-@dataclass(frozen=True, slots=True)
-class EngineOptions:
-    port: int
-    host: str = "127.0.0.1"
-    served_model_name: str = "fake-model"
-    max_model_len: int = 2048
-    startup_delay: float = 0.0
-    crash_during_startup: bool = False
-    never_ready: bool = False
-    stream_delay: float = 0.0
-    response_delay: float = 0.0
-    chunks: int = 16  # tokens generated when a request sets no max_tokens
-    api_key: str | None = None
-    ignore_sigterm: bool = False
-    exit_after: float | None = None
-    disable_access_log: bool = False  # benchmarks: per-request log lines cost time
-    # Generations at once; more wait their turn (before their headers), as requests do
-    # on an engine whose batch is full. None: no limit. With --response-delay, a fixed
-    # service time per request: the engine, not the proxy, is the bottleneck.
-    max_concurrency: int | None = None
-    # Paths answered as vLLM's FastAPI answers a route the model does not serve.
-    disable_endpoint: tuple[str, ...] = ()
-    sleep: SleepOptions = field(default_factory=SleepOptions)  # see the module docstring
-
-
-@dataclass(slots=True)
-class EngineStats:
-    """Counters behind /metrics: one per app, changed only by `generation` (requests
-    running and waiting are the sleep controller's)."""
-
-    aborted: int = 0  # by the client going away
-    success: dict[str, int] = field(default_factory=dict)  # by finished_reason
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # handlers generating now
-
-
-OPTIONS = web.AppKey("options", EngineOptions)
-STATS = web.AppKey("stats", EngineStats)
-LIMIT = web.AppKey("limit", asyncio.Semaphore)
-
-
-class EngineError(Exception):
-    """An error answered in vLLM's envelope."""
-
-    def __init__(self, message: str, *, status: int, type_: str, param: str | None = None):
-        super().__init__(message)
-        self.message, self.status, self.type, self.param = message, status, type_, param
-
-    def response(self) -> web.Response:
-        error = {
-            "message": self.message,
-            "type": self.type,
-            "param": self.param,
-            "code": self.status,
-        }
-        return web.json_response({"error": error}, status=self.status)
-
-
-def bad_request(message: str, *, param: str | None = None) -> EngineError:
-    return EngineError(message, status=400, type_="BadRequestError", param=param)
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """What one request will produce: decided before the first byte is written."""
-
-    tokens: list[str]
-    prompt_tokens: int
-    finish_reason: str
-
-    @property
-    def text(self) -> str:
-        return "".join(self.tokens)
-
-    def usage(self) -> JsonObject:
-        n = len(self.tokens)
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": n,
-            "total_tokens": self.prompt_tokens + n,
-        }
-
-
-# ---- request parsing (pure) ----
-
-
-def text_of(value: Any) -> str:
-    """Flatten a prompt, a message content or a list of content parts into plain text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return " ".join(text_of(part) for part in value)
-    if isinstance(value, dict):
-        return text_of(value.get("text", value.get("content", "")))
-    return "" if value is None else str(value)
-
-
-def plan_generation(prompt: str, *, max_tokens: Any, options: EngineOptions) -> Generation:
-    """Deterministic output: the prompt's words echoed in turn, one token each.
-
-    Raises EngineError with vLLM's messages for a bad or too large max_tokens.
-    """
-    words = prompt.split() or ["tok"]
-    prompt_tokens = len(prompt.split())
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
-    limit = options.max_model_len
-    if prompt_tokens >= limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, your request "
-            f"has {prompt_tokens} input tokens. Please reduce the length of the input messages."
-        )
-    if max_tokens is not None and max_tokens > limit - prompt_tokens:
-        raise bad_request(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-            f"maximum context length is {limit} tokens and your request has {prompt_tokens} "
-            f"input tokens ({max_tokens} > {limit} - {prompt_tokens}).",
-            param="max_tokens",
-        )
-    count = options.chunks if max_tokens is None else max_tokens
-    tokens = [("" if i == 0 else " ") + words[i % len(words)] for i in range(count)]
-    finish_reason = "stop" if max_tokens is None else "length"
-    return Generation(tokens=tokens, prompt_tokens=prompt_tokens, finish_reason=finish_reason)
-
-
-async def read_body(request: web.Request, *, options: EngineOptions) -> JsonObject:
-    try:
-        body = await request.json()
-    except ValueError as exc:  # malformed JSON or not UTF-8
-        raise bad_request(f"Invalid JSON body: {exc}") from exc
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
-    model = body.get("model")
-    if model is not None and model != options.served_model_name:
-        raise EngineError(
-            f"The model `{model}` does not exist.", status=404, type_="NotFoundError", param="model"
-        )
-    return body
-
-
-def max_tokens_of(body: JsonObject, *keys: str) -> Any:
-    return next((body[key] for key in keys if body.get(key) is not None), None)
-
-
-# ---- generation bookkeeping ----
-
-
-@dataclass(slots=True)
-class Run:
-    """One request's generation as it happens: parked while the engine sleeps, then its
-    tokens one by one; cut short (finish_reason "abort") when a sleep aborts it."""
-
-    planned: Generation
-    ticket: Ticket
-    tokens: list[str] = field(default_factory=list)
-    complete: bool = False
-
-    async def start(self, delay: float) -> bool:
-        """Waits for the engine to be awake (the hang), then the time to first token."""
-        return await self.ticket.admitted() and await self.ticket.step(delay)
-
-    def produce(self, index: int) -> str:
-        token = GARBAGE_TOKEN if self.ticket.garbage else self.planned.tokens[index]
-        self.tokens.append(token)
-        return token
-
-    @property
-    def outcome(self) -> Generation:
-        reason = self.planned.finish_reason if self.complete else "abort"
-        return Generation(
-            tokens=self.tokens, prompt_tokens=self.planned.prompt_tokens, finish_reason=reason
-        )
-
-
-@asynccontextmanager
-async def generation(request: web.Request, *, gen: Generation) -> AsyncIterator[Run]:
-    """The request's presence in the engine; counts it as a success (by its outcome's
-    finish reason: "abort" when a sleep cut it) or, if the client left, as aborted.
-
-    The handler task is registered so shutdown can cancel it; cancellation also arrives
-    here when the client disconnects (the server runs with handler_cancellation), and a
-    write to a closed connection raises ConnectionResetError.
-    """
-    stats = request.app[STATS]
-    task = asyncio.current_task()
-    assert task is not None, "called from a request handler"
-    stats.tasks.add(task)
-    try:
-        async with request.app[LIMIT]:
-            with request.app[SLEEP].ticket() as ticket:
-                run = Run(planned=gen, ticket=ticket)
-                yield run
-    except (asyncio.CancelledError, ConnectionResetError):
-        stats.aborted += 1
-        logger.info("request aborted: %s %s", request.method, request.path)
-        raise
-    else:
-        reason = run.outcome.finish_reason
-        stats.success[reason] = stats.success.get(reason, 0) + 1
-    finally:
-        stats.tasks.discard(task)
-
-
-async def answer(
-    request: web.Request, *, gen: Generation, render: Callable[[Generation], JsonObject]
-) -> web.Response:
-    async with generation(request, gen=gen) as run:
-        if await run.start(request.app[OPTIONS].response_delay):
-            for index in range(len(gen.tokens)):
-                run.produce(index)
-            run.complete = True
-    return web.json_response(render(run.outcome))
-
-
-@dataclass(frozen=True, slots=True)
-class StreamShape:
-    """One endpoint's SSE events: before the tokens, one per token, after them."""
-
-    head: list[JsonObject]
-    token: Callable[[str], JsonObject]
-    tail: Callable[[Generation], list[JsonObject]]
-
-
-async def stream(
-    request: web.Request, *, gen: Generation, shape: StreamShape
-) -> web.StreamResponse:
-    """Writes each SSE event the moment it is produced, then [DONE].
-
-    Headers go out before --response-delay (and before a sleeping engine wakes), as
-    vLLM's do; the delay models the time to the first token, --stream-delay the time
-    between tokens.
-    """
-    options = request.app[OPTIONS]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-
-    async def write(events: list[JsonObject]) -> None:
-        for event in events:
-            await response.write(b"data: " + dumps(event) + b"\n\n")
-
-    with suppress(ConnectionResetError):  # the client left: counted by `generation`
-        async with generation(request, gen=gen) as run:
-            await response.prepare(request)
-            started = await run.start(options.response_delay)
-            await write(shape.head)
-            if started:
-                for index in range(len(gen.tokens)):
-                    if index and not await run.ticket.step(options.stream_delay):
-                        break
-                    await write([shape.token(run.produce(index))])
-                else:
-                    run.complete = True
-            await write(shape.tail(run.outcome))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-    return response
-
-
-def dumps(value: JsonObject) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def include_usage(body: JsonObject) -> bool:
-    stream_options = body.get("stream_options")
-    return isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
-
-
-# ---- chunk shapes ----
-
-
-def chat_shape(head: JsonObject, *, usage: bool) -> StreamShape:
-    def chunk(delta: JsonObject, finish_reason: str | None = None) -> JsonObject:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**head, "choices": [choice]}
-
-    def tail(gen: Generation) -> list[JsonObject]:
-        last = [chunk({}, gen.finish_reason)]
-        return last + ([{**head, "choices": [], "usage": gen.usage()}] if usage else [])
-
-    return StreamShape(
-        head=[chunk({"role": "assistant", "content": ""})],
-        token=lambda token: chunk({"content": token}),
-        tail=tail,
-    )
-
-
-def completion_shape(head: JsonObject, *, usage: bool) -> StreamShape:
-    def chunk(text: str, finish_reason: str | None = None) -> JsonObject:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**head, "choices": [choice]}
-
-    def tail(gen: Generation) -> list[JsonObject]:
-        last = [chunk("", gen.finish_reason)]
-        return last + ([{**head, "choices": [], "usage": gen.usage()}] if usage else [])
-
-    return StreamShape(head=[], token=chunk, tail=tail)
-
-
-# ---- handlers ----
-
-
-def request_id(request: web.Request) -> str:
-    """vLLM bases completion ids on the caller's X-Request-Id when there is one."""
-    return request.headers.get("X-Request-Id") or uuid.uuid4().hex
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    options = request.app[OPTIONS]
-    body = await read_body(request, options=options)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list.", param="messages")
-    prompt = " ".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
-    gen = plan_generation(
-        prompt,
-        options=options,
-        max_tokens=max_tokens_of(body, "max_completion_tokens", "max_tokens"),
-    )
-    head = {
-        "id": f"chatcmpl-{request_id(request)}",
-        "created": int(time.time()),
-        "model": options.served_model_name,
-    }
-    if body.get("stream"):
-        shape = chat_shape({**head, "object": "chat.completion.chunk"}, usage=include_usage(body))
-        return await stream(request, gen=gen, shape=shape)
-
-    def render(out: Generation) -> JsonObject:
-        message = {"role": "assistant", "content": out.text, "tool_calls": []}
-        choice = {"index": 0, "message": message, "logprobs": None}
-        choice["finish_reason"] = out.finish_reason
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": out.usage()}
-
-    return await answer(request, gen=gen, render=render)
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    options = request.app[OPTIONS]
-    body = await read_body(request, options=options)
-    if body.get("prompt") is None:
-        raise bad_request("prompt is required.", param="prompt")
-    gen = plan_generation(
-        text_of(body["prompt"]), options=options, max_tokens=max_tokens_of(body, "max_tokens")
-    )
-    head = {
-        "id": f"cmpl-{request_id(request)}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": options.served_model_name,
-    }
-    if body.get("stream"):
-        shape = completion_shape(head, usage=include_usage(body))
-        return await stream(request, gen=gen, shape=shape)
-
-    def render(out: Generation) -> JsonObject:
-        choice = {"index": 0, "text": out.text, "logprobs": None}
-        choice["finish_reason"] = out.finish_reason
-        return {**head, "choices": [choice], "usage": out.usage()}
-
-    return await answer(request, gen=gen, render=render)
-
-
-def embedding_of(text: str) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    return [round(byte / 127.5 - 1.0, 6) for byte in digest[:EMBEDDING_DIM]]
-
-
-async def embeddings(request: web.Request) -> web.Response:
-    options = request.app[OPTIONS]
-    body = await read_body(request, options=options)
-    raw = body.get("input")
-    inputs = [text_of(item) for item in raw] if isinstance(raw, list) else [text_of(raw)]
-    with request.app[SLEEP].ticket() as ticket:  # an engine asleep holds these too
-        if not await ticket.admitted():
-            raise EngineError("Request aborted.", status=500, type_="InternalServerError")
-    data = [
-        {"object": "embedding", "index": i, "embedding": embedding_of(text)}
-        for i, text in enumerate(inputs)
-    ]
-    tokens = sum(len(text.split()) for text in inputs)
-    return web.json_response(
-        {
-            "id": f"embd-{uuid.uuid4().hex}",
-            "object": "list",
-            "created": int(time.time()),
-            "model": options.served_model_name,
-            "data": data,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    """A minimal non-streaming Responses API object."""
-    options = request.app[OPTIONS]
-    body = await read_body(request, options=options)
-    if body.get("stream"):
-        raise bad_request(
-            "Streaming is not supported by the fake engine's /v1/responses.", param="stream"
-        )
-    prompt = text_of(body.get("instructions")) + " " + text_of(body.get("input"))
-    gen = plan_generation(
-        prompt, options=options, max_tokens=max_tokens_of(body, "max_output_tokens")
-    )
-
-    def render(out: Generation) -> JsonObject:
-        content = {"type": "output_text", "text": out.text, "annotations": []}
-        message = {
-            "type": "message",
-            "id": f"msg_{uuid.uuid4().hex}",
-            "status": "completed" if out.finish_reason != "abort" else "incomplete",
-            "role": "assistant",
-            "content": [content],
-        }
-        usage = {
-            "input_tokens": out.prompt_tokens,
-            "output_tokens": len(out.tokens),
-            "total_tokens": out.prompt_tokens + len(out.tokens),
-        }
-        return {
-            "id": f"resp_{uuid.uuid4().hex}",
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": message["status"],
-            "model": options.served_model_name,
-            "output": [message],
-            "usage": usage,
-        }
-
-    return await answer(request, gen=gen, render=render)
-
-
-async def models(request: web.Request) -> web.Response:
-    options = request.app[OPTIONS]
-    name = options.served_model_name
-    card = {
-        "id": name,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "vllm",
-        "root": name,
-        "parent": None,
-        "max_model_len": options.max_model_len,
-    }
-    return web.json_response({"object": "list", "data": [card]})
-
-
-async def health(request: web.Request) -> web.Response:
-    return web.Response(status=503 if request.app[OPTIONS].never_ready else 200)
-
-
-async def metrics(request: web.Request) -> web.Response:
-    stats, name = request.app[STATS], request.app[OPTIONS].served_model_name
-    sleep = request.app[SLEEP]
-    labels = f'engine="0",model_name="{name}"'
-    lines = [
-        "# TYPE vllm:num_requests_running gauge",
-        f"vllm:num_requests_running{{{labels}}} {float(sleep.running)}",
-        "# TYPE vllm:num_requests_waiting gauge",
-        f"vllm:num_requests_waiting{{{labels}}} {float(sleep.waiting)}",
-        "# TYPE vllm:request_success_total counter",
-        *(
-            f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {float(n)}'
-            for reason, n in sorted(stats.success.items())
-        ),
-        "# TYPE fake_engine_aborted_requests_total counter",
-        f"fake_engine_aborted_requests_total{{{labels}}} {float(stats.aborted)}",
-        *sleep.metric_lines(labels),
-    ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
-
-
-async def dev_endpoint(request: web.Request) -> web.Response:
-    # Real vLLM serves these unauthenticated; a 200 here shows a proxy let one through.
-    return web.json_response({"ok": True})
 
 
 # ---- app ----
@@ -589,12 +124,6 @@ def build_app(options: EngineOptions) -> web.Application:
     if config.routes:
         app.router.add_get("/debug/timings", debug_timings)
     return app
-
-
-async def debug_timings(request: web.Request) -> web.Response:
-    """The engine's own times of its sleep-mode calls (as bench/gpu_engine.py lists
-    them), for benchmarks that subtract the engine's part of a swap."""
-    return web.json_response({"calls": list(request.app[SLEEP].timings)})
 
 
 # ---- process lifetime ----
