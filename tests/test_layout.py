@@ -51,6 +51,7 @@ LAYERS: dict[str, int] = {
     "activator.engine_sleep": 3,
     # 4 placement
     "activator.policy": 4,
+    "activator.placement": 4,
     "activator.scaling": 4,
     "activator.routing": 4,
     "activator.scaleout": 4,
