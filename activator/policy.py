@@ -35,7 +35,7 @@ a start that fits beside models still leaving (their memory counted until they a
 gone) begins at once; one that does not waits for them, and no new eviction is decided
 while any model is leaving. Over capacity (rule 4) means a GPU with more committed than
 its memory. Victims free memory, not slots: among the evictable ready models and the
-idle sleepers (their residue), the set whose departure makes room for the waiting model
+sleepers (their residue), the set whose departure makes room for the waiting model
 on some placement, ranked by fewer busy models, then fewer models, then cheaper to bring
 back (`bring_back`), then longest resident. A victim that sleeps keeps its residue, so
 the set is sized for that; when only stopping its sleep-mode members would make room,
@@ -407,14 +407,12 @@ def _memory_round(
         eligible: list[memory.Footprint] = [
             r for r in ready if _evictable(r, now=now, waited=waited)
         ]
+        # Sleepers holding a residue, those with held requests too (ranked last as busy):
+        # a sleeper queued behind the waiting model may sit where it must wake.
         eligible += [
             s
             for s in models
-            if s.state == "sleeping"
-            and not s.unknown
-            and not s.busy
-            and s.name != m.name
-            and s.name in book.where
+            if s.state == "sleeping" and not s.unknown and s.name != m.name and s.name in book.where
         ]
 
         def room(f: Sequence[int], m: ModelView = m) -> bool:

@@ -349,6 +349,25 @@ CASES = [
         waiting=("b",),
         host=8 * GIB,
     ),
+    Case(
+        "a_sleeper_with_held_requests_in_the_way_of_an_older_one_is_stopped",
+        1,
+        [
+            view("whole", "sleeping", on=(0,), sleep_level=1, queued=1, oldest_wait=NOW - 9),
+            view(
+                "s",
+                "sleeping",
+                on=(0,),
+                memory=share(0.5),
+                residue=share(0.1),
+                sleep_level=1,
+                queued=1,
+                oldest_wait=NOW - 1,
+            ),
+        ],
+        stop=(Stop("s", "swap", for_model="whole"),),  # found by the property test: a deadlock
+        waiting=("whole", "s"),
+    ),
     # ----- over capacity and unplaced views ------------------------------------------
     Case(
         "an_over_committed_gpu_evicts_down_to_its_memory",
