@@ -27,13 +27,28 @@ room, prefer those with fewer busy models, then fewer models, then the longest r
 A victim that has sleep mode is put to sleep rather than stopped when the pool's host
 memory can take its weights; if it cannot, the sleeping models least recently used are
 stopped first (one decision), and if even that does not make room, the victim is stopped.
+
+Memory mode (`gpu_memory` set; activator.placement.memory counts it): a GPU is memory,
+not a slot. Several models share a GPU while their footprints fit; a start is placed
+best fit (`Decision.placements`), a sleeper wakes where its engine is. Rule 2 softens:
+a start that fits beside models still leaving (their memory counted until they are
+gone) begins at once; one that does not waits for them, and no new eviction is decided
+while any model is leaving. Over capacity (rule 4) means a GPU with more committed than
+its memory. Victims free memory, not slots: among the evictable ready models and the
+sleepers (their residue), the set whose departure makes room for the waiting model
+on some placement, ranked by fewer busy models, then fewer models, then cheaper to bring
+back (`bring_back`), then longest resident. A victim that sleeps keeps its residue, so
+the set is sized for that; when only stopping its sleep-mode members would make room,
+they stop. In every decision the memory committed on a GPU stays within its capacity.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from activator.placement import memory
 
 # States in which a model's engine occupies its GPUs. A model stopping from sleep is
 # counted too: conservative, and its stop is short.
@@ -71,6 +86,15 @@ class ModelView:
     host_held: int = 0
     # Starting, but its engine cannot be placed until a sleeping engine gives its GPU up.
     blocked: bool = False
+    # Memory mode (decide's `gpu_memory`), in units per GPU. `memory`: the footprint on
+    # each of its GPUs while awake (None: it takes its GPUs whole); `residue`: what it
+    # keeps on each asleep. `placement`: the GPU indices it holds memory on now (awake,
+    # in transit, asleep with a residue). `bring_back`: estimated seconds to bring it
+    # back from how it would leave (a recent wake if it would sleep, else a cold start).
+    memory: int | None = None
+    residue: int = 0
+    placement: tuple[int, ...] = ()
+    bring_back: float = 0.0
 
     @property
     def busy(self) -> bool:
@@ -99,6 +123,9 @@ class Decision:
     # When to decide again if nothing happens before (clock time), or None.
     wake_at: float | None = None
     waiting: tuple[str, ...] = field(default=())  # models held for a GPU, in turn order
+    # Memory mode: the GPU indices of each start (a wake: where its engine sleeps).
+    # Empty when decide runs without `gpu_memory` (GPUs are counted, not placed).
+    placements: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def idle_deadline(m: ModelView) -> float | None:
@@ -215,9 +242,12 @@ def decide(
     *,
     now: float,
     host_memory: int | None = None,
+    gpu_memory: int | None = None,
 ) -> Decision:
     """Decide starts, stops and sleeps for one pool. `capacity` None means unconstrained;
-    `host_memory` None means sleeping models are not bounded by host memory."""
+    `host_memory` None means sleeping models are not bounded by host memory;
+    `gpu_memory` (units per GPU, with `capacity` GPUs) turns on memory mode, None counts
+    whole GPUs."""
     stops: list[Stop] = []
     wake: list[float] = []
     stopping: set[str] = set()
@@ -238,27 +268,40 @@ def decide(
     )
     waiting = tuple(m.name for m in demand)
 
-    def done(start: Sequence[str] = ()) -> Decision:
+    def done(
+        start: Sequence[str] = (), placed: Mapping[str, tuple[int, ...]] | None = None
+    ) -> Decision:
         return Decision(
             start=tuple(start),
             stop=tuple(stops),
             wake_at=min(wake) if wake else None,
             waiting=tuple(n for n in waiting if n not in start),
+            placements=dict(placed or {}),
         )
 
     if capacity is None:
         return done([m.name for m in demand])
 
+    if gpu_memory is not None:
+        leaving = bool(stopping) or any(m.state in TRANSIT_STATES for m in models)
+        memory_starts, placed = _memory_round(
+            models,
+            demand,
+            gpu_count=capacity,
+            capacity=gpu_memory,
+            now=now,
+            host_memory=host_memory,
+            leaving=leaving,
+            stops=stops,
+            wake=wake,
+        )
+        return done(memory_starts, placed)
+
     if any(m.state in TRANSIT_STATES for m in models) or stopping:
         return done()
 
-    if any(m.state == "starting" and m.blocked for m in models):
-        sleepers = sorted(
-            (m for m in models if m.state == "sleeping"), key=lambda m: (m.last_activity, m.name)
-        )
-        if sleepers:
-            stops.append(Stop(sleepers[0].name, "unschedulable"))
-            return done()
+    if _unblock(models, stops):
+        return done()
 
     used = gpus_in_use(models)
     ready = [m for m in models if m.state == "ready" and not m.unknown]
@@ -299,3 +342,107 @@ def decide(
                 wake.append(again)
         break
     return done(starts)
+
+
+def _unblock(models: Sequence[ModelView], stops: list[Stop]) -> bool:
+    """Rule 3: a start blocked by a sleeping pod stops the sleeper least recently used."""
+    if any(m.state == "starting" and m.blocked for m in models):
+        sleepers = sorted(
+            (m for m in models if m.state == "sleeping"), key=lambda m: (m.last_activity, m.name)
+        )
+        if sleepers:
+            stops.append(Stop(sleepers[0].name, "unschedulable"))
+            return True
+    return False
+
+
+def _memory_round(
+    models: Sequence[ModelView],
+    demand: Sequence[ModelView],
+    *,
+    gpu_count: int,
+    capacity: int,
+    now: float,
+    host_memory: int | None,
+    leaving: bool,
+    stops: list[Stop],
+    wake: list[float],
+) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """Rules 3 to 5 in memory mode: the starts with their placements; stops and wake-up
+    times are appended to `stops` and `wake`. `leaving`: a model is draining, falling
+    asleep or stopping, or an idle stop was just decided (their memory counts as used,
+    and no eviction is decided beside them)."""
+    book = memory.ledger(models, gpu_count=gpu_count, capacity=capacity)
+    free = book.free
+    ready = [m for m in models if m.state == "ready" and not m.unknown]
+
+    if not leaving and _unblock(models, stops):
+        return [], {}
+    if not leaving and book.over():
+        victims = memory.choose_victims(
+            ready,
+            room=lambda f: all(x >= 0 for x in f),
+            free=free,
+            capacity=capacity,
+            where=book.where,
+            now=now,
+        )
+        stops.extend(Stop(v.name, "capacity") for v in (victims.models if victims else ()))
+        return [], {}
+
+    starts: list[str] = []
+    placed: dict[str, tuple[int, ...]] = {}
+    for m in demand:
+        spot = memory.room_for(m, free=free, capacity=capacity, where=book.where)
+        if spot is not None:
+            starts.append(m.name)
+            placed[m.name] = spot
+            need = memory.start_need(m, capacity=capacity)
+            for i in spot:
+                free[i] -= need
+            continue
+        if starts or leaving:
+            break  # let the starts land, or the leaving go, before evicting anything
+        waited = now - (m.oldest_wait if m.oldest_wait is not None else now)
+        eligible: list[memory.Footprint] = [
+            r for r in ready if _evictable(r, now=now, waited=waited)
+        ]
+        # Sleepers holding a residue, those with held requests too (ranked last as busy):
+        # a sleeper queued behind the waiting model may sit where it must wake.
+        eligible += [
+            s
+            for s in models
+            if s.state == "sleeping" and not s.unknown and s.name != m.name and s.name in book.where
+        ]
+
+        def room(f: Sequence[int], m: ModelView = m) -> bool:
+            return memory.room_for(m, free=f, capacity=capacity, where=book.where) is not None
+
+        victims = memory.choose_victims(
+            eligible, room=room, free=free, capacity=capacity, where=book.where, now=now
+        )
+        if victims:
+            by_name = {v.name: v for v in models}
+            awake = [by_name[v.name] for v in victims.models if v.state == "ready"]
+            evict: list[Stop] = []
+            sleep: set[str] = set()
+            if not victims.stop_all:
+                evict, sleep = plan_sleeps(awake, models, host_memory=host_memory, keep=m.name)
+            if evict:
+                stops.extend(evict)
+            else:
+                stops.extend(
+                    Stop(v.name, "swap", for_model=m.name, sleep=v.name in sleep)
+                    for v in victims.models
+                )
+        else:
+            again = _next_eligibility(
+                ready,
+                now=now,
+                oldest_wait=m.oldest_wait if m.oldest_wait is not None else now,
+                max_wait=m.max_wait,
+            )
+            if again is not None:
+                wake.append(again)
+        break
+    return starts, placed
