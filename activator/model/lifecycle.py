@@ -37,7 +37,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 from activator.backends.base import Backend
 from activator.config.settings import ModelSettings
@@ -53,6 +53,7 @@ from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
 from activator.model.lease import HoldCounter, Lease, Waiters
 from activator.model.reload import ModelReload, PendingEngine
+from activator.model.seams import Replicas, Scheduler
 from activator.model.tasks import ModelTasks
 from activator.model.transitions import Effect, Event, cause_of, move
 from activator.observability.metrics import Metrics
@@ -67,27 +68,6 @@ logger = logging.getLogger(__name__)
 HOLD_MARGIN = 60.0
 # Lines of engine output attached to a start failure.
 ERROR_TAIL_LINES = 20
-
-
-class Scheduler(Protocol):
-    """What a model needs from its pool: a nudge to decide again."""
-
-    def kick(self) -> None: ...
-
-
-class Replicas(Protocol):
-    """The model's link to the other activator replicas (activator.ha.wiring). None when
-    this activator runs alone: then every decision is its own."""
-
-    def leading(self) -> bool:
-        """Whether this replica decides for the models now (the elected leader)."""
-
-    def changed(self, model: Model) -> None:
-        """The model's state or demand changed (synchronous, cheap): publish it."""
-
-    async def drained_elsewhere(self, model: Model) -> None:
-        """Until no other replica has a request in flight for `model`, and every one
-        heard from holds new requests for it (it applied the drain). Safe to cancel."""
 
 
 class Model(ModelTasks, ModelReload):
@@ -289,7 +269,7 @@ class Model(ModelTasks, ModelReload):
     def _new_lease(self, *, cold: bool, held: float, pod: PodLease | None = None) -> Lease:
         url = pod.url if pod is not None else self.url
         assert url is not None
-        lease = Lease(model=self, url=url, cold=cold, held_seconds=held, pod_lease=pod)
+        lease = Lease(owner=self, url=url, cold=cold, held_seconds=held, pod_lease=pod)
         if pod is not None:
             pod.on_cut(lambda: lease.cut(pod.cut_reason or f"pod {pod.pod} is gone"))
         self._leases.add(lease)
@@ -448,7 +428,7 @@ class Model(ModelTasks, ModelReload):
 
     def _changed(self) -> None:
         if self.replicas is not None:
-            self.replicas.changed(self)
+            self.replicas.changed(self.name, state=self.state, error=self.last_error)
 
     @property
     def transition_running(self) -> bool:
