@@ -53,6 +53,7 @@ from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
 from activator.model.lease import HoldCounter, Lease, Waiters
 from activator.model.reload import ModelReload, PendingEngine
+from activator.model.reports import ModelReports
 from activator.model.seams import Replicas, Scheduler
 from activator.model.tasks import ModelTasks
 from activator.model.transitions import Effect, Event, cause_of, move
@@ -70,7 +71,7 @@ HOLD_MARGIN = 60.0
 ERROR_TAIL_LINES = 20
 
 
-class Model(ModelTasks, ModelReload):
+class Model(ModelTasks, ModelReload, ModelReports):
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
     def __init__(
@@ -640,72 +641,6 @@ class Model(ModelTasks, ModelReload):
     def _kick(self) -> None:
         if self.scheduler is not None:
             self.scheduler.kick()
-
-    # ----- BackendListener -----------------------------------------------------------
-
-    def backend_phase(self, phase: str) -> None:
-        if self.state not in ("starting", "waking") or phase in self.phases:
-            return
-        took = self._clock() - self._wake_started
-        self.phases[phase] = took
-        if self._decides():  # a follower's probe is no wake: counted once, by the leader
-            self._metrics.wake_phase_duration.labels(model=self.name, phase=phase).observe(took)
-        self._nudge.set()
-
-    def backend_progress(self) -> None:
-        self._nudge.set()
-
-    def backend_blocked(self, blocked: bool) -> None:
-        """The engine being started cannot be placed (a sleeping pod holds the GPU)."""
-        if blocked != self.blocked:
-            self.blocked = blocked
-            self._kick()
-
-    def backend_failed(self, reason: str) -> None:
-        logger.warning("model=%s engine failed: %s", self.name, reason)
-        running = self._transition is not None and not self._transition.done()
-        if running and self._failure is not None and not self._failure.done():
-            # A start, wake or sleep in progress sees it and ends with its own failure.
-            self._failure.set_result(reason)
-            return
-        self._fire("died", reason=reason)
-
-    def backend_lost(self, reason: str) -> None:
-        """The engine was taken away (the ready pod gone): new requests are held until
-        it is ready again. Not a move outside ready: a wake, a stop or a failure under
-        way deals with it."""
-        if self.state == "ready" and self._decides():
-            self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
-        self._fire("lost", reason=reason)
-
-    def backend_appeared(self) -> None:
-        logger.info("model=%s engine appeared without a request: adopting it", self.name)
-        self._tasks.spawn(self._adopt_discovered(), name=f"discover:{self.name}")
-
-    async def _adopt_discovered(self) -> None:
-        url = await self.backend.discover()
-        if url is not None:
-            self.begin_adopt(url)
-
-    def backend_reverted(self) -> None:
-        logger.warning(
-            "model=%s was scaled to zero by someone else while in use; scaling it up again. "
-            "If Argo CD did this, add syncOptions RespectIgnoreDifferences=true with "
-            "ignoreDifferences on /spec/replicas to the Application",
-            self.name,
-        )
-        self._metrics.scale_events.labels(model=self.name, direction="up", reason="revert").inc()
-        self._fire("lost", reason="scaled to 0 replicas by another client")
-
-    def backend_unknown(self, unknown: bool) -> None:
-        if unknown != self.unknown:
-            logger.warning(
-                "model=%s engine state %s", self.name, "unknown" if unknown else "known again"
-            )
-            self.unknown = unknown
-            self._metrics.set_state(self.name, "unknown" if unknown else self.state)
-            self._nudge.set()  # Backend.serving() may have changed with it
-            self._kick()
 
     # ----- shutdown ------------------------------------------------------------------
 
