@@ -55,6 +55,7 @@ from activator.model.lease import HoldCounter, Lease, Waiters
 from activator.model.reload import ModelReload, PendingEngine
 from activator.model.reports import ModelReports
 from activator.model.seams import Replicas, Scheduler
+from activator.model.shutdown import ModelShutdown
 from activator.model.tasks import ModelTasks
 from activator.model.transitions import Effect, Event, cause_of, move
 from activator.observability.metrics import Metrics
@@ -71,7 +72,7 @@ HOLD_MARGIN = 60.0
 ERROR_TAIL_LINES = 20
 
 
-class Model(ModelTasks, ModelReload, ModelReports):
+class Model(ModelTasks, ModelReload, ModelReports, ModelShutdown):
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
     def __init__(
@@ -641,84 +642,6 @@ class Model(ModelTasks, ModelReload, ModelReports):
     def _kick(self) -> None:
         if self.scheduler is not None:
             self.scheduler.kick()
-
-    # ----- shutdown ------------------------------------------------------------------
-
-    def begin_shutdown(self) -> None:
-        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start or
-        wake under way is cancelled (its engine stopped at once, or left for the next
-        activator to adopt), never completed and then stopped. In-flight requests go on."""
-        if self._closing:
-            return
-        self._closing = True
-        self._wake_requested_at = None
-        self._fail_waiters(ShuttingDown("activator is shutting down", retry_after=5))
-        if self.state in ("starting", "waking") and self._backend is not None:
-            self._transition = self._cancelling = self._tasks.spawn(
-                self._run_cancel_start(self._transition), name=f"cancel-start:{self.name}"
-            )
-
-    async def _run_cancel_start(self, start: asyncio.Task[None] | None) -> None:
-        if start is not None and not start.done():
-            start.cancel()
-            await asyncio.wait({start})  # its own outcome ("cancelled") is observed there
-        await self._release_engine()
-
-    async def drained(self) -> None:
-        """Until nothing is in flight."""
-        await self._drained.wait()
-
-    async def cut_in_flight(self, reason: str) -> int:
-        """shutdown_grace is over: no new leases, and every request still in flight ends
-        now with a shutting_down error (a stream: as its last event). Returns how many."""
-        self._leases_closed = True
-        leases = list(self._leases)
-        for lease in leases:
-            lease.cut(reason, error=ShuttingDown(reason, retry_after=5))
-        if leases:
-            # A request still waiting for the engine's status line has no cut callback
-            # yet: closing the model's connections ends it too.
-            await self._http.reset(self.name)
-        return len(leases)
-
-    async def shutdown(self) -> None:
-        """Shutdown, last step: stop the engine we run (bounded by its stop grace), or
-        leave it running for the next activator (Backend.keep_on_shutdown)."""
-        self.begin_shutdown()
-        if self._backend is None:
-            return
-        transition = self._transition
-        if transition is not None and not transition.done():
-            # A start being cancelled is left to finish (bounded by the backend's stop
-            # grace); a stop, a sleep or an engine-death cleanup is cancelled, as the
-            # engine is released below in any case.
-            if transition is not self._cancelling:
-                transition.cancel()
-            await asyncio.wait({transition})
-        await self.cut_in_flight("activator is shutting down")
-        await self._release_engine()
-        await self.backend.aclose()
-        if self.scale is not None:
-            await self.scale.aclose()
-
-    async def _release_engine(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        if self.backend.keep_on_shutdown:
-            if self.state not in ("stopped", "failed"):
-                logger.info(
-                    "model=%s left %s for the next activator to adopt (on_shutdown: keep)",
-                    self.name,
-                    self.state,
-                )
-            return
-        if self.state != "stopped":
-            self._metrics.scale_events.labels(
-                model=self.name, direction="down", reason="shutdown"
-            ).inc()
-        await self._stop_backend()
-        self._set_state("stopped", cause="shutdown")
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
