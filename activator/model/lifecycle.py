@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Callable, Collection
 from typing import Any
 
 from activator.backends.base import Backend
@@ -51,13 +51,15 @@ from activator.core.errors import (
 )
 from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
+from activator.model.effects import ERROR_TAIL_LINES as ERROR_TAIL_LINES
+from activator.model.effects import ModelEffects
 from activator.model.lease import HoldCounter, Lease, Waiters
 from activator.model.reload import ModelReload, PendingEngine
 from activator.model.reports import ModelReports
 from activator.model.seams import Replicas, Scheduler
 from activator.model.shutdown import ModelShutdown
 from activator.model.tasks import ModelTasks
-from activator.model.transitions import Effect, Event, cause_of, move
+from activator.model.transitions import Event, cause_of, move
 from activator.observability.metrics import Metrics
 from activator.placement.policy import ModelView
 from activator.placement.routing import PodLease
@@ -68,11 +70,9 @@ logger = logging.getLogger(__name__)
 # Margin on top of a model's own budgets before a held request gives up by itself: the
 # start has its own deadline, this only guarantees that no waiter can hang forever.
 HOLD_MARGIN = 60.0
-# Lines of engine output attached to a start failure.
-ERROR_TAIL_LINES = 20
 
 
-class Model(ModelTasks, ModelReload, ModelReports, ModelShutdown):
+class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown):
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
     def __init__(
@@ -135,23 +135,7 @@ class Model(ModelTasks, ModelReload, ModelReports, ModelShutdown):
         self.retiring: str | None = None
         self._gone = asyncio.Event()
         self._cause = "start-up"  # why the model is in its state (the log says it)
-        self._effects: dict[Effect, Callable[..., None]] = {
-            "none": self._effect_none,
-            "start": self._effect_start,
-            "adopt": self._effect_adopt,
-            "restart": self._effect_restart,
-            "release": self._effect_release,
-            "fail_start": self._effect_fail_start,
-            "drain_then_stop": self._effect_drain_then_stop,
-            "drain_then_sleep": self._effect_drain_then_sleep,
-            "sleep": self._effect_sleep,
-            "wake": self._effect_wake,
-            "stop": self._effect_stop,
-            "stop_after_failure": self._effect_stop_after_failure,
-            "probe": self._effect_probe,
-            "hold": self._effect_hold,
-            "let_go": self._effect_let_go,
-        }
+        self._effects = self._effect_table()
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
@@ -481,129 +465,6 @@ class Model(ModelTasks, ModelReload, ModelReports, ModelShutdown):
         self._after_move()
         self._kick()
         return True
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], *, what: str) -> None:
-        """Run the model's one transition task. A task still running (a drain, when the
-        engine dies under it) is cancelled: the table has already moved on."""
-        current = asyncio.current_task()
-        previous = self._transition
-        if previous is not None and not previous.done() and previous is not current:
-            previous.cancel()
-        self._transition = self._tasks.spawn(coro, name=f"{what}:{self.name}")
-
-    def _effect_none(self, **_: Any) -> None:
-        pass
-
-    def _begin_wake(self, run: Coroutine[Any, Any, None], *, what: str, source: str) -> None:
-        """Run a wake (a cold start, an adoption, a re-wake or a wake from sleep) as the
-        model's transition task, set up now, not when the task first runs: phases or a
-        failure the backend reports meanwhile belong to this wake."""
-        self._wake_started = self._clock()
-        self._wake_from = source
-        self.phases = {}
-        self._failure = asyncio.get_running_loop().create_future()
-        self._spawn(run, what=what)
-
-    def _effect_start(self, **_: Any) -> None:
-        self._begin_wake(self._run_start(), what="start", source="zero")
-
-    def _effect_adopt(self, *, url: str, **_: Any) -> None:
-        self._begin_wake(self._run_start(adopt_url=url), what="adopt", source="zero")
-
-    def _effect_restart(self, *, reason: str, **_: Any) -> None:
-        """ready -> starting: the engine went without failing and the backend brings it
-        back. New requests are held from now on; leases in flight are left to end as
-        they will (a terminating pod may still finish them); the re-wake is observed
-        like any wake and bounded by startup_timeout."""
-        assert self.url is not None
-        logger.warning(
-            "model=%s lost its engine while ready (%s): holding requests until it is back",
-            self.name,
-            reason,
-        )
-        self.last_error = f"engine lost: {reason}"
-        self.ready_since = None
-        self._begin_wake(
-            self._run_start(adopt_url=self.url, lost=reason), what="rewake", source="zero"
-        )
-
-    def _effect_release(self, **_: Any) -> None:
-        self.ready_since = self.last_activity = self._clock()
-        self.last_error = None
-        self._wake_requested_at = None  # a follower's admin wake is served now
-        if self.scale is not None:
-            self._grant_from_pods()  # as many as its pods have room for; the rest wait
-        else:
-            self._waiters.grant_all(
-                lambda arrived: self._new_lease(cold=True, held=self._clock() - arrived)
-            )
-        self._update_held()
-
-    def _effect_fail_start(self, *, reason: str, outcome: str, **_: Any) -> None:
-        tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
-        self.last_error = reason
-        logger.warning("model=%s start failed (%s): %s", self.name, outcome, reason)
-        # Waiters learn at once; cleaning up the engine may take its stop grace.
-        self._fail_waiters(
-            StartFailed(
-                f"model {self.name!r} failed to start: {reason}",
-                retry_after=self._retry_after(),
-                extra={"engine_log_tail": tail},
-            )
-        )
-        self._spawn(self._run_stop(failed=True), what="stop")
-
-    def _effect_drain_then_stop(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
-        self._spawn(
-            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_stop"),
-            what="drain",
-        )
-
-    def _effect_drain_then_sleep(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
-        # The host memory the weights will take is reserved now: the pool decided this
-        # sleep against its free host memory, and must count it from this moment.
-        assert self.settings.sleep is not None
-        self.host_held = self.settings.sleep.host_bytes
-        self._spawn(
-            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_sleep"),
-            what="drain",
-        )
-
-    def _effect_sleep(self, **_: Any) -> None:
-        self._spawn(self._run_sleep(), what="sleep")
-
-    def _effect_wake(self, **_: Any) -> None:
-        self._begin_wake(self._run_wake(), what="wake", source="sleep")
-
-    def _effect_stop(self, **_: Any) -> None:
-        self._spawn(self._run_stop(failed=False), what="stop")
-
-    def _effect_probe(self, **_: Any) -> None:
-        self._begin_wake(self._run_probe(), what="probe", source="zero")
-
-    def _effect_hold(self, **_: Any) -> None:
-        """Drop this replica's own task on the model (a probe; a leader's start, drain,
-        sleep, wake or stop when it stops leading): requests in flight go on, new ones
-        are held until the leader's intent moves the model."""
-        transition = self._transition
-        if transition is not None and not transition.done():
-            if transition is not asyncio.current_task():
-                transition.cancel()
-
-    def _effect_let_go(self, *, reason: str = "", **_: Any) -> None:
-        """The leader stopped the engine or put it to sleep: what is still in flight here
-        is cut, and the engine forgotten (a follower never calls Backend.stop)."""
-        why = f"model {self.name!r} was stopped by the leader" + (f" ({reason})" if reason else "")
-        for lease in list(self._leases):
-            lease.cut(why)
-        self._spawn(self._stop_backend(), what="let-go")
-
-    def _effect_stop_after_failure(self, *, reason: str, **_: Any) -> None:
-        self.last_error = reason
-        self._metrics.upstream_errors.labels(model=self.name, kind="engine_died").inc()
-        for lease in list(self._leases):
-            lease.cut(f"engine of model {self.name!r} died: {reason}")
-        self._spawn(self._run_stop(failed=True), what="stop")
 
     def _fail_waiters(self, error: ModelUnavailable) -> int:
         failed = self._waiters.fail_all(error)
