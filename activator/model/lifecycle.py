@@ -13,10 +13,8 @@ and updates the metric) and runs the row's effect. Requests are forwarded only i
 failing (a GitOps revert to 0 replicas, its pod evicted or not Ready) goes back to
 starting: new requests are held until the engine is back and probed again.
 
-Shutdown is not a move of the table but three steps, in order: `begin_shutdown` (SIGTERM:
-held requests get a 503, a start or wake under way is cancelled), `cut_in_flight`
-(shutdown_grace passed: what is still in flight ends with a shutting_down error) and
-`shutdown` (the engine is stopped, or left running for the next activator to adopt).
+Shutdown is not a move of the table but three steps (begin_shutdown, cut_in_flight,
+shutdown: activator.model.shutdown).
 
 Several replicas (activator.ha): `replicas` links the model to the others. Only the
 leader's model takes decisions (begin_start / begin_stop / begin_adopt refuse elsewhere)
@@ -24,11 +22,15 @@ and its drain also waits for what other replicas have in flight; a follower's mo
 moved by the events its pool feeds it from the leader's intent (`follow`, `reconcile`:
 rows of the same table) and never touches the engine itself.
 
-The class is split by subject over three files: this one (state, held requests and
-leases, the table's dispatcher and effects, the backend's reports, shutdown),
-activator.model.tasks (the transition tasks: what is done to the engine) and
-activator.model.reload (what a config reload changes). Requests' leases and the held
-queue's bookkeeping are activator.model.lease.
+The class is split by subject, one mixin a file, none of which imports this one (each
+declares the fields and methods of Model it uses): this file (state, held requests and
+leases, the pool's and the leader's calls, the table's dispatcher `_fire`),
+activator.model.effects (what each move of the table does), activator.model.tasks (the
+transition tasks: what is done to the engine), activator.model.reports (the backend's
+reports), activator.model.shutdown, activator.model.reload (what a config reload changes)
+and activator.model.views (what others read: the pool's view, describe). Requests'
+leases and the held queue's bookkeeping are activator.model.lease; what the model needs
+from its pool and from the other replicas, activator.model.seams.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ from activator.model.seams import Replicas, Scheduler
 from activator.model.shutdown import ModelShutdown
 from activator.model.tasks import ModelTasks
 from activator.model.transitions import Event, cause_of, move
+from activator.model.views import ModelViews
 from activator.observability.metrics import Metrics
-from activator.placement.policy import ModelView
 from activator.placement.routing import PodLease
 from activator.placement.scaleout import ScaleOut, ScaleTarget
 
@@ -72,7 +74,7 @@ logger = logging.getLogger(__name__)
 HOLD_MARGIN = 60.0
 
 
-class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown):
+class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, ModelViews):
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
     def __init__(
@@ -175,14 +177,6 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown):
             self.scale.attach(backend)
 
     # ----- what the proxy sees -------------------------------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._leases)
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
 
     @property
     def hold_timeout(self) -> float:
@@ -312,33 +306,6 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown):
         return max(1.0, min(self.settings.startup_timeout, 30.0))
 
     # ----- what the pool scheduler sees and does -------------------------------------
-
-    def view(self) -> ModelView:
-        s = self.settings
-        # Waiters are kept in arrival order: the first is the oldest (O(1) with 10k held).
-        oldest = self._waiters.oldest()
-        waits = [] if oldest is None else [oldest]
-        if self._wake_requested_at is not None:
-            waits.append(self._wake_requested_at)
-        return ModelView(
-            name=self.name,
-            state=self.state,
-            # Every replica it asked for takes its GPUs (a stopped model: one's worth).
-            gpus=s.gpus * (self.scale.replicas if self.scale is not None else 1),
-            in_flight=len(self._leases),
-            queued=len(self._waiters) + (self._wake_requested_at is not None),
-            oldest_wait=min(waits) if waits else None,
-            last_activity=self.last_activity,
-            ready_since=self.ready_since,
-            unknown=self.unknown,
-            idle_timeout=s.idle_timeout,
-            min_residency=s.min_residency,
-            max_wait=s.max_wait,
-            sleep_level=s.sleep.level if s.sleep is not None else None,
-            sleep_host=s.sleep.host_bytes if s.sleep is not None else 0,
-            host_held=self.host_held,
-            blocked=self.blocked,
-        )
 
     def request_wake(self) -> None:
         """Admin wake: demand without a request."""
@@ -503,35 +470,3 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown):
     def _kick(self) -> None:
         if self.scheduler is not None:
             self.scheduler.kick()
-
-    def describe(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "name": self.name,
-            "aliases": list(s.aliases),
-            "served_model_name": s.served_model_name,
-            "state": "unknown" if self.unknown else self.state,
-            "backend": self.settings.backend_kind,
-            "pool": s.pool,
-            "gpus": s.gpus,
-            "in_flight": self.in_flight,
-            "queued": self.queued,
-            "upstream_url": self.url,
-            "last_wake_seconds": self.last_wake_seconds,
-            "last_wake_from": self.last_wake_from,
-            "wake_phases": dict(self.phases),
-            "sleep": None
-            if s.sleep is None
-            else {
-                "level": s.sleep.level,
-                "host_memory": s.sleep.host_bytes,
-                "host_held": self.host_held,
-                "last_sleep_seconds": self.last_sleep_seconds,
-            },
-            "last_error": self.last_error,
-            "idle_timeout": s.idle_timeout,
-            "cost": self._metrics.cost.report(self.name),
-            "restart_pending": bool(self.restart_pending),
-            "restart_pending_keys": list(self.restart_pending),
-            "removing": self.retiring is not None,
-        }
