@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from activator.config.settings import ModelSettings
 from activator.core.errors import ActivatorError, StartFailed
@@ -28,7 +28,7 @@ from activator.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend
-    from activator.model.lifecycle import Model, Replicas
+    from activator.model.seams import Replicas
     from activator.placement.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.model.lifecycle")
@@ -202,7 +202,7 @@ class ModelTasks:
             async with asyncio.timeout(limit):
                 await self._drained.wait()
                 if self.replicas is not None:
-                    await self.replicas.drained_elsewhere(cast("Model", self))  # a Model
+                    await self.replicas.drained_elsewhere(self.name)
         except TimeoutError:
             drained = "cut"
             for lease in list(self._leases):
