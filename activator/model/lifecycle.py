@@ -110,6 +110,12 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
         self.last_wake_seconds: float | None = None
         self.last_wake_from: str | None = None  # "zero" (a cold start) or "sleep"
         self.last_sleep_seconds: float | None = None
+        # The last wake's duration by where it came from ("zero", "sleep"): what bringing
+        # the model back costs, for the pool's choice of whom to evict.
+        self.recent_wakes: dict[str, float] = {}
+        # The GPUs of its pool its engine holds memory on (memory packing: decided by the
+        # pool, kept while it runs or sleeps there, cleared once the engine is gone).
+        self.placement: tuple[int, ...] = ()
         self.phases: dict[str, float] = {}
         # Host memory the engine holds for its sleeping weights: reserved when its first
         # sleep is decided, kept until the engine stops (vLLM keeps its pinned backup
@@ -315,12 +321,19 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
             self._wake_requested_at = self._clock()
             self._kick()
 
-    def begin_start(self, *, reason: str) -> bool:
-        """Make the model ready: a cold start, or a wake when it sleeps."""
+    def begin_start(self, *, reason: str, placement: tuple[int, ...] = ()) -> bool:
+        """Make the model ready: a cold start, or a wake when it sleeps. `placement`: the
+        GPUs of its pool the pool placed it on (memory packing; a sleeper wakes where it
+        sleeps), given to the backend for the engine it starts."""
         if self._closing or self.retiring is not None or not self._decides():
             return False
         waking = self.state == "sleeping"
+        previous = self.placement
+        if placement:
+            self.placement = placement
+            self.backend.place(placement)
         if not self._fire("start", reason=reason):
+            self.placement = previous
             return False
         self._wake_requested_at = None
         self._metrics.scale_events.labels(
@@ -447,6 +460,8 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
         if state != self.state:
             logger.info("model=%s state %s -> %s (%s)", self.name, self.state, state, self._cause)
         self.state = state
+        if state in ("stopped", "failed"):
+            self.placement = ()  # the engine is gone: it holds no GPU memory any more
         self._metrics.set_state(self.name, "unknown" if self.unknown else state)
         self._update_held()
 

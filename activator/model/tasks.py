@@ -45,6 +45,7 @@ class ModelTasks:
     host_held: int
     last_wake_seconds: float | None
     last_wake_from: str | None
+    recent_wakes: dict[str, float]
     last_sleep_seconds: float | None
     replicas: Replicas | None
     scale: ScaleOut | None
@@ -324,6 +325,7 @@ class ModelTasks:
         if outcome == "ready":
             self.last_wake_seconds = took
             self.last_wake_from = self._wake_from
+            self.recent_wakes[self._wake_from] = took
         self._metrics.observe_wake(
             model=self.name,
             backend=self.settings.backend_kind,

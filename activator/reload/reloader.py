@@ -283,12 +283,15 @@ class Reloader:
                     name,
                     capacity=after.gpus,
                     host_memory=after.host_memory,
+                    gpu_memory=after.gpu_memory,
                     models=[],
                     metrics=self._metrics,
                 )
             )
         else:
-            scheduler.resize(capacity=after.gpus, host_memory=after.host_memory)
+            scheduler.resize(
+                capacity=after.gpus, host_memory=after.host_memory, gpu_memory=after.gpu_memory
+            )
 
     def _add_scheduler(self, scheduler: PoolScheduler) -> None:
         assert self._loops is not None
