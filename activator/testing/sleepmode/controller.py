@@ -56,6 +56,7 @@ class SleepConfig:
     routes: bool = False  # VLLM_SERVER_DEV_MODE=1: the control routes exist
     pooled: bool = False  # --enable-sleep-mode: a sleep frees memory
     memory_report: Path | None = None  # a directory: <pid>.json kept current
+    gpu_memory_utilization: float | None = None  # as the engine was started with
 
 
 class Ticket:
@@ -306,6 +307,10 @@ class SleepController:
             "gpu_bytes": gpu,
             "host_bytes": host,
             "footprint": asdict(footprint),
+            # Where and within what share it runs (memory packing): CUDA_VISIBLE_DEVICES as
+            # activator set it, and the share it was started with.
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
             "seq": self._report_seq,
             "updated": time.time(),
         }

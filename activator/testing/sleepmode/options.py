@@ -28,6 +28,9 @@ class SleepOptions:
     # Left on the GPU while asleep: vLLM's is about 0.8-1.2 GiB at TP=1 (CUDA context,
     # allocations outside its sleep pool), several GiB with tensor parallelism.
     gpu_residue_gib: float = 1.0
+    # vLLM's flag, accepted so that an engine command can carry it (activator reads it as
+    # the model's GPU memory share) and shown in the memory report.
+    gpu_memory_utilization: float | None = None
     # The CPU stand-in's simulation only (the GPU stand-in has real weights and times).
     weights_gib: float = 1.0
     sleep_delay: float = 0.0
@@ -47,6 +50,7 @@ class SleepOptions:
             routes=self.dev_mode,
             pooled=self.enable_sleep_mode,
             memory_report=self.memory_report,
+            gpu_memory_utilization=self.gpu_memory_utilization,
         )
 
     def simulated_device(self) -> SimulatedDevice:
@@ -83,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, simulated: bool) -> None:
         default=1.0,
         help="GPU memory still held while asleep (vLLM: about 0.8-1.2 GiB at TP=1)",
     )
+    add(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM's share of the GPU the engine may take; shown in the memory report",
+    )
     if simulated:
         add("--weights-gib", type=float, default=1.0, help="simulated weights (GiB)")
         add("--sleep-delay", type=float, default=0.0, help="seconds a level 1 or 2 sleep takes")
@@ -90,7 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, simulated: bool) -> None:
         add("--reload-delay", type=float, default=0.0, help="seconds reload_weights takes")
 
 
-COMMON = ("enable_sleep_mode", "memory_report", "kv_cache_gib", "gpu_residue_gib")
+COMMON = (
+    "enable_sleep_mode",
+    "memory_report",
+    "kv_cache_gib",
+    "gpu_residue_gib",
+    "gpu_memory_utilization",
+)
 SIMULATED = ("weights_gib", "sleep_delay", "wake_delay", "reload_delay")
 
 
