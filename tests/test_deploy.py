@@ -24,7 +24,15 @@ from activator.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-KUSTOMIZATIONS = ("base", "examples/vllm-model", "examples/sleep-mode", "observability")
+KUSTOMIZATIONS = (
+    "base",
+    "examples/vllm-model",
+    "examples/sleep-mode",
+    "examples/gpu-packing/models",
+    "examples/gpu-packing/gke",
+    "observability",
+)
+GPU_PACKING = DEPLOY / "examples" / "gpu-packing"
 ARGOCD_APP = DEPLOY / "examples" / "argocd-application.yaml"
 
 # Custom resources: kubernetes-validate ships schemas for built-in kinds only. These are
@@ -188,6 +196,74 @@ def test_sleep_mode_example_runs_both_models_asleep_capable_on_a_shared_gpu(
     (config,) = yaml.safe_load_all((DEPLOY / "examples/sleep-mode/time-slicing.yaml").read_text())
     sharing = yaml.safe_load(config["data"]["any"])["sharing"]["timeSlicing"]["resources"]
     assert sharing == [{"name": "nvidia.com/gpu", "replicas": 2}]
+
+
+def _gpu_memory_utilization(deployment: dict[str, Any]) -> float:
+    """The engine's one --gpu-memory-utilization, as a share of the GPU."""
+    flags = [
+        arg.split("=", 1)[1]
+        for arg in _container(deployment, "vllm")["args"]
+        if arg.startswith("--gpu-memory-utilization=")
+    ]
+    assert len(flags) == 1, f"{deployment['metadata']['name']}: flags {flags}"
+    return float(flags[0])
+
+
+@pytest.mark.parametrize("folder", ["examples/gpu-packing/models", "examples/gpu-packing/gke"])
+def test_gpu_packing_example_fits_both_models_on_one_gpu_as_activator_counts_them(
+    built: dict[str, list[dict[str, Any]]], folder: str
+) -> None:
+    settings = load_config(GPU_PACKING / "activator-config.yaml")
+    deployments = _all(built[folder], "Deployment")
+    assert {d["metadata"]["name"] for d in deployments} == {"coder-chat", "coder-fim"}
+    shares = {}
+    for deployment in deployments:
+        name = deployment["metadata"]["name"]
+        assert deployment["spec"]["replicas"] == 0
+        assert _container(deployment, "vllm")["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        shares[name] = _gpu_memory_utilization(deployment)
+        # activator's config names this Deployment and declares the same share of the GPU.
+        model = settings.models[name]
+        assert model.kubernetes is not None
+        assert (model.kubernetes.namespace, model.kubernetes.name) == (
+            deployment["metadata"]["namespace"],
+            name,
+        )
+        assert model.memory_fraction == pytest.approx(shares[name])
+    # Both in one 1-GPU pool, and both fit on its GPU at once.
+    pools = {settings.models[name].pool for name in shares}
+    assert len(pools) == 1
+    (pool,) = pools
+    assert pool is not None and settings.pools[pool].gpus == 1
+    assert sum(shares.values()) <= 1
+    selectors = [d["spec"]["template"]["spec"].get("nodeSelector") for d in deployments]
+    if folder.endswith("gke"):
+        for selector in selectors:
+            assert selector["cloud.google.com/gke-gpu-sharing-strategy"] == "time-sharing"
+            assert int(selector["cloud.google.com/gke-max-shared-clients-per-gpu"]) >= 2
+    else:
+        assert selectors == [None, None]  # the device plugin shares the GPU: any node
+
+
+@pytest.mark.parametrize(
+    ("file", "mode"), [("time-slicing.yaml", "timeSlicing"), ("mps.yaml", "mps")]
+)
+def test_gpu_packing_device_plugin_configs_share_each_gpu_between_both_models(
+    file: str, mode: str
+) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        _missing("the PyPI package kubernetes-validate is not installed")
+        raise
+    (config,) = yaml.safe_load_all((GPU_PACKING / file).read_text())
+    kubernetes_validate.validate(config, OLDEST_KUBERNETES, strict=True)
+    (plugin_config,) = config["data"].values()
+    sharing = yaml.safe_load(plugin_config)["sharing"]
+    assert list(sharing) == [mode]
+    (resource,) = sharing[mode]["resources"]
+    assert resource["name"] == "nvidia.com/gpu"
+    assert resource["replicas"] >= 2  # coder-chat and coder-fim
 
 
 def test_model_deployments_ship_at_zero_with_recreate(

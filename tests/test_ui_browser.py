@@ -450,6 +450,89 @@ async def test_sleeping_models_and_host_memory_are_shown_when_the_admin_data_has
         await asyncio.to_thread(browse)
 
 
+def packed_pool(name: str, models: list[dict[str, Any]]) -> dict[str, Any]:
+    """A 1-GPU pool in memory mode (24 GiB), in the shape PoolScheduler.describe gives."""
+    committed = sum(m["share"] for m in models)
+    return {
+        "name": name,
+        "gpus": 1,
+        "gpus_in_use": 1,
+        "gpu_memory": 24 * GIB,
+        "memory": [
+            {"gpu": 0, "committed": committed, "free": 1 - committed, "models": models},
+        ],
+        "models": [],
+        "waiting": [],
+    }
+
+
+PACKED_SNAPSHOT = {
+    "models": [],
+    "pools": [
+        packed_pool(
+            "packed",
+            [
+                {"name": "coder-chat", "state": "ready", "kind": "awake", "share": 0.45},
+                {"name": "coder-fim", "state": "ready", "kind": "awake", "share": 0.3},
+                {"name": "big", "state": "sleeping", "kind": "asleep", "share": 0.0625},
+            ],
+        ),
+        {
+            "name": "whole",
+            "gpus": 2,
+            "gpus_in_use": 0,
+            "gpu_memory": None,
+            "models": [],
+            "waiting": [],
+        },
+    ],
+    "wake_durations": {"bounds": [0.5, 1.0], "models": {}},
+}
+
+
+async def test_a_pool_in_memory_mode_shows_a_memory_bar_per_gpu_with_a_segment_per_model(
+    chrome: Callable[[], Driver], tmp_path: Path
+) -> None:
+    async with scripted_page(lambda: PACKED_SNAPSHOT) as url:
+
+        def browse() -> None:
+            from selenium.webdriver.common.by import By
+
+            driver = chrome()
+            driver.get(url)
+            wait_until(
+                driver, lambda: driver.find_elements(By.CSS_SELECTOR, ".memory-bar"), "a bar"
+            )
+            packed = driver.find_element(By.CSS_SELECTOR, '[data-pool="packed"]')
+            assert "GPU memory · 24.0 GiB per GPU" in packed.text
+            assert "GPU 0: 81% committed, 19% free" in packed.text
+            segments = packed.find_elements(By.CSS_SELECTOR, ".memory-bar > li[data-model]")
+            shown = [
+                (x.get_attribute("data-model"), x.get_attribute("data-kind")) for x in segments
+            ]
+            assert shown == [("coder-chat", "awake"), ("coder-fim", "awake"), ("big", "asleep")]
+            # Name and share as text, the kind in words for screen readers, all in a tooltip.
+            chat = segments[0]
+            assert chat.get_attribute("textContent") == "coder-chat awake, 45%"
+            assert chat.get_attribute("title") == (
+                "coder-chat: awake, ready, 45% of the GPU, 10.8 GiB"
+            )
+            assert "asleep" in segments[2].get_attribute("textContent")
+            # Each segment as wide as its share, then the free rest.
+            widths = [s.rect["width"] for s in segments]
+            assert widths[0] > widths[1] > widths[2] > 0
+            free = packed.find_element(By.CSS_SELECTOR, ".memory-bar > li.mem-free")
+            assert free.get_attribute("textContent") == "free 19%"
+            # A pool that counts whole GPUs has no bar.
+            whole = driver.find_element(By.CSS_SELECTOR, '[data-pool="whole"]')
+            assert not whole.find_elements(By.CSS_SELECTOR, ".memory")
+            assert "GPU memory" not in whole.text
+            desktop_and_phone(driver, tmp_path)  # the bar fits a phone
+            assert not script_errors(driver)
+
+        await asyncio.to_thread(browse)
+
+
 # ----- scale-out, a reload, cost: the fields that came after the page -----------------------
 
 

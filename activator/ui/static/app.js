@@ -436,6 +436,72 @@
     return el("ul", {}, ...items.map((item) => el("li", {}, ...item)));
   }
 
+  // A pool in memory mode: one bar per GPU, a segment per model sized by its share of
+  // the GPU, then the free rest. The kind (awake, asleep, leaving) is told by the
+  // segment's style, its tooltip and a hidden word for screen readers, never by colour alone.
+  const MEMORY_KINDS = {
+    awake: "awake",
+    asleep: "asleep (its residue)",
+    leaving: "leaving",
+  };
+
+  function percent(share) {
+    if (!isNumber(share)) return "–";
+    if (share > 0 && share < 0.01) return "< 1%";
+    return `${Math.round(share * 100)}%`;
+  }
+
+  function memorySegment(model, scale, gpuMemory) {
+    const kind = Object.hasOwn(MEMORY_KINDS, model.kind) ? model.kind : "other";
+    const share = isNumber(model.share) ? model.share : 0;
+    const size = isNumber(gpuMemory) ? `, ${bytes(share * gpuMemory)}` : "";
+    const words = MEMORY_KINDS[kind] || String(model.kind);
+    const node = el("li", {
+      class: `mem mem-${kind}`, "data-model": model.name, "data-kind": String(model.kind),
+      title: `${model.name}: ${words}, ${String(model.state).replace("_", " ")}, ${percent(share)} of the GPU${size}`,
+    },
+    el("span", { class: "mem-name" }, String(model.name)),
+    el("span", { class: "visually-hidden" }, ` ${words},`),
+    el("span", { class: "mem-share" }, ` ${percent(share)}`));
+    // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+    node.style.flexBasis = `${(Math.max(share, 0) / scale) * 100}%`;
+    return node;
+  }
+
+  function memoryBar(gpu, gpuMemory) {
+    const models = Array.isArray(gpu.models) ? gpu.models : [];
+    const committed = isNumber(gpu.committed) ? gpu.committed : 0;
+    const free = isNumber(gpu.free) ? Math.max(gpu.free, 0) : Math.max(1 - committed, 0);
+    // Shares add up to 1 at most; should they not, the bar shrinks them to fit.
+    const scale = Math.max(1, committed + free);
+    const bar = el("ul", { class: "memory-bar", "aria-label": `memory of GPU ${gpu.gpu}` },
+      ...models.map((m) => memorySegment(m, scale, gpuMemory)));
+    if (free > 0) {
+      const size = isNumber(gpuMemory) ? `, ${bytes(free * gpuMemory)}` : "";
+      const rest = el("li", { class: "mem mem-free", title: `free: ${percent(free)} of the GPU${size}` },
+        el("span", { class: "mem-name" }, "free"), el("span", { class: "mem-share" }, ` ${percent(free)}`));
+      rest.style.flexBasis = `${(free / scale) * 100}%`;
+      bar.append(rest);
+    }
+    return el("div", { class: "memory-gpu", "data-gpu": String(gpu.gpu) },
+      el("p", { class: "memory-title" },
+        `GPU ${gpu.gpu}: ${percent(committed)} committed, ${percent(free)} free`),
+      bar);
+  }
+
+  function memoryInfo(pool) {
+    if (!Array.isArray(pool.memory) || !pool.memory.length) return null;
+    const each = isNumber(pool.gpu_memory) ? ` · ${bytes(pool.gpu_memory)} per GPU` : "";
+    const legend = el("ul", { class: "memory-legend", "aria-hidden": "true" },
+      ...Object.entries(MEMORY_KINDS).map(([kind, words]) => el("li", {},
+        el("span", { class: `swatch mem-${kind}` }), words)),
+      el("li", {}, el("span", { class: "swatch mem-free" }), "free"));
+    return el("section", { class: "memory", "aria-label": `GPU memory of pool ${pool.name}` },
+      el("h4", {}, `GPU memory${each}`),
+      ...pool.memory.map((gpu) => memoryBar(gpu, pool.gpu_memory)),
+      legend);
+  }
+
   function poolCard(pool) {
     const parts = [el("header", {}, el("h3", {}, pool.name))];
     const used = pool.gpus_in_use ?? 0;
@@ -445,6 +511,8 @@
     if (pool.host_memory !== undefined && pool.host_memory !== null) {
       parts.push(el("p", {}, `Host memory for sleeping models: ${bytes(pool.host_memory_in_use ?? 0)} of ${bytes(pool.host_memory)}`));
     }
+    const memory = memoryInfo(pool);
+    if (memory) parts.push(memory);
     parts.push(el("h4", {}, "Holding GPUs"));
     parts.push(list(
       (pool.models || []).map((m) => [el("strong", {}, m.name), " ", stateBadge(m.state), ` ${m.gpus} GPU`]),
