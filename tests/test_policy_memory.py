@@ -67,11 +67,21 @@ CASES = [
         placements={"fim": (0,)},
     ),
     Case(
-        "reference_both_cold_start_together",
+        # Cold starts on one GPU run one at a time (vLLM's start-up profiling), the
+        # oldest first; on two GPUs they would run side by side.
+        "reference_cold_starts_on_one_gpu_take_turns",
         1,
         [waiting("chat", NOW - 2, memory=share(0.45)), waiting("fim", NOW - 1, memory=share(0.45))],
+        start=("chat",),
+        waiting=("fim",),
+        placements={"chat": (0,)},
+    ),
+    Case(
+        "cold_starts_on_two_gpus_run_side_by_side",
+        2,
+        [waiting("chat", NOW - 2, memory=share(0.45)), waiting("fim", NOW - 1, memory=share(0.45))],
         start=("chat", "fim"),
-        placements={"chat": (0,), "fim": (0,)},
+        placements={"chat": (0,), "fim": (1,)},
     ),
     Case(
         "a_start_lands_on_the_fullest_gpu_that_fits",
@@ -182,14 +192,43 @@ CASES = [
     ),
     # ----- overlap with leaving models -----------------------------------------------
     Case(
-        "a_start_that_fits_beside_a_stopping_model_begins_at_once",
+        "a_wake_that_fits_beside_a_stopping_model_begins_at_once",
+        1,
+        [
+            view("old", "stopping", on=(0,), memory=share(0.5)),
+            view(
+                "new",
+                "sleeping",
+                on=(0,),
+                memory=share(0.4),
+                residue=share(0.05),
+                sleep_level=1,
+                queued=1,
+                oldest_wait=NOW - 1,
+            ),
+        ],
+        start=("new",),
+        placements={"new": (0,)},
+    ),
+    Case(
+        # vLLM's start-up profiling fails when another engine frees memory meanwhile.
+        "a_cold_start_waits_for_a_model_leaving_its_gpu_though_it_fits",
         1,
         [
             view("old", "stopping", on=(0,), memory=share(0.5)),
             waiting("new", NOW - 1, memory=share(0.4)),
         ],
+        waiting=("new",),
+    ),
+    Case(
+        "a_cold_start_fits_on_another_gpu_than_the_one_a_model_leaves",
+        2,
+        [
+            view("old", "stopping", on=(0,), memory=share(0.5)),
+            waiting("new", NOW - 1, memory=share(0.4)),
+        ],
         start=("new",),
-        placements={"new": (0,)},
+        placements={"new": (1,)},
     ),
     Case(
         "a_start_that_does_not_fit_beside_a_stopping_model_waits",

@@ -392,9 +392,26 @@ def _memory_round(
 
     starts: list[str] = []
     placed: dict[str, tuple[int, ...]] = {}
+    # GPUs where memory may be released soon: a model leaving, or one starting cold
+    # (vLLM's start-up profiling frees what it measured with). A wake may overlap there,
+    # a cold start may not: vLLM measures free memory while it starts and fails when
+    # another process releases memory meanwhile ("Error in memory profiling", vLLM
+    # #56830); a wake does not measure. So cold starts on one GPU run one at a time.
+    releasing = {
+        i
+        for v in models
+        if v.state in TRANSIT_STATES or v.state == "starting"
+        for i in book.where.get(v.name, ())
+    }
     for m in demand:
-        spot = memory.room_for(m, free=free, capacity=capacity, where=book.where)
+        cold = m.state != "sleeping"
+        usable = free
+        if cold and releasing:
+            usable = [0 if i in releasing else f for i, f in enumerate(free)]
+        spot = memory.room_for(m, free=usable, capacity=capacity, where=book.where)
         if spot is not None:
+            if cold:
+                releasing.update(spot)
             starts.append(m.name)
             placed[m.name] = spot
             need = memory.start_need(m, capacity=capacity)
