@@ -15,7 +15,7 @@
   // Stop is refused by the server in these states anyway; the button says so up front.
   const NOT_STOPPABLE = new Set(["stopped", "failed", "stopping", "draining", "starting", "waking"]);
   const NOT_WAKEABLE = new Set(["ready", "starting", "waking"]);
-  // activator.scaling's reasons for a replica count, in words.
+  // activator.placement.scaling's reasons for a replica count, in words.
   const SCALE_REASONS = {
     demand: "sized to demand",
     delay: "held by scale_down_delay",
