@@ -220,6 +220,20 @@ def plan_sleeps(
     return [], sleep
 
 
+def _look_again(
+    ready: Sequence[ModelView], waiting: ModelView, *, now: float, wake: list[float]
+) -> None:
+    """No victim may go yet for `waiting`: when one may (appended to `wake`), if ever."""
+    again = _next_eligibility(
+        ready,
+        now=now,
+        oldest_wait=waiting.oldest_wait if waiting.oldest_wait is not None else now,
+        max_wait=waiting.max_wait,
+    )
+    if again is not None:
+        wake.append(again)
+
+
 def _next_eligibility(
     running: Sequence[ModelView], *, now: float, oldest_wait: float, max_wait: float
 ) -> float | None:
@@ -332,14 +346,7 @@ def decide(
                     Stop(v.name, "swap", for_model=m.name, sleep=v.name in sleep) for v in victims
                 )
         else:
-            again = _next_eligibility(
-                ready,
-                now=now,
-                oldest_wait=m.oldest_wait if m.oldest_wait is not None else now,
-                max_wait=m.max_wait,
-            )
-            if again is not None:
-                wake.append(again)
+            _look_again(ready, m, now=now, wake=wake)
         break
     return done(starts)
 
@@ -453,13 +460,6 @@ def _memory_round(
                     for v in victims.models
                 )
         else:
-            again = _next_eligibility(
-                ready,
-                now=now,
-                oldest_wait=m.oldest_wait if m.oldest_wait is not None else now,
-                max_wait=m.max_wait,
-            )
-            if again is not None:
-                wake.append(again)
+            _look_again(ready, m, now=now, wake=wake)
         break
     return starts, placed
