@@ -9,14 +9,16 @@ the engines, not about what activator believes.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from activator.engine.memory_errors import memory_verdict
 from activator.testing.sleepmode import read_reports
 from tests.conftest import ActivatorFactory
-from tests.harness import Sampler, engine_pids, unique
+from tests.harness import Sampler, chat, engine_pids, post, unique
 from tests.test_sleep_mode import GIB, SleepPool, ask, sleep_model
 
 CARD = 24 * GIB  # the reference platform's L4
@@ -166,3 +168,47 @@ async def test_a_two_gpu_model_beside_small_ones_never_overfills_a_gpu(
     big = [r for r in read_reports(pool.reports) if r["served_model_name"] == pool.served["big"]]
     assert all(r["cuda_visible_devices"] == "0,1" for r in big)
     assert engine_pids(pool.served["big"])
+
+
+async def test_an_engine_refused_its_share_of_the_gpu_is_logged_loudly(
+    activator: ActivatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # vLLM's own words when its share of the card is not free at start.
+    said = (
+        "ValueError: Free memory on device (1.2/23.6 GiB) on startup is less than desired "
+        "GPU memory utilization (0.45, 10.62 GiB)."
+    )
+    config = {
+        "pools": {"gpu": {"gpus": 1, "gpu_memory": "24GiB"}},
+        "models": {
+            "m": {
+                "pool": "gpu",
+                "gpu_memory": 0.45,
+                "process": {"command": ["sh", "-c", f"echo '{said}' {{port}}; exit 1"]},
+            }
+        },
+    }
+    running = await activator(config)
+    caplog.set_level(logging.INFO, logger="activator")
+    status, body, _ = await post(running, "/v1/chat/completions", chat("m"))
+    assert status == 503, body
+    loud = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    loud = [m for m in loud if "GPU memory" in m]
+    assert loud and "less free memory than this model's share" in loud[0], body
+
+
+@pytest.mark.parametrize(
+    ("line", "meaning"),
+    [
+        (
+            "ValueError: Free memory on device ... is less than desired GPU memory utilization",
+            "less free memory",
+        ),
+        ("AssertionError: Error in memory profiling. Initial free memory 82.94 GiB", "released"),
+        ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "ran out"),
+        ("INFO 12-07 serving on 0.0.0.0:8000", None),
+    ],
+)
+def test_what_an_engine_says_about_gpu_memory(line: str, meaning: str | None) -> None:
+    verdict = memory_verdict(["starting", line])
+    assert (verdict is None) if meaning is None else (meaning in (verdict or ""))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from activator.config.settings import ModelSettings
 from activator.core.errors import ModelUnavailable, StartFailed
 from activator.core.tasks import TaskGroup
+from activator.engine.memory_errors import memory_verdict
 from activator.model.lease import Lease, Waiters
 from activator.model.transitions import Effect, Event
 from activator.observability.metrics import Metrics
@@ -172,6 +173,10 @@ class ModelEffects:
         tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
         self.last_error = reason
         logger.warning("model=%s start failed (%s): %s", self.name, outcome, reason)
+        verdict = memory_verdict(tail)
+        if verdict is not None:
+            # Loud: the pool's memory accounting and the GPU disagree (docs/pools.md).
+            logger.error("model=%s GPU memory: %s", self.name, verdict)
         # Waiters learn at once; cleaning up the engine may take its stop grace.
         self._fail_waiters(
             StartFailed(
