@@ -181,6 +181,6 @@ def test_the_usage_scan_bench_runs(tmp_path: Path) -> None:
     asserted, only that it measures what it says and writes its JSON."""
     stdout = run_smoke("usage_scan.py", out=tmp_path, timeout=100)
     assert "added by token counting" in stdout
-    data = json.loads((tmp_path / "usage_scan.json").read_text())
+    data = json.loads((tmp_path / "usage_scan-smoke.json").read_text())
     assert data["per_chunk"]["loop_with_tail_ns"] > 0
     assert data["per_answer"][0]["answer"] == "chat"
