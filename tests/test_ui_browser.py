@@ -636,8 +636,11 @@ async def test_status_page_shows_a_scaled_out_models_pods_a_reloads_badges_and_c
         assert "last scale up 1 → 3: sized to demand, demand 3" in coder
         assert "now: 3 wanted" in coder
         names = {p["name"] for p in (await running.admin("coder"))["replicas"]["pods"]}
-        rows = await asyncio.to_thread(pod_rows, driver, "coder")
-        assert {row.split("\n", 1)[0] for row in rows} == names
+        # Polled: a read between a redraw's removal and insertion of the rows sees none.
+        await page(
+            lambda: {row.split("\n", 1)[0] for row in pod_rows(driver, "coder")} == names,
+            "the pods' names as /admin/models has them",
+        )
 
         # A reload: chat's engine changes on its next start; old is removed mid-stream.
         old = open_stream(session, running, "old", tokens=LONG)
