@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import ActivatorFactory
 from tests.harness import Running, error_of, model_config, post, starts, unique, wait_for
+from tests.test_reload import ENDLESS, STREAMING, Start, live  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,3 +214,37 @@ async def test_a_restarted_engine_loads_its_adapters_again(
         assert (await ask(client, "sql"))[0] == "sql"
     assert starts(running, "base") == 2
     assert running.sample("activator_adapter_loads_total", outcome="loaded") == 2
+
+
+async def test_reload_adds_an_adapter_and_unloads_a_removed_one_after_its_last_request(
+    live: Start,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    adapters = {"sql": {"path": make_adapter(tmp_path, "sql")}}
+    one = await live({"models": {"base": base_config(unique("reload"), adapters, *STREAMING)}})
+    running = one.running
+    async with aclient(running) as client:
+        stream = await client.chat.completions.create(
+            model="sql", messages=[{"role": "user", "content": "x"}], max_tokens=ENDLESS,
+            stream=True,
+        )  # fmt: skip
+        async with stream:
+            async for _ in stream:
+                break  # the stream is under way on the adapter
+            config = one.edit()
+            config["models"]["base"]["adapters"] = {
+                "docs": {"path": make_adapter(tmp_path, "docs")}
+            }
+            await one.applied(config)
+            assert (await ask(client, "docs"))[0] == "docs"
+            with pytest.raises(openai.NotFoundError):
+                await ask(client, "sql")
+            assert "sql" in await engine_adapters(running, "base")  # its stream still runs
+        # The stream is closed: its last request ended, so the removed adapter goes.
+
+        async def sql_gone() -> bool:
+            return "sql" not in await engine_adapters(running, "base")
+
+        await wait_for(sql_gone, what="the removed adapter unloaded")
+    assert running.sample("activator_adapter_unloads_total", adapter="sql", reason="removed") == 1
+    assert await engine_metric(running, "base", "fake_engine_lora_unloads_in_use_total") == 0

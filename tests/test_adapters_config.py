@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from activator.config.load import ConfigError, parse_config
+from activator.model.lifecycle import loses_adapters
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,3 +98,24 @@ def test_an_adapters_idle_timeout_defaults_to_its_bases() -> None:
     settings = parse_config(config, environ={}).models["base"]
     assert settings.adapter_idle_timeout("a") == 300.0
     assert settings.adapter_idle_timeout("b") == 30.0
+
+
+@pytest.mark.parametrize(
+    ("state", "level", "loses"),
+    [
+        ("stopped", None, True),
+        ("failed", None, True),
+        ("starting", None, True),  # a new engine (or a lost one coming back)
+        ("waking", 1, False),  # level 1 keeps the engine's adapters
+        ("waking", 2, True),
+        ("ready", None, False),
+        ("draining", None, False),
+        ("sleeping", 1, False),
+    ],
+)
+def test_which_states_lose_the_engines_adapters(state: str, level: int | None, loses: bool) -> None:
+    keys: dict[str, Any] = {}
+    if level is not None:
+        keys["sleep"] = {"level": level, "host_memory": "1Gi"} if level == 1 else {"level": 2}
+    settings = parse_config({"models": {"m": model(**keys)}}, environ={}).models["m"]
+    assert loses_adapters(state, settings) is loses

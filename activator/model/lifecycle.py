@@ -486,7 +486,7 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
             self._cause = cause
         if state != self.state:
             logger.info("model=%s state %s -> %s (%s)", self.name, self.state, state, self._cause)
-            if _loses_adapters(state, self.settings):
+            if loses_adapters(state, self.settings):
                 self.adapters.reset(f"model {state}")
         self.state = state
         if state in ("stopped", "failed"):
@@ -516,7 +516,7 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
             self.scheduler.kick()
 
 
-def _loses_adapters(state: str, settings: ModelSettings) -> bool:
+def loses_adapters(state: str, settings: ModelSettings) -> bool:
     """Whether entering `state` means the engine's loaded adapters are gone: it stopped
     or failed, a new one starts, or it wakes from a level-2 sleep. A level-1 wake keeps
     them (docs/adapters.md says what vLLM does)."""
