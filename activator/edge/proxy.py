@@ -1,7 +1,8 @@
 """The OpenAI-compatible request path: route by model, hold while it wakes, relay.
 
-The handler sees a narrow seam: `ModelRegistry.resolve(name)` and `Model.acquire()`,
-which returns a Lease on a ready upstream. It never looks at a model's state and never
+The handler sees a narrow seam: `ModelRegistry.route(name)` and `Model.acquire()` (or
+`Model.acquire_adapter()` for a LoRA adapter, loaded on the engine first), which return
+a Lease on a ready upstream. It never looks at a model's state and never
 imports a backend.
 """
 

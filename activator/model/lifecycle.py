@@ -28,7 +28,8 @@ leases, the pool's and the leader's calls, the table's dispatcher `_fire`),
 activator.model.effects (what each move of the table does), activator.model.tasks (the
 transition tasks: what is done to the engine), activator.model.reports (the backend's
 reports), activator.model.shutdown, activator.model.reload (what a config reload changes)
-and activator.model.views (what others read: the pool's view, describe). Requests'
+and activator.model.views (what others read: the pool's view, describe). The LoRA adapters
+loaded on its engine are activator.model.adapters (an EngineAdapters it owns). Requests'
 leases and the held queue's bookkeeping are activator.model.lease; what the model needs
 from its pool and from the other replicas, activator.model.seams.
 """
