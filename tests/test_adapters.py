@@ -149,6 +149,24 @@ async def test_failed_load_names_the_adapter_and_the_engines_reason_and_base_sta
     assert running.sample("activator_adapter_loads_total", outcome="failed") == 2
 
 
+async def test_a_load_past_its_timeout_fails_its_requests_and_the_base_serves_on(
+    activator: ActivatorFactory, tmp_path: Path
+) -> None:
+    adapters = {"slow": {"path": make_adapter(tmp_path, "slow")}}
+    served = unique("slow")
+    config = base_config(served, adapters, "--lora-load-delay", "60", adapter_load_timeout="0.3s")
+    running = await activator({"models": {"base": config}})
+    body = {"model": "slow", "messages": [{"role": "user", "content": "x"}]}
+    answers = await asyncio.gather(*(post(running, "/v1/chat/completions", body) for _ in range(3)))
+    for status, answer, _ in answers:
+        error = error_of(answer)
+        assert status == 502 and error["code"] == "adapter_load_failed"
+        assert error["message"] == "adapter 'slow' of model 'base' did not load within 0.3s"
+    assert running.sample("activator_adapter_loads_total", outcome="timeout") == 1  # one load
+    async with aclient(running) as client:
+        assert (await ask(client, "base"))[0] == served
+
+
 async def test_models_list_adapters_with_parent_and_wake_nothing(
     activator: ActivatorFactory, tmp_path: Path
 ) -> None:
