@@ -94,6 +94,26 @@ async def test_cold_burst_to_three_adapters_starts_one_engine_and_loads_each_onc
     assert running.sample("activator_requests_total", model="sql") == 4  # counted by adapter
 
 
+async def test_a_cold_stream_to_an_adapter_is_held_with_keepalives_and_relayed(
+    activator: ActivatorFactory, tmp_path: Path
+) -> None:
+    adapters = {"sql": {"path": make_adapter(tmp_path, "sql")}}
+    config = base_config(
+        unique("stream"), adapters, "--lora-load-delay", "0.3", stream_keepalive="0.05s"
+    )
+    running = await activator({"models": {"base": config}})
+    async with aclient(running) as client:
+        stream = await client.chat.completions.create(
+            model="sql", messages=[{"role": "user", "content": "a b"}], max_tokens=4,
+            stream=True,
+        )  # fmt: skip
+        async with stream:
+            chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert {c.model for c in chunks} == {"sql"} and text.startswith("[sql] ")
+    assert starts(running, "base") == 1
+
+
 async def test_max_adapters_bounds_the_loaded_set_under_random_traffic(
     activator: ActivatorFactory, tmp_path: Path
 ) -> None:
