@@ -23,6 +23,7 @@ from activator.config.load import (
     parse_size,
 )
 from activator.config.settings import (
+    AdapterSettings,
     CostSettings,
     KubernetesSettings,
     KubernetesTarget,
@@ -192,6 +193,7 @@ SECTIONS = {
     "sleep": SleepSettings,
     "cost": CostSettings,
     "replicas": ReplicasSettings,
+    "adapters": AdapterSettings,
 }
 
 
@@ -212,6 +214,9 @@ def sections_of_example() -> dict[str, set[str]]:
         "sleep": set().union(*(set(m["sleep"]) for m in models if "sleep" in m)),
         "cost": set().union(*(set(m["cost"]) for m in models if m.get("cost"))),
         "replicas": set(data["defaults"]["replicas"]),
+        "adapters": set().union(
+            *(set(a) for m in models for a in (m.get("adapters") or {}).values())
+        ),
     }
 
 

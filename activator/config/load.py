@@ -11,9 +11,11 @@ value is never shown when it is a secret or came from an environment variable.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar, get_args
 
@@ -23,6 +25,7 @@ from pydantic_core import ErrorDetails
 
 from activator.config.gpu_memory import resolve
 from activator.config.settings import (
+    AdapterSettings,
     KubernetesTarget,
     ModelDefaults,
     ModelSettings,
@@ -38,6 +41,8 @@ from activator.config.types import (
     parse_duration,
     parse_size,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "load_config", "parse_config", "parse_duration", "parse_size"]
 
@@ -266,6 +271,7 @@ def parse_config(
     settings = problems.validate(Settings, top, ())
     pools = _pools(sections["pools"], problems)
     models = _models(sections["models"], _defaults(sections["defaults"], problems), problems)
+    _scan_adapter_dirs(models, problems)
     _check_names(models, problems)
     _check_pools(models, pools, problems)
     _resolve_gpu_memory(models, pools, problems)
@@ -350,22 +356,66 @@ def _workload(target: dict[Any, Any], loc: Loc, problems: _Problems) -> dict[Any
     return {**rest, "name": target[present[0]], "kind": WORKLOADS[present[0]]}
 
 
+# What marks a folder of adapter_dir as a LoRA adapter (PEFT's file, which vLLM reads).
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _scan_adapter_dirs(models: dict[str, ModelSettings | None], problems: _Problems) -> None:
+    """Each model's adapter_dir read now: every sub-folder with an adapter_config.json is
+    an adapter named after the folder, unless `adapters:` names it already (in place).
+    A folder that does not exist gives none (a volume not mounted yet: logged); one that
+    cannot be read is a problem."""
+    for name, model in models.items():
+        if model is None or model.adapter_dir is None:
+            continue
+        folder = Path(model.adapter_dir)
+        if not folder.exists():  # not mounted (yet): no adapters from it until a reload
+            logger.warning("models.%s.adapter_dir: %s does not exist", name, folder)
+            continue
+        try:
+            found = sorted(p for p in folder.iterdir() if (p / ADAPTER_CONFIG).is_file())
+        except OSError as exc:
+            problems.add(("models", name, "adapter_dir"), f"cannot read: {exc.strerror or exc}")
+            continue
+        adapters = dict(model.adapters)
+        for path in found:
+            if re.search(r"\s", path.name):
+                problems.add(
+                    ("models", name, "adapter_dir"),
+                    f"folder {path.name!r}: an adapter name must have no spaces",
+                )
+            else:
+                adapters.setdefault(path.name, AdapterSettings(path=str(path)))
+        models[name] = model.model_copy(update={"adapters": MappingProxyType(adapters)})
+
+
 def _check_names(models: Mapping[str, ModelSettings | None], problems: _Problems) -> None:
-    """Every name a client may send (a model's name, alias or served name) means one model."""
-    owners = {name: (name, "the name") for name in models}  # name -> (its model, as what)
+    """Every name a client may send (a model's name, alias or served name, an adapter's
+    name or alias) means one model or adapter."""
+    # name -> (its model, as what, the adapter it names or None for the model itself)
+    owners: dict[str, tuple[str, str, str | None]] = {
+        name: (name, "the name", None) for name in models
+    }
     served = "the served_model_name"
     for name, model in models.items():
-        claims: list[tuple[Loc, str, str]] = [
-            (("aliases", index), alias, "an alias")
+        claims: list[tuple[Loc, str, str, str | None]] = [
+            (("aliases", index), alias, "an alias", None)
             for index, alias in enumerate(model.aliases if model else ())
         ]
         if model is not None and model.served_model_name != name:
-            claims.append((("served_model_name",), model.served_model_name, served))
-        for key, claimed, role in claims:
-            owner, owned_as = owners.setdefault(claimed, (name, role))
-            if claimed == name:
+            claims.append((("served_model_name",), model.served_model_name, served, None))
+        for adapter, settings in (model.adapters if model else {}).items():
+            claims.append((("adapters", adapter), adapter, f"adapter {adapter}", adapter))
+            claims += [
+                (("adapters", adapter, "aliases", index), alias, f"an alias of adapter {adapter}",
+                 adapter)
+                for index, alias in enumerate(settings.aliases)
+            ]  # fmt: skip
+        for key, claimed, role, thing in claims:
+            owner, owned_as, owned_thing = owners.setdefault(claimed, (name, role, thing))
+            if claimed == name and thing is None:
                 problems.add(("models", name, *key), "repeats the model's own name")
-            elif owner != name:
+            elif owner != name or owned_thing != thing:
                 message = f"{claimed} is already {owned_as} of model {owner}"
                 if served in (role, owned_as):
                     message += " (a served_model_name is accepted as a model name too)"

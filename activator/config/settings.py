@@ -382,6 +382,24 @@ class ModelDefaults(Section):
     cost: CostSettings | None = None
 
 
+class AdapterSettings(Section):
+    """A LoRA adapter served by its model's engine (docs/adapters.md): a client names it
+    like a model; activator loads it into the running base on demand."""
+
+    path: Text  # what vLLM's /v1/load_lora_adapter gets as lora_path (the engine's view)
+    aliases: TextList = ()
+    # Unloaded after this long without requests; None = its base model's idle_timeout.
+    idle_timeout: Duration | None = None
+
+
+# vLLM's flag for the adapters one batch may use (activator.config.settings.ModelSettings
+# reads it as the default of max_adapters).
+MAX_LORAS_FLAGS = ("--max-loras", "--max_loras")
+# max_adapters without --max-loras: a handful of small adapters in memory at once costs
+# little beside a base model, and each one beyond is a load away.
+DEFAULT_MAX_ADAPTERS = 8
+
+
 class ModelSettings(ModelDefaults):
     name: str  # its key under `models:`
     # What the engine serves (activator rewrites "model" to it); a file's default: the name.
@@ -401,11 +419,32 @@ class ModelSettings(ModelDefaults):
     # and keeps asleep (0 when it never sleeps or takes its GPUs whole).
     memory_fraction: Share | None = None
     residue_fraction: ShareOrZero = 0.0
+    # LoRA adapters of this base, by the name clients send (docs/adapters.md); those of
+    # adapter_dir are added by activator.config.load when the config is read.
+    adapters: Annotated[Mapping[str, AdapterSettings], FrozenMap] = Field(
+        default_factory=_no_entries
+    )
+    # A folder whose sub-folders holding an adapter_config.json are adapters named after
+    # the folder (read when the config is loaded or reloaded).
+    adapter_dir: Text | None = None
+    # Adapters loaded at once on the engine (least recently used unloaded past it); None
+    # = process.command's --max-loras, else DEFAULT_MAX_ADAPTERS.
+    max_adapters: Count | None = None
+    # Bound on one adapter load (the engine reads its weights from its path): 2 min for
+    # a few hundred MB from a network volume.
+    adapter_load_timeout: Duration = 120.0
 
     @model_validator(mode="after")
     def _scale_out_needs_a_kubernetes_service(self) -> ModelSettings:
         if self.replicas.max == 1:
             return self
+        if self.adapters or self.adapter_dir is not None:
+            raise problem_at(
+                "replicas",
+                "max above 1 cannot be combined with adapters yet (each pod would need "
+                "its own loaded set)",
+                None,
+            )
         if self.kubernetes is None:
             raise problem_at(
                 "replicas",
@@ -434,6 +473,25 @@ class ModelSettings(ModelDefaults):
         name (replies carry it as their "model", and clients send it back)."""
         names = (self.name, *self.aliases)
         return names if self.served_model_name in names else (*names, self.served_model_name)
+
+    @property
+    def adapter_limit(self) -> int:
+        """Adapters loaded at once: max_adapters, else the engine's --max-loras."""
+        if self.max_adapters is not None:
+            return self.max_adapters
+        command = self.process.command if self.process is not None else ()
+        for index, word in enumerate(command):
+            flag, equals, value = word.partition("=")
+            if flag not in MAX_LORAS_FLAGS:
+                continue
+            value = value if equals else (command[index + 1] if index + 1 < len(command) else "")
+            if value.isdigit() and int(value) > 0:
+                return int(value)
+        return DEFAULT_MAX_ADAPTERS
+
+    def adapter_idle_timeout(self, adapter: str) -> float:
+        own = self.adapters[adapter].idle_timeout
+        return self.idle_timeout if own is None else own
 
     @property
     def backend_kind(self) -> str:

@@ -188,5 +188,15 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class AdapterLoadFailed(ActivatorError):
+    """A LoRA adapter could not be loaded into its running base (the engine refused it:
+    a bad path, a rank above --max-lora-rank; or it did not answer in time). The base
+    stays up for its other requests."""
+
+    status = 502
+    type = "server_error"
+    code = "adapter_load_failed"
+
+
 class BackendError(Exception):
     """A backend operation failed for a reason a person should read (RBAC, bad spec...)."""

@@ -1,7 +1,8 @@
 """The OpenAI-compatible request path: route by model, hold while it wakes, relay.
 
-The handler sees a narrow seam: `ModelRegistry.resolve(name)` and `Model.acquire()`,
-which returns a Lease on a ready upstream. It never looks at a model's state and never
+The handler sees a narrow seam: `ModelRegistry.route(name)` and `Model.acquire()` (or
+`Model.acquire_adapter()` for a LoRA adapter, loaded on the engine first), which return
+a Lease on a ready upstream. It never looks at a model's state and never
 imports a backend.
 """
 
@@ -63,7 +64,8 @@ class Exchange:
     request_id: str
     endpoint: str
     started: float
-    model: str = UNKNOWN_MODEL
+    model: str = UNKNOWN_MODEL  # the model's name, or the adapter's (docs/adapters.md)
+    adapter: str | None = None  # the LoRA adapter of the model the request is for
     cold: bool = False
     held: float = 0.0
     pod: str | None = None  # the pod that answered (a scaled-out model)
@@ -173,9 +175,12 @@ class Proxy:
     async def _handle(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         body = await read_body(request, limit=self._max_body, reads=self._body_reads)
         payload = await self._parser.parse(body)
-        model = self._registry.resolve(payload.model)
-        ex.model = model.name
-        body = payload.with_model(body, model.settings.served_model_name)
+        route = self._registry.route(payload.model)
+        model, ex.adapter = route.model, route.adapter
+        # Requests for an adapter are counted under its name (a bounded label: adapters
+        # come from config); its base's in-flight, hold and token series carry them too.
+        ex.model = route.adapter or model.name
+        body = payload.with_model(body, route.adapter or model.settings.served_model_name)
         keepalive = model.settings.stream_keepalive
         if payload.stream and keepalive:
             return await self._held_stream(request, ex, model, body, keepalive)
@@ -190,6 +195,8 @@ class Proxy:
         its headers, metrics and log line say so and for how long."""
         started = time.monotonic()
         try:
+            if ex.adapter is not None:
+                return await model.acquire_adapter(ex.adapter, exclude=exclude)
             return await model.acquire(exclude=exclude)
         except (ModelUnavailable, asyncio.CancelledError):
             ex.cold, ex.held = True, time.monotonic() - started

@@ -1,4 +1,5 @@
-"""Which models exist, by client-facing name and alias, and which pool decides for each.
+"""Which models exist, by client-facing name and alias (and their LoRA adapters', which
+`route` finds), and which pool decides for each.
 
 Built from config at start; a reload (activator.reload, the only caller of the methods
 that change it) adds and removes models and pools, and re-indexes the names."""
@@ -6,6 +7,7 @@ that change it) adds and removes models and pools, and re-indexes the names."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from activator.core.errors import ModelNotFound
@@ -13,11 +15,21 @@ from activator.fleet.pool import PoolScheduler
 from activator.model.lifecycle import Model
 
 
+@dataclass(frozen=True)
+class Route:
+    """Where a client's model name leads: a model, and the LoRA adapter of it the name
+    means (None: the model itself)."""
+
+    model: Model
+    adapter: str | None = None
+
+
 class ModelRegistry:
     def __init__(self, models: Sequence[Model], schedulers: Sequence[PoolScheduler]) -> None:
         self.models = {m.name: m for m in models}
         self.schedulers = list(schedulers)
         self._by_name: dict[str, Model] = {}
+        self._adapters: dict[str, Route] = {}  # an adapter's name or alias -> its route
         self.reindex()
 
     def reindex(self) -> None:
@@ -33,6 +45,12 @@ class ModelRegistry:
         for m in serving:
             by_name.setdefault(m.settings.served_model_name, m)
         self._by_name = by_name
+        self._adapters = {
+            name: Route(m, adapter)
+            for m in serving
+            for adapter, settings in m.configured.adapters.items()
+            for name in (adapter, *settings.aliases)
+        }
 
     def add(self, model: Model) -> None:
         self.models[model.name] = model
@@ -57,11 +75,16 @@ class ModelRegistry:
         model = self._by_name.get(name) if isinstance(name, str) else None
         if model is None:
             shown = name if isinstance(name, str) and len(name) <= 200 else "(invalid)"
-            raise ModelNotFound(
-                f"model {shown!r} does not exist; available: {', '.join(sorted(self._by_name))}",
-                param=param,
-            )
+            known = ", ".join(sorted([*self._by_name, *self._adapters]))
+            raise ModelNotFound(f"model {shown!r} does not exist; available: {known}", param=param)
         return model
+
+    def route(self, name: object) -> Route:
+        """A client's model name: a LoRA adapter (by name or alias) of a model, or a
+        model as `resolve` finds it (404 otherwise)."""
+        if isinstance(name, str) and (route := self._adapters.get(name)) is not None:
+            return route
+        return Route(self.resolve(name))
 
     def scheduler_of(self, model: Model) -> PoolScheduler:
         return next(s for s in self.schedulers if model in s.models)
@@ -82,6 +105,24 @@ class ModelRegistry:
                     "activator": {
                         "model": model.name,
                         "alias": name != model.name,
+                        "state": "unknown" if model.unknown else model.state,
+                    },
+                }
+            )
+        for name, route in self._adapters.items():
+            model, adapter = route.model, route.adapter
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "activator",
+                    "parent": model.name,  # vLLM's shape for an adapter
+                    "activator": {
+                        "model": model.name,
+                        "adapter": adapter,
+                        "alias": name != adapter,
+                        "loaded": adapter in model.adapters.loaded,
                         "state": "unknown" if model.unknown else model.state,
                     },
                 }

@@ -52,6 +52,8 @@ class Lease:
     # A scaled-out model's request: its claim on one pod (activator.placement.routing), whose url
     # is this lease's; released with it, and a pod that disappears cuts it.
     pod_lease: PodLease | None = None
+    # The LoRA adapter the request uses (activator.model.adapters), told when it ends.
+    adapter: str | None = None
     _on_cut: list[Callable[[], None]] = field(default_factory=list)
     _released: bool = False
 

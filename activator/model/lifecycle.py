@@ -28,7 +28,8 @@ leases, the pool's and the leader's calls, the table's dispatcher `_fire`),
 activator.model.effects (what each move of the table does), activator.model.tasks (the
 transition tasks: what is done to the engine), activator.model.reports (the backend's
 reports), activator.model.shutdown, activator.model.reload (what a config reload changes)
-and activator.model.views (what others read: the pool's view, describe). Requests'
+and activator.model.views (what others read: the pool's view, describe). The LoRA adapters
+loaded on its engine are activator.model.adapters (an EngineAdapters it owns). Requests'
 leases and the held queue's bookkeeping are activator.model.lease; what the model needs
 from its pool and from the other replicas, activator.model.seams.
 """
@@ -53,6 +54,7 @@ from activator.core.errors import (
 )
 from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
+from activator.model.adapters import EngineAdapters
 from activator.model.effects import ERROR_TAIL_LINES as ERROR_TAIL_LINES
 from activator.model.effects import ModelEffects
 from activator.model.lease import HoldCounter, Lease, Waiters
@@ -143,6 +145,16 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
         self.retiring: str | None = None
         self._gone = asyncio.Event()
         self._cause = "start-up"  # why the model is in its state (the log says it)
+        # The LoRA adapters loaded on its engine (activator.model.adapters); reset by
+        # _set_state whenever the engine that had them is gone.
+        self.adapters = EngineAdapters(
+            self.name,
+            settings=lambda: self.settings,
+            http=http,
+            metrics=metrics,
+            tasks=tasks,
+            clock=clock,
+        )
         self._effects = self._effect_table()
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
@@ -252,6 +264,20 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
                 self._clock() - arrived
             )
 
+    async def acquire_adapter(self, adapter: str, *, exclude: Collection[str] = ()) -> Lease:
+        """`acquire`, then `adapter` loaded on the engine the lease is on (one load, the
+        others awaiting it; activator.model.adapters). Raises as `acquire` does, and
+        AdapterLoadFailed. Safe to cancel. The lease is held meanwhile: a base loading
+        an adapter for a request is not idle."""
+        lease = await self.acquire(exclude=exclude)
+        try:
+            await self.adapters.use(adapter, url=lease.url)
+        except BaseException:
+            lease.release()
+            raise
+        lease.adapter = adapter
+        return lease
+
     def _new_lease(self, *, cold: bool, held: float, pod: PodLease | None = None) -> Lease:
         url = pod.url if pod is not None else self.url
         assert url is not None
@@ -268,6 +294,8 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
     def lease_ended(self, lease: Lease) -> None:
         """Lease.release: the request is over."""
         self._leases.discard(lease)
+        if lease.adapter is not None:
+            self.adapters.done(lease.adapter)
         self.last_activity = self._clock()
         self._metrics.request_ended(self.name)
         self._changed()
@@ -459,6 +487,8 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
             self._cause = cause
         if state != self.state:
             logger.info("model=%s state %s -> %s (%s)", self.name, self.state, state, self._cause)
+            if loses_adapters(state, self.settings):
+                self.adapters.reset(f"model {state}")
         self.state = state
         if state in ("stopped", "failed"):
             self.placement = ()  # the engine is gone: it holds no GPU memory any more
@@ -485,3 +515,12 @@ class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, 
     def _kick(self) -> None:
         if self.scheduler is not None:
             self.scheduler.kick()
+
+
+def loses_adapters(state: str, settings: ModelSettings) -> bool:
+    """Whether entering `state` means the engine's loaded adapters are gone: it stopped
+    or failed, a new one starts, or it wakes from a level-2 sleep. A level-1 wake keeps
+    them (docs/adapters.md says what vLLM does)."""
+    if state in ("stopped", "failed", "starting"):
+        return True
+    return state == "waking" and settings.sleep is not None and settings.sleep.level == 2

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from activator.config.settings import ModelSettings
 from activator.core.errors import ModelRemoved, ModelUnavailable
 from activator.core.tasks import TaskGroup
+from activator.model.adapters import EngineAdapters
 from activator.observability.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class ModelReload:
     _backend: Backend | None
     _wake_requested_at: float | None
     scale: ScaleOut | None
+    adapters: EngineAdapters
 
     if TYPE_CHECKING:  # Model's own, used here
 
@@ -95,6 +97,7 @@ class ModelReload:
         None drops it (the config went back). Synchronous: nothing is awaited."""
         self.settings = settings
         self._pending = pending
+        self.adapters.configure()  # adapters the reload removed go
         if self.scale is not None:
             self.scale.configure(settings)  # target_concurrency, burst_factor, probe...
         self._metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)

@@ -343,6 +343,34 @@ class Metrics:
             ["model", "pool"],
             registry=r,
         )
+        self.adapter_loads = Counter(
+            "activator_adapter_loads",
+            "LoRA adapter loads into a running base, by outcome: loaded, failed (the "
+            "engine refused it), timeout.",
+            ["model", "adapter", "outcome"],
+            registry=r,
+        )
+        self.adapter_unloads = Counter(
+            "activator_adapter_unloads",
+            "LoRA adapters unloaded from a running base, by reason: lru (room for another), "
+            "idle (its idle_timeout), removed (by a reload).",
+            ["model", "adapter", "reason"],
+            registry=r,
+        )
+        self.adapter_load_duration = Histogram(
+            "activator_adapter_load_duration_seconds",
+            "Time from the first request for an adapter not loaded to the engine having "
+            "loaded it (room made and the load call).",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.adapters_loaded = Gauge(
+            "activator_adapters_loaded",
+            "LoRA adapters loaded on the model's engine now.",
+            ["model"],
+            registry=r,
+        )
         self.start_time = Gauge(
             "activator_start_time_seconds",
             "When this activator started, in seconds since the epoch: its counters count "
@@ -485,7 +513,7 @@ class Metrics:
         self._backends.pop(model, None)
         self._in_flight.pop(model, None)
         gone = [(self.model_state, (model, state)), (self.queue_capacity, (model,))]
-        gone += [(self.in_flight, (model,))]
+        gone += [(self.in_flight, (model,)), (self.adapters_loaded, (model,))]
         gone += [(self.held, (model, reason)) for reason in HELD_REASONS]
         gone += [(self.model_replicas, (model, kind)) for kind in REPLICA_KINDS]
         for gauge, labels in gone:

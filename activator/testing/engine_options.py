@@ -2,7 +2,8 @@
 
 Owns `EngineOptions` (the parsed flags), `EngineStats` (the counters behind /metrics),
 the app keys that carry them, and `EngineError` (an error answered in vLLM's envelope).
-May import the sleep-mode options (activator.testing.sleepmode.options) and nothing else
+May import the sleep-mode options (activator.testing.sleepmode.options) and the LoRA
+options (`lora_options`), and nothing else
 of the engine: `generation`, `engine_routes` and `fake_engine` import it, never the
 reverse.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from activator.testing.lora_options import LoraOptions
 from activator.testing.sleepmode import SleepOptions
 
 JsonObject = dict[str, Any]
@@ -43,6 +45,7 @@ class EngineOptions:
     # Paths answered as vLLM's FastAPI answers a route the model does not serve.
     disable_endpoint: tuple[str, ...] = ()
     sleep: SleepOptions = field(default_factory=SleepOptions)  # see the module docstring
+    lora: LoraOptions = field(default_factory=LoraOptions)  # activator.testing.lora
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ Owns each route's handler: reading and checking the body (`read_body`), the resp
 shapes of /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and
 /v1/models, vLLM's metric lines, and the open dev routes. The app that registers them
 and the gate in front (API key, a stuck engine, errors to responses) are `fake_engine`'s.
-May import `engine_options`, `generation` and activator.testing.sleepmode; only
+May import `engine_options`, `generation`, `lora` and activator.testing.sleepmode; only
 `fake_engine` (and tests) import it.
 """
 
@@ -35,6 +35,7 @@ from activator.testing.generation import (
     stream,
     text_of,
 )
+from activator.testing.lora import LORA
 from activator.testing.sleepmode import CONTROLLER as SLEEP
 
 # Always open here (a 200 shows that a proxy let one through); vLLM's sleep routes are
@@ -51,11 +52,28 @@ async def read_body(request: web.Request, *, options: EngineOptions) -> JsonObje
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     model = body.get("model")
-    if model is not None and model != options.served_model_name:
+    adapters = request.app[LORA].loaded
+    if model is not None and model != options.served_model_name and model not in adapters:
         raise EngineError(
             f"The model `{model}` does not exist.", status=404, type_="NotFoundError", param="model"
         )
     return body
+
+
+def adapter_of(request: web.Request, body: JsonObject) -> str | None:
+    """The LoRA adapter a request names (read_body checked it is loaded), else None."""
+    model = body.get("model")
+    return model if isinstance(model, str) and model in request.app[LORA].loaded else None
+
+
+def by_adapter(gen: Generation, adapter: str | None) -> Generation:
+    """The answer of `adapter`: its first token names it (vLLM's answers carry the
+    adapter as their `model`; the text says so too, for tests that read only text)."""
+    if adapter is None:
+        return gen
+    tokens = [f"[{adapter}] {gen.tokens[0]}", *gen.tokens[1:]] if gen.tokens else []
+    return Generation(tokens=tokens, prompt_tokens=gen.prompt_tokens,
+                      finish_reason=gen.finish_reason)  # fmt: skip
 
 
 # ---- handlers ----
@@ -73,19 +91,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list.", param="messages")
     prompt = " ".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
+    adapter = adapter_of(request, body)
     gen = plan_generation(
         prompt,
         options=options,
         max_tokens=max_tokens_of(body, "max_completion_tokens", "max_tokens"),
     )
+    gen = by_adapter(gen, adapter)
     head = {
         "id": f"chatcmpl-{request_id(request)}",
         "created": int(time.time()),
-        "model": options.served_model_name,
+        "model": adapter or options.served_model_name,
     }
     if body.get("stream"):
         shape = chat_shape({**head, "object": "chat.completion.chunk"}, usage=include_usage(body))
-        return await stream(request, gen=gen, shape=shape)
+        with request.app[LORA].serving(adapter):
+            return await stream(request, gen=gen, shape=shape)
 
     def render(out: Generation) -> JsonObject:
         message = {"role": "assistant", "content": out.text, "tool_calls": []}
@@ -93,7 +114,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         choice["finish_reason"] = out.finish_reason
         return {**head, "object": "chat.completion", "choices": [choice], "usage": out.usage()}
 
-    return await answer(request, gen=gen, render=render)
+    with request.app[LORA].serving(adapter):
+        return await answer(request, gen=gen, render=render)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -101,25 +123,29 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, options=options)
     if body.get("prompt") is None:
         raise bad_request("prompt is required.", param="prompt")
+    adapter = adapter_of(request, body)
     gen = plan_generation(
         text_of(body["prompt"]), options=options, max_tokens=max_tokens_of(body, "max_tokens")
     )
+    gen = by_adapter(gen, adapter)
     head = {
         "id": f"cmpl-{request_id(request)}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": options.served_model_name,
+        "model": adapter or options.served_model_name,
     }
     if body.get("stream"):
         shape = completion_shape(head, usage=include_usage(body))
-        return await stream(request, gen=gen, shape=shape)
+        with request.app[LORA].serving(adapter):
+            return await stream(request, gen=gen, shape=shape)
 
     def render(out: Generation) -> JsonObject:
         choice = {"index": 0, "text": out.text, "logprobs": None}
         choice["finish_reason"] = out.finish_reason
         return {**head, "choices": [choice], "usage": out.usage()}
 
-    return await answer(request, gen=gen, render=render)
+    with request.app[LORA].serving(adapter):
+        return await answer(request, gen=gen, render=render)
 
 
 def embedding_of(text: str) -> list[float]:
@@ -204,7 +230,8 @@ async def models(request: web.Request) -> web.Response:
         "parent": None,
         "max_model_len": options.max_model_len,
     }
-    return web.json_response({"object": "list", "data": [card]})
+    adapters = request.app[LORA].cards(parent=name)
+    return web.json_response({"object": "list", "data": [card, *adapters]})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -228,6 +255,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE fake_engine_aborted_requests_total counter",
         f"fake_engine_aborted_requests_total{{{labels}}} {float(stats.aborted)}",
         *sleep.metric_lines(labels),
+        *request.app[LORA].metric_lines(labels),
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

@@ -21,8 +21,11 @@ go to stderr: a parent must read or redirect it (``--disable-access-log`` under 
 
 Owns the app (the routes it serves, the gate in front of /v1/*), the process (the
 simulated load, signals, shutdown) and the command line. May import `engine_options`,
-`generation`, `engine_routes` and activator.testing.sleepmode; nothing of the engine
-imports it.
+`generation`, `engine_routes`, `lora`, `lora_options` and activator.testing.sleepmode;
+nothing of the engine imports it.
+
+LoRA adapters as vLLM serves them (activator.testing.lora): with --enable-lora and
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, /v1/load_lora_adapter and /v1/unload_lora_adapter.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from contextlib import suppress
 
 from aiohttp import web
 
+from activator.testing import lora_options
 from activator.testing.engine_options import (
     LIMIT,
     OPTIONS,
@@ -59,6 +63,7 @@ from activator.testing.engine_routes import (
     models,
     responses,
 )
+from activator.testing.lora import add_lora_routes
 from activator.testing.sleepmode import CONTROLLER as SLEEP
 from activator.testing.sleepmode import SleepController, add_sleep_routes
 from activator.testing.sleepmode import options as sleep_options
@@ -110,6 +115,7 @@ def build_app(options: EngineOptions) -> web.Application:
     config = options.sleep.config(served_model_name=options.served_model_name)
     controller = SleepController(config, device=options.sleep.simulated_device())
     add_sleep_routes(app, controller)
+    add_lora_routes(app, options.lora)
     app.on_response_prepare.append(mark_response)
     app.router.add_get("/health", health)
     app.router.add_get("/ping", health)
@@ -233,14 +239,16 @@ def parse_args(argv: Sequence[str] | None) -> EngineOptions:
     )
     add("--disable-endpoint", action="append", type=str, default=[], help="404 as FastAPI does")
     sleep_options.add_arguments(parser, simulated=True)
+    lora_options.add_arguments(parser)
     args = vars(parser.parse_args(argv))
+    lora = lora_options.take_options(args)
     try:
         sleep = sleep_options.take_options(args, simulated=True)
     except ValueError as exc:  # vLLM fails at start on a non-integer VLLM_SERVER_DEV_MODE
         parser.error(f"VLLM_SERVER_DEV_MODE: {exc}")
     # Every other option's dest is the name of an EngineOptions field.
     args["disable_endpoint"] = tuple(args["disable_endpoint"])
-    return EngineOptions(**args, sleep=sleep)
+    return EngineOptions(**args, sleep=sleep, lora=lora)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
