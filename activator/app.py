@@ -75,6 +75,7 @@ def build_app(
             pool.name,
             capacity=pool.gpus,
             host_memory=pool.host_memory,
+            gpu_memory=pool.gpu_memory,
             models=[m for m in models if m.settings.pool == pool.name],
             metrics=metrics,
         )

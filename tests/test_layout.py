@@ -59,26 +59,6 @@ LAYERS: dict[str, int] = {
     "activator.testing": 12,
 }
 
-# Edges that break the rules today, each named (importer, imported) with why it is here.
-# The lead removes each as issue 19's moves fix it, and then this constant goes: the
-# test fails on an entry whose edge no longer exists, so the list cannot go stale.
-KNOWN_TO_FIX: dict[tuple[str, str], str] = {
-    # The Model class, split by subject, imports its own parts back: the parts import
-    # lifecycle for the Model type (lifecycle <-> lease <-> model_tasks <-> model_reload).
-    (
-        "activator.model.lease",
-        "activator.model.lifecycle",
-    ): "cycle: Model's parts import Model back",
-    (
-        "activator.model.tasks",
-        "activator.model.lifecycle",
-    ): "cycle: Model's parts import Model back",
-    (
-        "activator.model.reload",
-        "activator.model.lifecycle",
-    ): "cycle: Model's parts import Model back",
-}
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -177,10 +157,6 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-def without_known(edges: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {a: {b for b in targets if (a, b) not in KNOWN_TO_FIX} for a, targets in edges.items()}
-
-
 def test_the_graph_sees_every_kind_of_import(tmp_path: Path) -> None:
     """The parser itself: relative, TYPE_CHECKING and function-level imports count, and
     `from package import module` is an edge to the module."""
@@ -209,17 +185,17 @@ def test_the_graph_sees_every_kind_of_import(tmp_path: Path) -> None:
     }
 
     edges = graph()
-    assert "activator.model.lifecycle" in edges["activator.model.lease"]  # under TYPE_CHECKING
+    assert "activator.placement.scaleout" in edges["activator.model.tasks"]  # TYPE_CHECKING
     assert all(name in edges for name in LAYERS), "a LAYERS row names no module"
 
 
 def test_no_import_cycles() -> None:
-    found = cycles(without_known(graph()))
+    found = cycles(graph())
     assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 def test_no_upward_imports() -> None:
-    edges = without_known(graph())
+    edges = graph()
     upward = [
         f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
         for a in sorted(edges)
@@ -227,19 +203,6 @@ def test_no_upward_imports() -> None:
         if layer(b) > layer(a)
     ]
     assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
-
-
-def test_known_to_fix_names_only_edges_that_break_a_rule() -> None:
-    """An entry whose edge is gone, or no longer breaks a rule, must be removed."""
-    edges = graph()
-    in_cycle = {frozenset(c) for c in cycles(edges)}
-    stale = [
-        f"{a} -> {b}"
-        for a, b in KNOWN_TO_FIX
-        if b not in edges.get(a, set())
-        or (layer(b) <= layer(a) and not any({a, b} <= c for c in in_cycle))
-    ]
-    assert not stale, "KNOWN_TO_FIX entries that no longer apply:\n" + "\n".join(stale)
 
 
 def wheel_packages() -> list[str]:

@@ -82,6 +82,13 @@ class Backend(Protocol):
         (it is then adopted as running, and must still pass the readiness probe), else
         None. May raise BackendError."""
 
+    def place(self, gpus: tuple[int, ...]) -> None:
+        """The GPUs of the model's pool (0..gpus-1) that the next `start` runs the engine
+        on, chosen by the pool when it packs models by memory. A backend that can choose
+        the device does (a local process: CUDA_VISIBLE_DEVICES); one where the platform
+        places it (Kubernetes: the device plugin) ignores it: the pool's memory accounting
+        still holds."""
+
     async def start(self) -> str:
         """Begin running the engine and return the base URL requests will be sent to
         (scheme://host:port, no trailing slash). Returns once the engine is launched,

@@ -160,6 +160,10 @@ class KubernetesBackend:
             ) from None
         log.info("kubernetes: %s %s stopped: no pods left", self._model, self._where)
 
+    def place(self, gpus: tuple[int, ...]) -> None:
+        """The device plugin places the pod (a shared GPU: docs/pools.md); the pool's
+        memory accounting is what keeps the footprints within the GPU."""
+
     def serving(self) -> bool:
         # While the API cannot be observed the cache may be stale: the URL probe decides.
         return bool(self._podset.ready) or bool(self._unreachable)

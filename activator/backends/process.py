@@ -84,6 +84,7 @@ class ProcessBackend:
         self._target: ProcessTarget = model.process
         self._listener = listener
         self._log: collections.deque[str] = collections.deque(maxlen=self._target.log_lines)
+        self._gpus: tuple[int, ...] = ()  # set by place(): CUDA_VISIBLE_DEVICES
         self._probe_line = probe_access_line(model.health_path)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -100,6 +101,12 @@ class ProcessBackend:
         # guess at (see docs: run activator under a supervisor that kills the group).
         return None
 
+    def place(self, gpus: tuple[int, ...]) -> None:
+        """The next engine runs on these GPUs of the pool: CUDA_VISIBLE_DEVICES, unless the
+        model's process.env sets it (then that wins, and the placement is the pool's
+        accounting only)."""
+        self._gpus = gpus
+
     async def start(self) -> str:
         if self._proc is not None and self._proc.returncode is None:
             return self._url
@@ -114,6 +121,8 @@ class ProcessBackend:
             )
         argv = build_command(self._target, port=port)
         env = {**os.environ, **self._target.env}
+        if self._gpus and "CUDA_VISIBLE_DEVICES" not in self._target.env:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self._gpus)
         self._port = port
         self._stopping = False
         self._log.clear()

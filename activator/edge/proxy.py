@@ -76,8 +76,10 @@ class Exchange:
 
 @dataclass
 class Attempt:
-    """The lease a request is being sent on: another pod's after a refused connection."""
+    """The lease a request is being sent on (another pod's after a refused connection),
+    and the model it was acquired from."""
 
+    model: Model
     lease: Lease
 
 
@@ -178,7 +180,7 @@ class Proxy:
         if payload.stream and keepalive:
             return await self._held_stream(request, ex, model, body, keepalive)
         lease = await self._acquire(ex, model)
-        return await self._forward(request, ex, lease, body)
+        return await self._forward(request, ex, model, lease, body)
 
     async def _acquire(
         self, ex: Exchange, model: Model, *, exclude: frozenset[str] = frozenset()
@@ -225,24 +227,23 @@ class Proxy:
                 acquiring.cancel()
                 await asyncio.wait({acquiring})
         # A failed hold raises: `handle` answers it, in the stream if one began.
-        return await self._forward(request, ex, acquiring.result(), body)
+        return await self._forward(request, ex, model, acquiring.result(), body)
 
     async def _forward(
-        self, request: web.Request, ex: Exchange, lease: Lease, body: bytes
+        self, request: web.Request, ex: Exchange, model: Model, lease: Lease, body: bytes
     ) -> web.StreamResponse:
         ex.cold, ex.held = lease.cold, lease.held_seconds
-        model = lease.model
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=10, sock_read=model.settings.upstream_read_timeout
         )
-        attempt = Attempt(lease)
+        attempt = Attempt(model=model, lease=lease)
         try:
             upstream = await self._post(request, ex, attempt, body, timeout)
             lease = attempt.lease
             async with upstream:
                 lease.on_cut(upstream.close)
                 if upstream.content_type == "text/event-stream":
-                    return await self._relay_stream(request, ex, lease, upstream)
+                    return await self._relay_stream(request, ex, model, lease, upstream)
                 data = await upstream.read()
                 ex.ttfb = time.monotonic() - ex.started
         except aiohttp.ClientPayloadError as exc:
@@ -279,14 +280,15 @@ class Proxy:
         another pod (waiting for room like any request), up to POD_ATTEMPTS pods. Apart
         from HttpClient.post's one retry of a pooled connection the engine closed."""
         tried: set[str] = set()
+        model = attempt.model
         while True:
             lease = attempt.lease
             try:
                 upstream = await self._http.post(
-                    lease.model.name,
+                    model.name,
                     lease.url + request.path,
                     data=body,
-                    headers=self._upstream_headers(request, ex, lease.model),
+                    headers=self._upstream_headers(request, ex, model),
                     timeouts=timeouts,
                     request_id=ex.request_id,
                 )
@@ -297,22 +299,25 @@ class Proxy:
                 logger.warning(
                     "model=%s request_id=%s pod %s did not take the connection (%r): sending "
                     "to another pod",
-                    lease.model.name,
+                    model.name,
                     ex.request_id,
                     lease.pod,
                     exc,
                 )
                 lease.connect_failed()
-                self._metrics.upstream_retries.labels(
-                    model=lease.model.name, reason="another_pod"
-                ).inc()
-                attempt.lease = await self._acquire(ex, lease.model, exclude=frozenset(tried))
+                self._metrics.upstream_retries.labels(model=model.name, reason="another_pod").inc()
+                attempt.lease = await self._acquire(ex, model, exclude=frozenset(tried))
                 continue
             ex.pod = lease.pod
             return upstream
 
     async def _relay_stream(
-        self, request: web.Request, ex: Exchange, lease: Lease, upstream: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        ex: Exchange,
+        model: Model,
+        lease: Lease,
+        upstream: aiohttp.ClientResponse,
     ) -> web.StreamResponse:
         response = ex.sent
         if response is None:
@@ -336,14 +341,14 @@ class Proxy:
                     kind = "cut"
                 else:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
-                error = self._upstream_error(lease.model, kind, lease, exc)
+                error = self._upstream_error(model, kind, lease, exc)
                 ex.status = error.status
                 return await _end(response, sse_error_event(error))
             if ex.ttfb is None:
                 ex.ttfb = time.monotonic() - ex.started
             keep(chunk)
             await _write(response, chunk)
-        self._count_tokens(lease.model, upstream, tail.usage)
+        self._count_tokens(model, upstream, tail.usage)
         return await _end(response)
 
     def _count_tokens(

@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from activator.model.lifecycle import Model
-from activator.observability.metrics import Metrics
+from activator.observability.metrics import GpuUse, Metrics
+from activator.placement.memory import HOLDING_STATES, Ledger, held, ledger
 from activator.placement.policy import (
     Decision,
     ModelView,
@@ -42,6 +45,14 @@ from activator.placement.policy import (
 from activator.placement.scaling import pool_room
 
 logger = logging.getLogger(__name__)
+
+# A GPU's memory in the policy's units when its pool declares no size (`gpu_memory`): the
+# models' shares are then counted in ten-thousandths of a GPU.
+UNITS_PER_GPU = 10_000
+# What bringing a model back is assumed to cost until its own wakes have been measured
+# (seconds): a level-1 sleeper copies its weights back, a level-2 one reloads them from
+# disk, a stopped one starts a new engine (vLLM: tens of seconds to minutes).
+ASSUMED_BRING_BACK = {1: 1.0, 2: 10.0, None: 60.0}
 
 
 class Coordinator(Protocol):
@@ -65,6 +76,7 @@ class PoolScheduler:
         *,
         capacity: int | None,
         host_memory: int | None = None,
+        gpu_memory: int | None = None,
         models: Sequence[Model],
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
@@ -72,6 +84,7 @@ class PoolScheduler:
         self.name = name
         self.capacity = capacity
         self.host_memory = host_memory
+        self.gpu_memory = gpu_memory  # bytes per GPU, as declared (None: not declared)
         self.models = list(models)
         self._by_name = {m.name: m for m in self.models}
         self._metrics = metrics
@@ -86,6 +99,8 @@ class PoolScheduler:
             metrics.pool_gpus.labels(pool=name).set(capacity)
         if host_memory is not None:
             metrics.pool_host_memory.labels(pool=name).set(host_memory)
+        if gpu_memory is not None:
+            metrics.pool_gpu_memory.labels(pool=name).set(gpu_memory)
 
     def kick(self) -> None:
         self._kicked.set()
@@ -123,12 +138,17 @@ class PoolScheduler:
         del self._by_name[model.name]
         self.kick()
 
-    def resize(self, *, capacity: int, host_memory: int | None) -> None:
+    def resize(
+        self, *, capacity: int, host_memory: int | None, gpu_memory: int | None = None
+    ) -> None:
         """New limits, in force for the next decision. GPUs over a smaller capacity are
         freed by the policy's over-capacity eviction (nothing starts meanwhile); sleeping
         engines over a smaller host memory are stopped now, least recently used first."""
         self.capacity, self.host_memory = capacity, host_memory
+        self.gpu_memory = gpu_memory
         self._metrics.pool_gpus.labels(pool=self.name).set(capacity)
+        if gpu_memory is not None:
+            self._metrics.pool_gpu_memory.labels(pool=self.name).set(gpu_memory)
         if host_memory is not None:
             self._metrics.pool_host_memory.labels(pool=self.name).set(host_memory)
         for name in over_host_memory([m.view() for m in self.models], host_memory):
@@ -151,35 +171,117 @@ class PoolScheduler:
         resized, scaled_wake = self._size_replicas(views)
         if resized:
             views = self._views()  # the policy sees the footprints as they are now
-        decision = decide(self.capacity, views, now=now, host_memory=self.host_memory)
+        units = self._units()
+        decision = decide(
+            self.capacity, views, now=now, host_memory=self.host_memory, gpu_memory=units
+        )
         self.last_decision = decision
+        by_view = {v.name: v for v in views}
         for stop in decision.stop:
             model = self._by_name[stop.model]
             began = model.begin_stop(reason=stop.reason, sleep=stop.sleep, for_model=stop.for_model)
             if began and model.scale is not None:
                 model.scale.rest()  # no write of this step's size may follow the stop
-            if began and stop.for_model is not None:
-                mode = "sleep" if stop.sleep else "stop"
-                logger.info(
-                    "pool=%s swap %s -> %s (%s)", self.name, stop.model, stop.for_model, mode
-                )
-                self._metrics.swaps.labels(
-                    pool=self.name, from_model=stop.model, to_model=stop.for_model, mode=mode
-                ).inc()
+            if began and stop.reason != "idle":
+                self._evicted(stop.model, stop.reason, stop.sleep, stop.for_model, by_view, units)
         for name in decision.start:
-            self._by_name[name].begin_start(reason="request")
+            self._by_name[name].begin_start(
+                reason="request", placement=decision.placements.get(name, ())
+            )
         if self.capacity is not None:
-            after = [m.view() for m in self.models]
+            after = self._views(merge=False)
             self._metrics.pool_gpus_in_use.labels(pool=self.name).set(gpus_in_use(after))
             self._metrics.pool_host_memory_in_use.labels(pool=self.name).set(host_in_use(after))
+            if units is not None:
+                self._show_memory(self._ledger(after, units), after, units)
         wakes = [t for t in (decision.wake_at, scaled_wake) if t is not None]
         return min(wakes) if wakes else None
 
-    def _views(self) -> list[ModelView]:
-        views = [m.view() for m in self.models]
-        if self.coordinator is not None:
+    # ----- memory packing (activator.placement.memory) ----------------------------------
+
+    def _units(self) -> int | None:
+        """The units of one GPU's memory when the pool packs by memory (it declares
+        gpu_memory, or one of its models declares a share), else None: whole GPUs, as
+        before memory packing."""
+        if self.capacity is None:
+            return None
+        if self.gpu_memory is None and all(m.settings.memory_fraction is None for m in self.models):
+            return None
+        return self.gpu_memory or UNITS_PER_GPU
+
+    def _views(self, *, merge: bool = True) -> list[ModelView]:
+        units = self._units()
+        views = [self._with_memory(m, units) for m in self.models]
+        if merge and self.coordinator is not None:
             views = self.coordinator.merged(views)
         return views
+
+    def _with_memory(self, model: Model, units: int | None) -> ModelView:
+        view = model.view()
+        if units is None:
+            return view
+        s = model.settings
+        return dataclasses.replace(
+            view,
+            memory=_share_units(s.memory_fraction, units),
+            residue=_share_units(s.residue_fraction, units) or 0 if s.sleep is not None else 0,
+            placement=model.placement,
+            bring_back=bring_back(model),
+        )
+
+    def _ledger(self, views: Sequence[ModelView], units: int) -> Ledger:
+        """Where each model's memory sits. A model holding memory with no placement of its
+        own (an engine adopted at start-up) is given the one the ledger found for it."""
+        book = ledger(views, gpu_count=self.capacity or 0, capacity=units)
+        for name, spot in book.where.items():
+            model = self._by_name.get(name)
+            if model is not None and not model.placement:
+                model.placement = spot
+        return book
+
+    def _show_memory(self, book: Ledger, views: Sequence[ModelView], units: int) -> None:
+        uses = []
+        for gpu, used in enumerate(book.used):
+            kinds: dict[str, int] = {}
+            for v in views:
+                if gpu in book.where.get(v.name, ()):
+                    kind = _kind(v.state)
+                    kinds[kind] = kinds.get(kind, 0) + 1
+            uses.append(GpuUse(gpu=gpu, committed=used / units, models=kinds))
+        self._metrics.show_gpu_memory(self.name, uses)
+
+    def _evicted(
+        self,
+        name: str,
+        reason: str,
+        sleep: bool,
+        for_model: str | None,
+        views: dict[str, ModelView],
+        units: int | None,
+    ) -> None:
+        """Count an eviction and log what it frees, and for whom (one line)."""
+        mode = "sleep" if sleep else "stop"
+        self._metrics.evictions.labels(pool=self.name, reason=reason, mode=mode).inc()
+        if for_model is not None:
+            self._metrics.swaps.labels(
+                pool=self.name, from_model=name, to_model=for_model, mode=mode
+            ).inc()
+        view = views.get(name)
+        frees = ""
+        if units is not None and view is not None:
+            after = dataclasses.replace(view, state="sleeping" if sleep else "stopped")
+            share = (held(view, capacity=units) - held(after, capacity=units)) / units
+            gpus = ",".join(str(g) for g in self._by_name[name].placement) or "?"
+            frees = f", frees {share:.3g} of GPU {gpus}"
+        logger.info(
+            "pool=%s evict %s (%s, %s%s) for %s",
+            self.name,
+            name,
+            mode,
+            reason,
+            frees,
+            for_model or "the pool's capacity",
+        )
 
     def _size_replicas(self, views: Sequence[ModelView]) -> tuple[bool, float | None]:
         """Each ready scaled-out model to the replicas its demand asks for (the views hold
@@ -238,14 +340,43 @@ class PoolScheduler:
         model.begin_stop(reason="admin", sleep=True)
         return None
 
+    def _describe_memory(self, units: int) -> list[dict[str, Any]]:
+        """Per GPU: its committed and free shares and the models on it (/admin/pools)."""
+        views = self._views(merge=False)
+        book = self._ledger(views, units)
+        gpus = []
+        for gpu, used in enumerate(book.used):
+            models = [
+                {
+                    "name": v.name,
+                    "state": v.state,
+                    "kind": _kind(v.state),
+                    "share": round(held(v, capacity=units) / units, 4),
+                }
+                for v in views
+                if gpu in book.where.get(v.name, ())
+            ]
+            gpus.append(
+                {
+                    "gpu": gpu,
+                    "committed": round(used / units, 4),
+                    "free": round(max(0, units - used) / units, 4),
+                    "models": models,
+                }
+            )
+        return gpus
+
     def describe(self) -> dict[str, Any]:
         now = self._clock()
         views = [m.view() for m in self.models]
         by_name = {v.name: v for v in views}
+        units = self._units()
         return {
             "name": self.name,
             "gpus": self.capacity,
             "gpus_in_use": gpus_in_use(views),
+            "gpu_memory": self.gpu_memory,
+            "memory": None if units is None else self._describe_memory(units),
             "host_memory": self.host_memory,
             "host_memory_in_use": host_in_use(views),
             "models": [
@@ -266,6 +397,30 @@ class PoolScheduler:
                 if n in by_name
             ],
         }
+
+
+def bring_back(model: Model) -> float:
+    """Seconds to bring the model back from how the pool would make it leave: its last
+    wake from sleep when it has sleep mode, else its last cold start (the assumption in
+    ASSUMED_BRING_BACK until one has been measured)."""
+    sleep = model.settings.sleep
+    level = sleep.level if sleep is not None else None
+    measured = model.recent_wakes.get("sleep" if level is not None else "zero")
+    return measured if measured is not None else ASSUMED_BRING_BACK.get(level, 60.0)
+
+
+def _share_units(share: float | None, units: int) -> int | None:
+    """A share of a GPU in the policy's units, rounded up (never under-counted), after
+    rounding away float noise (0.2 * 10_000 is 2000.0000000000002)."""
+    return None if share is None else math.ceil(round(share * units, 3))
+
+
+def _kind(state: str) -> str:
+    if state == "sleeping":
+        return "asleep"
+    if state in ("draining", "falling_asleep", "stopping"):
+        return "leaving"
+    return "awake" if state in HOLDING_STATES else "none"
 
 
 def over_host_memory(views: Sequence[ModelView], host_memory: int | None) -> list[str]:

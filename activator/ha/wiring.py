@@ -228,26 +228,26 @@ class Replica:
             await self._http.close()
             self._http = None
 
-    # -- what the models see (activator.model.lifecycle.Replicas) --------------------------------
+    # -- what the models see (activator.model.seams.Replicas) ------------------------------------
 
     def leading(self) -> bool:
         return self._blocks is not None and self._blocks.elector.is_leader
 
-    def changed(self, model: Model) -> None:
+    def changed(self, name: str, *, state: str, error: str | None) -> None:
         self._demand_changed.set()
         self._models_changed.notify()
         if self.leading():
-            self._b.publisher.publish(model.name, model.state, error=model.last_error)
+            self._b.publisher.publish(name, state, error=error)
 
-    async def drained_elsewhere(self, model: Model) -> None:
-        published = self._b.publisher.models.get(model.name)
+    async def drained_elsewhere(self, name: str) -> None:
+        published = self._b.publisher.models.get(name)
         epoch = published.epoch if published is not None else 0
         changes = self._b.cluster.changes
         while True:
             seen = changes.count
             if drained_everywhere(
                 self._b.cluster.reports(),
-                model.name,
+                name,
                 epoch=epoch,
                 now=time.monotonic(),
                 lease_duration=self.settings.lease_duration,

@@ -4,7 +4,8 @@
 The model (activator.model.lifecycle.Model) owns its Waiters and its leases; these classes
 only keep the bookkeeping in one place: a held request is counted once, on the model and
 in the app-wide HoldCounter, from the moment it is queued until it is granted a lease,
-failed, or leaves (timeout, disconnect).
+failed, or leaves (timeout, disconnect). A lease knows its model only as a `LeaseOwner`
+(told when the lease ends): whoever acquired it (the proxy) holds the model itself.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from activator.core.errors import ActivatorError
 
 if TYPE_CHECKING:
-    from activator.model.lifecycle import Model
     from activator.placement.routing import PodLease
 
 
@@ -29,11 +29,18 @@ class HoldCounter:
         self.count = 0
 
 
+class LeaseOwner(Protocol):
+    """What a lease needs from the model it was granted by (activator.model.lifecycle)."""
+
+    def lease_ended(self, lease: Lease) -> None:
+        """The request is over (Lease.release, once)."""
+
+
 @dataclass(eq=False)
 class Lease:
     """A request's claim on a ready upstream. Release exactly once (the proxy does)."""
 
-    model: Model
+    owner: LeaseOwner
     url: str
     cold: bool
     held_seconds: float
@@ -66,7 +73,7 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.model.lease_ended(self)
+            self.owner.lease_ended(self)
             if self.pod_lease is not None:
                 self.pod_lease.release()  # room on the pod: held requests may take it
 

@@ -13,10 +13,8 @@ and updates the metric) and runs the row's effect. Requests are forwarded only i
 failing (a GitOps revert to 0 replicas, its pod evicted or not Ready) goes back to
 starting: new requests are held until the engine is back and probed again.
 
-Shutdown is not a move of the table but three steps, in order: `begin_shutdown` (SIGTERM:
-held requests get a 503, a start or wake under way is cancelled), `cut_in_flight`
-(shutdown_grace passed: what is still in flight ends with a shutting_down error) and
-`shutdown` (the engine is stopped, or left running for the next activator to adopt).
+Shutdown is not a move of the table but three steps (begin_shutdown, cut_in_flight,
+shutdown: activator.model.shutdown).
 
 Several replicas (activator.ha): `replicas` links the model to the others. Only the
 leader's model takes decisions (begin_start / begin_stop / begin_adopt refuse elsewhere)
@@ -24,11 +22,15 @@ and its drain also waits for what other replicas have in flight; a follower's mo
 moved by the events its pool feeds it from the leader's intent (`follow`, `reconcile`:
 rows of the same table) and never touches the engine itself.
 
-The class is split by subject over three files: this one (state, held requests and
-leases, the table's dispatcher and effects, the backend's reports, shutdown),
-activator.model.tasks (the transition tasks: what is done to the engine) and
-activator.model.reload (what a config reload changes). Requests' leases and the held
-queue's bookkeeping are activator.model.lease.
+The class is split by subject, one mixin a file, none of which imports this one (each
+declares the fields and methods of Model it uses): this file (state, held requests and
+leases, the pool's and the leader's calls, the table's dispatcher `_fire`),
+activator.model.effects (what each move of the table does), activator.model.tasks (the
+transition tasks: what is done to the engine), activator.model.reports (the backend's
+reports), activator.model.shutdown, activator.model.reload (what a config reload changes)
+and activator.model.views (what others read: the pool's view, describe). Requests'
+leases and the held queue's bookkeeping are activator.model.lease; what the model needs
+from its pool and from the other replicas, activator.model.seams.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine
-from typing import Any, Protocol
+from collections.abc import Callable, Collection
+from typing import Any
 
 from activator.backends.base import Backend
 from activator.config.settings import ModelSettings
@@ -51,12 +53,17 @@ from activator.core.errors import (
 )
 from activator.core.tasks import TaskGroup
 from activator.engine.http_client import HttpClient
+from activator.model.effects import ERROR_TAIL_LINES as ERROR_TAIL_LINES
+from activator.model.effects import ModelEffects
 from activator.model.lease import HoldCounter, Lease, Waiters
 from activator.model.reload import ModelReload, PendingEngine
+from activator.model.reports import ModelReports
+from activator.model.seams import Replicas, Scheduler
+from activator.model.shutdown import ModelShutdown
 from activator.model.tasks import ModelTasks
-from activator.model.transitions import Effect, Event, cause_of, move
+from activator.model.transitions import Event, cause_of, move
+from activator.model.views import ModelViews
 from activator.observability.metrics import Metrics
-from activator.placement.policy import ModelView
 from activator.placement.routing import PodLease
 from activator.placement.scaleout import ScaleOut, ScaleTarget
 
@@ -65,32 +72,9 @@ logger = logging.getLogger(__name__)
 # Margin on top of a model's own budgets before a held request gives up by itself: the
 # start has its own deadline, this only guarantees that no waiter can hang forever.
 HOLD_MARGIN = 60.0
-# Lines of engine output attached to a start failure.
-ERROR_TAIL_LINES = 20
 
 
-class Scheduler(Protocol):
-    """What a model needs from its pool: a nudge to decide again."""
-
-    def kick(self) -> None: ...
-
-
-class Replicas(Protocol):
-    """The model's link to the other activator replicas (activator.ha.wiring). None when
-    this activator runs alone: then every decision is its own."""
-
-    def leading(self) -> bool:
-        """Whether this replica decides for the models now (the elected leader)."""
-
-    def changed(self, model: Model) -> None:
-        """The model's state or demand changed (synchronous, cheap): publish it."""
-
-    async def drained_elsewhere(self, model: Model) -> None:
-        """Until no other replica has a request in flight for `model`, and every one
-        heard from holds new requests for it (it applied the drain). Safe to cancel."""
-
-
-class Model(ModelTasks, ModelReload):
+class Model(ModelEffects, ModelTasks, ModelReload, ModelReports, ModelShutdown, ModelViews):
     """Owns one model's state. Not thread-safe: all calls come from the event loop."""
 
     def __init__(
@@ -126,6 +110,12 @@ class Model(ModelTasks, ModelReload):
         self.last_wake_seconds: float | None = None
         self.last_wake_from: str | None = None  # "zero" (a cold start) or "sleep"
         self.last_sleep_seconds: float | None = None
+        # The last wake's duration by where it came from ("zero", "sleep"): what bringing
+        # the model back costs, for the pool's choice of whom to evict.
+        self.recent_wakes: dict[str, float] = {}
+        # The GPUs of its pool its engine holds memory on (memory packing: decided by the
+        # pool, kept while it runs or sleeps there, cleared once the engine is gone).
+        self.placement: tuple[int, ...] = ()
         self.phases: dict[str, float] = {}
         # Host memory the engine holds for its sleeping weights: reserved when its first
         # sleep is decided, kept until the engine stops (vLLM keeps its pinned backup
@@ -153,23 +143,7 @@ class Model(ModelTasks, ModelReload):
         self.retiring: str | None = None
         self._gone = asyncio.Event()
         self._cause = "start-up"  # why the model is in its state (the log says it)
-        self._effects: dict[Effect, Callable[..., None]] = {
-            "none": self._effect_none,
-            "start": self._effect_start,
-            "adopt": self._effect_adopt,
-            "restart": self._effect_restart,
-            "release": self._effect_release,
-            "fail_start": self._effect_fail_start,
-            "drain_then_stop": self._effect_drain_then_stop,
-            "drain_then_sleep": self._effect_drain_then_sleep,
-            "sleep": self._effect_sleep,
-            "wake": self._effect_wake,
-            "stop": self._effect_stop,
-            "stop_after_failure": self._effect_stop_after_failure,
-            "probe": self._effect_probe,
-            "hold": self._effect_hold,
-            "let_go": self._effect_let_go,
-        }
+        self._effects = self._effect_table()
         metrics.set_state(self.name, self.state)
         metrics.queue_capacity.labels(model=self.name).set(settings.max_queued)
         metrics.in_flight.labels(model=self.name).set(0)
@@ -209,14 +183,6 @@ class Model(ModelTasks, ModelReload):
             self.scale.attach(backend)
 
     # ----- what the proxy sees -------------------------------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._leases)
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
 
     @property
     def hold_timeout(self) -> float:
@@ -289,7 +255,7 @@ class Model(ModelTasks, ModelReload):
     def _new_lease(self, *, cold: bool, held: float, pod: PodLease | None = None) -> Lease:
         url = pod.url if pod is not None else self.url
         assert url is not None
-        lease = Lease(model=self, url=url, cold=cold, held_seconds=held, pod_lease=pod)
+        lease = Lease(owner=self, url=url, cold=cold, held_seconds=held, pod_lease=pod)
         if pod is not None:
             pod.on_cut(lambda: lease.cut(pod.cut_reason or f"pod {pod.pod} is gone"))
         self._leases.add(lease)
@@ -347,33 +313,6 @@ class Model(ModelTasks, ModelReload):
 
     # ----- what the pool scheduler sees and does -------------------------------------
 
-    def view(self) -> ModelView:
-        s = self.settings
-        # Waiters are kept in arrival order: the first is the oldest (O(1) with 10k held).
-        oldest = self._waiters.oldest()
-        waits = [] if oldest is None else [oldest]
-        if self._wake_requested_at is not None:
-            waits.append(self._wake_requested_at)
-        return ModelView(
-            name=self.name,
-            state=self.state,
-            # Every replica it asked for takes its GPUs (a stopped model: one's worth).
-            gpus=s.gpus * (self.scale.replicas if self.scale is not None else 1),
-            in_flight=len(self._leases),
-            queued=len(self._waiters) + (self._wake_requested_at is not None),
-            oldest_wait=min(waits) if waits else None,
-            last_activity=self.last_activity,
-            ready_since=self.ready_since,
-            unknown=self.unknown,
-            idle_timeout=s.idle_timeout,
-            min_residency=s.min_residency,
-            max_wait=s.max_wait,
-            sleep_level=s.sleep.level if s.sleep is not None else None,
-            sleep_host=s.sleep.host_bytes if s.sleep is not None else 0,
-            host_held=self.host_held,
-            blocked=self.blocked,
-        )
-
     def request_wake(self) -> None:
         """Admin wake: demand without a request."""
         if self.retiring is not None:
@@ -382,12 +321,19 @@ class Model(ModelTasks, ModelReload):
             self._wake_requested_at = self._clock()
             self._kick()
 
-    def begin_start(self, *, reason: str) -> bool:
-        """Make the model ready: a cold start, or a wake when it sleeps."""
+    def begin_start(self, *, reason: str, placement: tuple[int, ...] = ()) -> bool:
+        """Make the model ready: a cold start, or a wake when it sleeps. `placement`: the
+        GPUs of its pool the pool placed it on (memory packing; a sleeper wakes where it
+        sleeps), given to the backend for the engine it starts."""
         if self._closing or self.retiring is not None or not self._decides():
             return False
         waking = self.state == "sleeping"
+        previous = self.placement
+        if placement:
+            self.placement = placement
+            self.backend.place(placement)
         if not self._fire("start", reason=reason):
+            self.placement = previous
             return False
         self._wake_requested_at = None
         self._metrics.scale_events.labels(
@@ -448,7 +394,7 @@ class Model(ModelTasks, ModelReload):
 
     def _changed(self) -> None:
         if self.replicas is not None:
-            self.replicas.changed(self)
+            self.replicas.changed(self.name, state=self.state, error=self.last_error)
 
     @property
     def transition_running(self) -> bool:
@@ -500,129 +446,6 @@ class Model(ModelTasks, ModelReload):
         self._kick()
         return True
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], *, what: str) -> None:
-        """Run the model's one transition task. A task still running (a drain, when the
-        engine dies under it) is cancelled: the table has already moved on."""
-        current = asyncio.current_task()
-        previous = self._transition
-        if previous is not None and not previous.done() and previous is not current:
-            previous.cancel()
-        self._transition = self._tasks.spawn(coro, name=f"{what}:{self.name}")
-
-    def _effect_none(self, **_: Any) -> None:
-        pass
-
-    def _begin_wake(self, run: Coroutine[Any, Any, None], *, what: str, source: str) -> None:
-        """Run a wake (a cold start, an adoption, a re-wake or a wake from sleep) as the
-        model's transition task, set up now, not when the task first runs: phases or a
-        failure the backend reports meanwhile belong to this wake."""
-        self._wake_started = self._clock()
-        self._wake_from = source
-        self.phases = {}
-        self._failure = asyncio.get_running_loop().create_future()
-        self._spawn(run, what=what)
-
-    def _effect_start(self, **_: Any) -> None:
-        self._begin_wake(self._run_start(), what="start", source="zero")
-
-    def _effect_adopt(self, *, url: str, **_: Any) -> None:
-        self._begin_wake(self._run_start(adopt_url=url), what="adopt", source="zero")
-
-    def _effect_restart(self, *, reason: str, **_: Any) -> None:
-        """ready -> starting: the engine went without failing and the backend brings it
-        back. New requests are held from now on; leases in flight are left to end as
-        they will (a terminating pod may still finish them); the re-wake is observed
-        like any wake and bounded by startup_timeout."""
-        assert self.url is not None
-        logger.warning(
-            "model=%s lost its engine while ready (%s): holding requests until it is back",
-            self.name,
-            reason,
-        )
-        self.last_error = f"engine lost: {reason}"
-        self.ready_since = None
-        self._begin_wake(
-            self._run_start(adopt_url=self.url, lost=reason), what="rewake", source="zero"
-        )
-
-    def _effect_release(self, **_: Any) -> None:
-        self.ready_since = self.last_activity = self._clock()
-        self.last_error = None
-        self._wake_requested_at = None  # a follower's admin wake is served now
-        if self.scale is not None:
-            self._grant_from_pods()  # as many as its pods have room for; the rest wait
-        else:
-            self._waiters.grant_all(
-                lambda arrived: self._new_lease(cold=True, held=self._clock() - arrived)
-            )
-        self._update_held()
-
-    def _effect_fail_start(self, *, reason: str, outcome: str, **_: Any) -> None:
-        tail = self.backend.log_tail()[-ERROR_TAIL_LINES:]
-        self.last_error = reason
-        logger.warning("model=%s start failed (%s): %s", self.name, outcome, reason)
-        # Waiters learn at once; cleaning up the engine may take its stop grace.
-        self._fail_waiters(
-            StartFailed(
-                f"model {self.name!r} failed to start: {reason}",
-                retry_after=self._retry_after(),
-                extra={"engine_log_tail": tail},
-            )
-        )
-        self._spawn(self._run_stop(failed=True), what="stop")
-
-    def _effect_drain_then_stop(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
-        self._spawn(
-            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_stop"),
-            what="drain",
-        )
-
-    def _effect_drain_then_sleep(self, *, reason: str, drain_timeout: float, **_: Any) -> None:
-        # The host memory the weights will take is reserved now: the pool decided this
-        # sleep against its free host memory, and must count it from this moment.
-        assert self.settings.sleep is not None
-        self.host_held = self.settings.sleep.host_bytes
-        self._spawn(
-            self._run_drain(reason=reason, limit=drain_timeout, then="drained_for_sleep"),
-            what="drain",
-        )
-
-    def _effect_sleep(self, **_: Any) -> None:
-        self._spawn(self._run_sleep(), what="sleep")
-
-    def _effect_wake(self, **_: Any) -> None:
-        self._begin_wake(self._run_wake(), what="wake", source="sleep")
-
-    def _effect_stop(self, **_: Any) -> None:
-        self._spawn(self._run_stop(failed=False), what="stop")
-
-    def _effect_probe(self, **_: Any) -> None:
-        self._begin_wake(self._run_probe(), what="probe", source="zero")
-
-    def _effect_hold(self, **_: Any) -> None:
-        """Drop this replica's own task on the model (a probe; a leader's start, drain,
-        sleep, wake or stop when it stops leading): requests in flight go on, new ones
-        are held until the leader's intent moves the model."""
-        transition = self._transition
-        if transition is not None and not transition.done():
-            if transition is not asyncio.current_task():
-                transition.cancel()
-
-    def _effect_let_go(self, *, reason: str = "", **_: Any) -> None:
-        """The leader stopped the engine or put it to sleep: what is still in flight here
-        is cut, and the engine forgotten (a follower never calls Backend.stop)."""
-        why = f"model {self.name!r} was stopped by the leader" + (f" ({reason})" if reason else "")
-        for lease in list(self._leases):
-            lease.cut(why)
-        self._spawn(self._stop_backend(), what="let-go")
-
-    def _effect_stop_after_failure(self, *, reason: str, **_: Any) -> None:
-        self.last_error = reason
-        self._metrics.upstream_errors.labels(model=self.name, kind="engine_died").inc()
-        for lease in list(self._leases):
-            lease.cut(f"engine of model {self.name!r} died: {reason}")
-        self._spawn(self._run_stop(failed=True), what="stop")
-
     def _fail_waiters(self, error: ModelUnavailable) -> int:
         failed = self._waiters.fail_all(error)
         self._update_held()
@@ -637,6 +460,8 @@ class Model(ModelTasks, ModelReload):
         if state != self.state:
             logger.info("model=%s state %s -> %s (%s)", self.name, self.state, state, self._cause)
         self.state = state
+        if state in ("stopped", "failed"):
+            self.placement = ()  # the engine is gone: it holds no GPU memory any more
         self._metrics.set_state(self.name, "unknown" if self.unknown else state)
         self._update_held()
 
@@ -660,179 +485,3 @@ class Model(ModelTasks, ModelReload):
     def _kick(self) -> None:
         if self.scheduler is not None:
             self.scheduler.kick()
-
-    # ----- BackendListener -----------------------------------------------------------
-
-    def backend_phase(self, phase: str) -> None:
-        if self.state not in ("starting", "waking") or phase in self.phases:
-            return
-        took = self._clock() - self._wake_started
-        self.phases[phase] = took
-        if self._decides():  # a follower's probe is no wake: counted once, by the leader
-            self._metrics.wake_phase_duration.labels(model=self.name, phase=phase).observe(took)
-        self._nudge.set()
-
-    def backend_progress(self) -> None:
-        self._nudge.set()
-
-    def backend_blocked(self, blocked: bool) -> None:
-        """The engine being started cannot be placed (a sleeping pod holds the GPU)."""
-        if blocked != self.blocked:
-            self.blocked = blocked
-            self._kick()
-
-    def backend_failed(self, reason: str) -> None:
-        logger.warning("model=%s engine failed: %s", self.name, reason)
-        running = self._transition is not None and not self._transition.done()
-        if running and self._failure is not None and not self._failure.done():
-            # A start, wake or sleep in progress sees it and ends with its own failure.
-            self._failure.set_result(reason)
-            return
-        self._fire("died", reason=reason)
-
-    def backend_lost(self, reason: str) -> None:
-        """The engine was taken away (the ready pod gone): new requests are held until
-        it is ready again. Not a move outside ready: a wake, a stop or a failure under
-        way deals with it."""
-        if self.state == "ready" and self._decides():
-            self._metrics.scale_events.labels(model=self.name, direction="up", reason="lost").inc()
-        self._fire("lost", reason=reason)
-
-    def backend_appeared(self) -> None:
-        logger.info("model=%s engine appeared without a request: adopting it", self.name)
-        self._tasks.spawn(self._adopt_discovered(), name=f"discover:{self.name}")
-
-    async def _adopt_discovered(self) -> None:
-        url = await self.backend.discover()
-        if url is not None:
-            self.begin_adopt(url)
-
-    def backend_reverted(self) -> None:
-        logger.warning(
-            "model=%s was scaled to zero by someone else while in use; scaling it up again. "
-            "If Argo CD did this, add syncOptions RespectIgnoreDifferences=true with "
-            "ignoreDifferences on /spec/replicas to the Application",
-            self.name,
-        )
-        self._metrics.scale_events.labels(model=self.name, direction="up", reason="revert").inc()
-        self._fire("lost", reason="scaled to 0 replicas by another client")
-
-    def backend_unknown(self, unknown: bool) -> None:
-        if unknown != self.unknown:
-            logger.warning(
-                "model=%s engine state %s", self.name, "unknown" if unknown else "known again"
-            )
-            self.unknown = unknown
-            self._metrics.set_state(self.name, "unknown" if unknown else self.state)
-            self._nudge.set()  # Backend.serving() may have changed with it
-            self._kick()
-
-    # ----- shutdown ------------------------------------------------------------------
-
-    def begin_shutdown(self) -> None:
-        """SIGTERM: no new holds or starts, held requests get a 503 now, and a start or
-        wake under way is cancelled (its engine stopped at once, or left for the next
-        activator to adopt), never completed and then stopped. In-flight requests go on."""
-        if self._closing:
-            return
-        self._closing = True
-        self._wake_requested_at = None
-        self._fail_waiters(ShuttingDown("activator is shutting down", retry_after=5))
-        if self.state in ("starting", "waking") and self._backend is not None:
-            self._transition = self._cancelling = self._tasks.spawn(
-                self._run_cancel_start(self._transition), name=f"cancel-start:{self.name}"
-            )
-
-    async def _run_cancel_start(self, start: asyncio.Task[None] | None) -> None:
-        if start is not None and not start.done():
-            start.cancel()
-            await asyncio.wait({start})  # its own outcome ("cancelled") is observed there
-        await self._release_engine()
-
-    async def drained(self) -> None:
-        """Until nothing is in flight."""
-        await self._drained.wait()
-
-    async def cut_in_flight(self, reason: str) -> int:
-        """shutdown_grace is over: no new leases, and every request still in flight ends
-        now with a shutting_down error (a stream: as its last event). Returns how many."""
-        self._leases_closed = True
-        leases = list(self._leases)
-        for lease in leases:
-            lease.cut(reason, error=ShuttingDown(reason, retry_after=5))
-        if leases:
-            # A request still waiting for the engine's status line has no cut callback
-            # yet: closing the model's connections ends it too.
-            await self._http.reset(self.name)
-        return len(leases)
-
-    async def shutdown(self) -> None:
-        """Shutdown, last step: stop the engine we run (bounded by its stop grace), or
-        leave it running for the next activator (Backend.keep_on_shutdown)."""
-        self.begin_shutdown()
-        if self._backend is None:
-            return
-        transition = self._transition
-        if transition is not None and not transition.done():
-            # A start being cancelled is left to finish (bounded by the backend's stop
-            # grace); a stop, a sleep or an engine-death cleanup is cancelled, as the
-            # engine is released below in any case.
-            if transition is not self._cancelling:
-                transition.cancel()
-            await asyncio.wait({transition})
-        await self.cut_in_flight("activator is shutting down")
-        await self._release_engine()
-        await self.backend.aclose()
-        if self.scale is not None:
-            await self.scale.aclose()
-
-    async def _release_engine(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        if self.backend.keep_on_shutdown:
-            if self.state not in ("stopped", "failed"):
-                logger.info(
-                    "model=%s left %s for the next activator to adopt (on_shutdown: keep)",
-                    self.name,
-                    self.state,
-                )
-            return
-        if self.state != "stopped":
-            self._metrics.scale_events.labels(
-                model=self.name, direction="down", reason="shutdown"
-            ).inc()
-        await self._stop_backend()
-        self._set_state("stopped", cause="shutdown")
-
-    def describe(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "name": self.name,
-            "aliases": list(s.aliases),
-            "served_model_name": s.served_model_name,
-            "state": "unknown" if self.unknown else self.state,
-            "backend": self.settings.backend_kind,
-            "pool": s.pool,
-            "gpus": s.gpus,
-            "in_flight": self.in_flight,
-            "queued": self.queued,
-            "upstream_url": self.url,
-            "last_wake_seconds": self.last_wake_seconds,
-            "last_wake_from": self.last_wake_from,
-            "wake_phases": dict(self.phases),
-            "sleep": None
-            if s.sleep is None
-            else {
-                "level": s.sleep.level,
-                "host_memory": s.sleep.host_bytes,
-                "host_held": self.host_held,
-                "last_sleep_seconds": self.last_sleep_seconds,
-            },
-            "last_error": self.last_error,
-            "idle_timeout": s.idle_timeout,
-            "cost": self._metrics.cost.report(self.name),
-            "restart_pending": bool(self.restart_pending),
-            "restart_pending_keys": list(self.restart_pending),
-            "removing": self.retiring is not None,
-        }

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from activator.config.settings import ModelSettings
 from activator.core.errors import ModelRemoved, ModelUnavailable
@@ -22,7 +22,6 @@ from activator.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend
-    from activator.model.lifecycle import Model
     from activator.placement.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.model.lifecycle")
@@ -34,9 +33,9 @@ class PendingEngine:
 
     settings: ModelSettings
     keys: tuple[str, ...]  # what changed, for /admin/models and the log
-    backend: Callable[[ModelSettings, Model], Backend]  # makes the new engine's backend
+    backend: Callable[[ModelSettings], Backend]  # makes the new engine's backend
     # Told once the settings are in force (the reloader then moves the model to its pool).
-    applied: Callable[[Model], None]
+    applied: Callable[[], None]
 
 
 class ModelReload:
@@ -155,13 +154,13 @@ class ModelReload:
         self._metrics.queue_capacity.labels(model=self.name).set(self.settings.max_queued)
         old = self._backend
         if old is not None:
-            self._backend = pending.backend(self.settings, cast("Model", self))
+            self._backend = pending.backend(self.settings)
             self._attach_scale(self._backend)
             self._tasks.spawn(self._replace_backend(old), name=f"new-backend:{self.name}")
         logger.info(
             "model=%s new engine settings in force (%s)", self.name, ", ".join(pending.keys)
         )
-        pending.applied(cast("Model", self))
+        pending.applied()
         self._update_held()
 
     async def _replace_backend(self, old: Backend) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from activator.config.settings import ModelSettings
 from activator.core.errors import ActivatorError, StartFailed
@@ -28,7 +28,7 @@ from activator.observability.metrics import Metrics
 
 if TYPE_CHECKING:
     from activator.backends.base import Backend
-    from activator.model.lifecycle import Model, Replicas
+    from activator.model.seams import Replicas
     from activator.placement.scaleout import ScaleOut
 
 logger = logging.getLogger("activator.model.lifecycle")
@@ -45,6 +45,7 @@ class ModelTasks:
     host_held: int
     last_wake_seconds: float | None
     last_wake_from: str | None
+    recent_wakes: dict[str, float]
     last_sleep_seconds: float | None
     replicas: Replicas | None
     scale: ScaleOut | None
@@ -202,7 +203,7 @@ class ModelTasks:
             async with asyncio.timeout(limit):
                 await self._drained.wait()
                 if self.replicas is not None:
-                    await self.replicas.drained_elsewhere(cast("Model", self))  # a Model
+                    await self.replicas.drained_elsewhere(self.name)
         except TimeoutError:
             drained = "cut"
             for lease in list(self._leases):
@@ -324,6 +325,7 @@ class ModelTasks:
         if outcome == "ready":
             self.last_wake_seconds = took
             self.last_wake_from = self._wake_from
+            self.recent_wakes[self._wake_from] = took
         self._metrics.observe_wake(
             model=self.name,
             backend=self.settings.backend_kind,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -40,6 +41,19 @@ REQUEST_BUCKETS = (
 )  # fmt: skip
 HELD_REASONS = ("starting", "waiting_for_gpu", "draining", "saturated")
 REPLICA_KINDS = ("desired", "actual")
+# What a model resident on a GPU is doing there (activator_pool_gpu_models).
+GPU_MODEL_KINDS = ("awake", "asleep", "leaving")
+
+
+@dataclass(frozen=True)
+class GpuUse:
+    """One GPU of a pool in memory mode, as the metrics show it (activator.fleet.pool)."""
+
+    gpu: int
+    committed: float  # share of its memory held, 0..1 (over 1 only if over-committed)
+    models: Mapping[str, int] = field(default_factory=dict)  # kind -> models resident
+
+
 RELOAD_OUTCOMES = ("ok", "invalid", "refused")
 # The lifecycle's states (named in activator.core.states, moved between by the one table in
 # activator.model.transitions), plus "unknown": shown while the backend cannot observe the
@@ -219,6 +233,40 @@ class Metrics:
         self.pool_gpus = Gauge(
             "activator_pool_gpus", "GPU capacity of the pool.", ["pool"], registry=r
         )
+        # Memory packing (pools whose models declare a GPU memory share): per GPU.
+        self.pool_gpu_memory = Gauge(
+            "activator_pool_gpu_memory_bytes",
+            "gpu_memory of the pool: the memory of each of its GPUs (declared pools only).",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_gpu_committed = Gauge(
+            "activator_pool_gpu_memory_committed_ratio",
+            "Share of the GPU's memory that the policy counts as held: awake, starting or "
+            "leaving models' footprints and sleeping models' residues.",
+            ["pool", "gpu"],
+            registry=r,
+        )
+        self.pool_gpu_free = Gauge(
+            "activator_pool_gpu_memory_free_ratio",
+            "Share of the GPU's memory that the policy counts as free.",
+            ["pool", "gpu"],
+            registry=r,
+        )
+        self.pool_gpu_models = Gauge(
+            "activator_pool_gpu_models",
+            "Models resident on the GPU, by kind: awake (starting, waking, ready), asleep, "
+            "leaving (draining, falling asleep, stopping).",
+            ["pool", "gpu", "kind"],
+            registry=r,
+        )
+        self.evictions = Counter(
+            "activator_evictions",
+            "Models a pool made leave for another reason than idleness, by reason (swap, "
+            "capacity, host_memory, unschedulable) and mode (sleep or stop).",
+            ["pool", "reason", "mode"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "activator_upstream_errors",
             "Failures talking to an engine: connect, timeout, disconnect (mid-response), "
@@ -312,6 +360,7 @@ class Metrics:
 
         self._backends: dict[str, str] = {}  # model -> backend label, from add_model
         self._states: dict[str, str] = {}  # model -> the state its one series shows
+        self._gpu_series: dict[str, set[str]] = {}  # pool -> the GPUs it shows series for
         # Labelled children of the per-request metrics, looked up once per label set, not
         # on every request (`labels()` costs a lock and a dict lookup of its own). Bounded:
         # models come from config, endpoints and codes are few. A gauge's entry goes when
@@ -450,9 +499,37 @@ class Metrics:
             self.pool_gpus_in_use,
             self.pool_host_memory,
             self.pool_host_memory_in_use,
+            self.pool_gpu_memory,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(pool)
+        self.show_gpu_memory(pool, [])
+
+    def show_gpu_memory(self, pool: str, gpus: Sequence[GpuUse]) -> None:
+        """The pool's per-GPU memory now (memory packing): one series per GPU shown, and
+        the series of GPUs no longer shown (a pool made smaller, or removed) go."""
+        shown = self._gpu_series.pop(pool, set())
+        now: set[str] = set()
+        for use in gpus:
+            gpu = str(use.gpu)
+            now.add(gpu)
+            self.pool_gpu_committed.labels(pool=pool, gpu=gpu).set(use.committed)
+            self.pool_gpu_free.labels(pool=pool, gpu=gpu).set(max(0.0, 1.0 - use.committed))
+            for kind in GPU_MODEL_KINDS:
+                self.pool_gpu_models.labels(pool=pool, gpu=gpu, kind=kind).set(
+                    use.models.get(kind, 0)
+                )
+        for gpu in shown - now:
+            gone: list[tuple[Gauge, tuple[str, ...]]] = [
+                (self.pool_gpu_committed, (pool, gpu)),
+                (self.pool_gpu_free, (pool, gpu)),
+            ]
+            gone += [(self.pool_gpu_models, (pool, gpu, kind)) for kind in GPU_MODEL_KINDS]
+            for gauge, labels in gone:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
+        if now:
+            self._gpu_series[pool] = now
 
     async def render(self) -> bytes:
         """The /metrics body: every metric above, in the Prometheus text format, without

@@ -39,6 +39,12 @@ ENGINE_KEYS = frozenset(
         "sleep.level",
         "sleep.host_memory",
         "replicas.max",
+        # A running engine keeps the GPU memory it took: the pool counts its old
+        # footprint until its next start (memory packing).
+        "gpu_memory",
+        "memory_fraction",
+        "residue_fraction",
+        "sleep.gpu_residue",
     }
 )
 # Server keys that need a new listening socket: refused (restart activator instead).

@@ -20,6 +20,7 @@ Reloads run one at a time (a lock); triggers that arrive meanwhile are coalesced
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -239,7 +240,9 @@ class Reloader:
             if change.revived:
                 self._removals.pop(model.name).cancel()
                 model.revive()
-            model.update_settings(change.now, pending=self._pending(change.new, change.waiting))
+            model.update_settings(
+                change.now, pending=self._pending(model, settings=change.new, keys=change.waiting)
+            )
             pending[model.name] = model.restart_pending
         for settings in changes.added:
             self._add(settings)
@@ -249,11 +252,21 @@ class Reloader:
         self._changed.set()
         return summary(changes, pending=pending)
 
-    def _pending(self, settings: ModelSettings, keys: tuple[str, ...]) -> PendingEngine | None:
+    def _pending(
+        self, model: Model, *, settings: ModelSettings, keys: tuple[str, ...]
+    ) -> PendingEngine | None:
+        """The engine settings `model` takes once its running engine is gone: its backend
+        made for it, then placed in its pool."""
         if not keys:
             return None
-        assert self._make_backend is not None
-        return PendingEngine(settings, keys, backend=self._make_backend, applied=self._place)
+        make_backend = self._make_backend
+        assert make_backend is not None
+        return PendingEngine(
+            settings,
+            keys,
+            backend=lambda new: make_backend(new, model),
+            applied=functools.partial(self._place, model),
+        )
 
     # ----- pools ----------------------------------------------------------------------
 
@@ -270,12 +283,15 @@ class Reloader:
                     name,
                     capacity=after.gpus,
                     host_memory=after.host_memory,
+                    gpu_memory=after.gpu_memory,
                     models=[],
                     metrics=self._metrics,
                 )
             )
         else:
-            scheduler.resize(capacity=after.gpus, host_memory=after.host_memory)
+            scheduler.resize(
+                capacity=after.gpus, host_memory=after.host_memory, gpu_memory=after.gpu_memory
+            )
 
     def _add_scheduler(self, scheduler: PoolScheduler) -> None:
         assert self._loops is not None
