@@ -303,6 +303,8 @@ async def counters(session: aiohttp.ClientSession, url: str) -> dict[str, float]
     return {
         "swaps": bl.metric_value(text, "activator_swaps_total"),
         "evictions": bl.metric_value(text, "activator_evictions_total"),
+        "evictions_sleep": bl.metric_value(text, "activator_evictions_total", mode="sleep"),
+        "evictions_stop": bl.metric_value(text, "activator_evictions_total", mode="stop"),
         "starts": bl.metric_value(text, "activator_scale_events_total", direction="up"),
         "gpu_seconds": bl.metric_value(text, "activator_gpu_seconds_total"),
     }
@@ -469,6 +471,10 @@ async def trace_policy(
         "seconds": round(seconds, 2),
         "swaps": counted["swaps"],
         "evictions": counted["evictions"],
+        "evictions_by_mode": {
+            "sleep": counted["evictions_sleep"],
+            "stop": counted["evictions_stop"],
+        },
         "starts_metric": counted["starts"],
         "cold_starts": len(observer.pids) - processes_warm,
         "engine_processes": len(observer.pids),
@@ -486,7 +492,7 @@ async def trace_both(engines: Engines, *, n: int, rate: float) -> dict[str, Any]
     names = ["s4a", "s4b", "m8a", "m8b", "l15", "x20"]
     sizes = dict(zip(names, TRACE_SIZES, strict=True))
     trace = zipf_trace(names, n=n, rate=rate)
-    deadline = trace.at[-1] + 120.0
+    deadline = trace.at[-1] + 60.0
     runs = [
         await trace_policy(engines, memory=memory, trace=trace, sizes=sizes, deadline=deadline)
         for memory in (False, True)
