@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import random
 import subprocess
@@ -616,6 +617,10 @@ async def overlap_all(
         for gib in sizes
         for memory in (False, True)
     ]
+    return overlap_targets(runs)
+
+
+def overlap_targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
     eight = next((r for r in runs if r["policy"] == "memory" and r["weights_gib"] == 8.0), None)
     measured = None if eight is None else eight["first_byte_median_s"]
     return {
@@ -747,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-python", default=sys.executable)
     parser.add_argument("--name", default=None, help="results file name (packing[-smoke])")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--resume", action="store_true", help="add to the results file (runs split over calls)"
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenario or ["three", "trace", "overlap"]
     if args.smoke:
@@ -771,10 +779,15 @@ def main(argv: list[str] | None = None) -> int:
             "kv_cache_gib": KV_GIB,
             "context_gib": CONTEXT_GIB,
         }  # fmt: skip
+        previous = (args.out or bl.RESULTS_DIR) / f"{name}.json"
+        if args.resume and previous.exists():
+            kept = json.loads(previous.read_text())
+            data = {**kept, **data, "command": f"{kept['command']}; {data['command']}"}
         needed = {20.0} if "three" in scenarios else set()
         needed |= set(TRACE_SIZES) if "trace" in scenarios else set()
         needed |= set(overlap_sizes) if "overlap" in scenarios else set()
-        data["weights_made_s"] = engines.make_weights(needed)
+        made = engines.make_weights(needed)
+        data["weights_made_s"] = {**data.get("weights_made_s", {}), **made}
         for scenario in scenarios:
             began = time.monotonic()
             if scenario == "three":
@@ -784,9 +797,12 @@ def main(argv: list[str] | None = None) -> int:
             elif scenario == "trace":
                 data["trace"] = asyncio.run(trace_both(engines, n=args.requests, rate=args.rate))
             else:
-                data["overlap"] = asyncio.run(
+                done = asyncio.run(
                     overlap_all(engines, sizes=overlap_sizes, trials=args.trials, card_gib=card)
                 )
+                if "overlap" in data:  # --resume: other sizes, run earlier
+                    done = overlap_targets(data["overlap"]["runs"] + done["runs"])
+                data["overlap"] = done
             print(f"{scenario}: {time.monotonic() - began:.1f} s", flush=True)
             bl.write_results(name, data, out_dir=args.out)  # kept if a later one fails
     bl.publish(name, data, out_dir=args.out, draw=lambda png: plot(data, png),
