@@ -511,7 +511,7 @@ async def trace_both(engines: Engines, *, n: int, rate: float) -> dict[str, Any]
         "runs": runs,
         "swap_ratio": None if ratio is None else round(ratio, 2),
         "targets": [
-            target("swaps whole-gpu / memory", ratio if ratio else (
+            target("swaps whole-gpu / memory", round(ratio, 2) if ratio else (
                 f"{whole['swaps']:g} / 0"), ">= 3x", fewer),
             target("p99 TTFB ms, memory vs whole-gpu",
                    f"{packed['ttfb_p99_ms']} vs {whole['ttfb_p99_ms']}", "lower",
