@@ -167,6 +167,30 @@ def test_scale_out_smoke_reports_throughput_per_replica_count_and_the_load_step(
     assert "| replicas" in stdout and "Ready -> routed" in stdout
 
 
+@pytest.mark.timeout(240)
+def test_packing_smoke_runs_the_three_scenarios_and_keeps_the_reports_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    stdout = run_smoke("packing.py", out=tmp_path, timeout=220)
+    data = written(tmp_path, "packing-smoke")
+    three = data["three"]
+    assert isinstance(three, dict)
+    assert three["observer"]["engine_processes"] >= 3
+    assert three["observer"]["reported_within_bound"]  # the external observer's bound
+    trace = data["trace"]
+    assert isinstance(trace, dict)
+    assert [r["policy"] for r in trace["runs"]] == ["whole-gpu", "memory"]
+    for run in trace["runs"]:
+        assert run["errors"] == 0 and run["answered"] == run["requests"]
+        assert run["observer"]["reported_within_bound"]
+    overlap = data["overlap"]
+    assert isinstance(overlap, dict)
+    for run in overlap["runs"]:
+        assert all(t["engine_sleep_s"] and t["engine_wake_s"] for t in run["trials"])
+    assert "smoke: not judged" in stdout and "MISSED" not in stdout
+    assert ignored_by_git("bench/results/packing-smoke.json")
+
+
 def ignored_by_git(path: str) -> bool:
     """Whether the repository's .gitignore ignores `path` (its patterns are globs)."""
     patterns = (BENCH.parent / ".gitignore").read_text().splitlines()
