@@ -35,6 +35,7 @@ from activator.model.lifecycle import Model
 from activator.observability.metrics import GpuUse, Metrics
 from activator.placement.memory import HOLDING_STATES, Ledger, held, ledger
 from activator.placement.policy import (
+    TRANSIT_STATES,
     Decision,
     ModelView,
     decide,
@@ -418,7 +419,7 @@ def _share_units(share: float | None, units: int) -> int | None:
 def _kind(state: str) -> str:
     if state == "sleeping":
         return "asleep"
-    if state in ("draining", "falling_asleep", "stopping"):
+    if state in TRANSIT_STATES:
         return "leaving"
     return "awake" if state in HOLDING_STATES else "none"
 
